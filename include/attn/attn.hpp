@@ -1,0 +1,11 @@
+// attn/attn.hpp - everything attn offers, in one include.
+#pragma once
+
+#include "attn/error.hpp"
+#include "attn/init.hpp"
+#include "attn/linear.hpp"
+#include "attn/mask.hpp"
+#include "attn/multi_head_attention.hpp"
+#include "attn/scaled_dot_product_attention.hpp"
+#include "attn/types.hpp"
+#include "attn/version.hpp"

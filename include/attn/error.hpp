@@ -1,0 +1,27 @@
+// attn/error.hpp - what attn throws when a caller passes something it cannot use.
+//
+// Every public entry point checks its arguments in every build type (the checks are O(1) beside
+// the work they guard) and throws one of these, with the argument's name and the shapes involved:
+//
+//   try { mha.forward(q, k, v); } catch (const attn::shape_error& e) { std::cerr << e.what(); }
+//   // attn::MultiHeadAttention::forward: key has shape [7, 16], expected [B*S, kdim] = [?, 8]
+#pragma once
+
+#include <stdexcept>
+
+namespace attn {
+
+// A tensor whose dimensions do not fit the call (or a module built with dimensions that cannot
+// work, such as embed_dim not divisible by num_heads).
+class shape_error : public std::invalid_argument {
+ public:
+  using std::invalid_argument::invalid_argument;
+};
+
+// A value that is not a shape but is still unusable (a NaN scale, for example).
+class argument_error : public std::invalid_argument {
+ public:
+  using std::invalid_argument::invalid_argument;
+};
+
+}  // namespace attn

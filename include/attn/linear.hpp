@@ -1,0 +1,79 @@
+// attn/linear.hpp - y = x W^T + b, as torch.nn.Linear.
+//
+//   attn::Linear<float> fc(/*in=*/4, /*out=*/3);
+//   fc.set_weight(w);                       // w: [3, 4], PyTorch's fc.weight
+//   attn::Matrix<float> y = fc.forward(x);  // x: [N, 4] -> y: [N, 3]
+#pragma once
+
+#include <utility>
+
+#include "attn/detail/check.hpp"
+#include "attn/init.hpp"
+#include "attn/types.hpp"
+
+namespace attn {
+
+template <class T>
+class Linear {
+ public:
+  // PyTorch's initialisation: weight ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming_uniform, a = sqrt(5)),
+  // bias ~ the same bound.
+  Linear(Index in_features, Index out_features, bool bias, Generator& gen) : in_(in_features), out_(out_features) {
+    detail::require_shape(in_features > 0 && out_features > 0, "attn::Linear", "in_features and out_features must be positive, got ",
+                          "in_features = ", in_features, ", out_features = ", out_features);
+    weight_.resize(out_, in_);
+    init::linear_weight(weight_, gen);
+    if (bias) {
+      const double bound = 1.0 / std::sqrt(static_cast<double>(in_));
+      bias_.resize(out_);
+      init::uniform(bias_, -bound, bound, gen);
+    }
+  }
+  Linear(Index in_features, Index out_features, bool bias = true) : Linear(in_features, out_features, bias, default_gen()) {}
+
+  // x: [N, in]  ->  [N, out]
+  Matrix<T> forward(const ConstMatrixRef<T>& x) const {
+    Matrix<T> y(x.rows(), out_);
+    forward_into(x, y);
+    return y;
+  }
+
+  // x: [N, in]  y: [N, out], sized by the caller (no allocation).
+  void forward_into(const ConstMatrixRef<T>& x, MatrixRef<T> y) const {
+    detail::require_dims("attn::Linear::forward", "x", x.rows(), x.cols(), -1, in_,
+                         detail::concat("[N, in_features] = [N, ", in_, "]"));
+    detail::require_dims("attn::Linear::forward", "y", y.rows(), y.cols(), x.rows(), out_,
+                         detail::concat("[N, out_features] = ", detail::shape_str(x.rows(), out_)));
+    y.noalias() = x * weight_.transpose();
+    if (has_bias()) y.rowwise() += bias_.transpose();
+  }
+
+  Index in_features() const { return in_; }
+  Index out_features() const { return out_; }
+  bool has_bias() const { return bias_.size() > 0; }
+
+  const Matrix<T>& weight() const { return weight_; }  // [out, in]
+  const Vector<T>& bias() const { return bias_; }      // [out]; empty without bias
+
+  void set_weight(const ConstMatrixRef<T>& w) {
+    detail::require_dims("attn::Linear::set_weight", "weight", w.rows(), w.cols(), out_, in_,
+                         detail::concat("[out_features, in_features] = ", detail::shape_str(out_, in_)));
+    weight_ = w;
+  }
+  void set_bias(const ConstVectorRef<T>& b) {
+    detail::require_arg(has_bias(), "attn::Linear::set_bias", "this Linear was built with bias = false");
+    detail::require_len("attn::Linear::set_bias", "bias", b.size(), out_, detail::concat("[out_features] = [", out_, "]"));
+    bias_ = b;
+  }
+
+ private:
+  static Generator& default_gen() {
+    thread_local Generator gen;  // the default stream: reproducible per thread, no shared state
+    return gen;
+  }
+  Index in_, out_;
+  Matrix<T> weight_;
+  Vector<T> bias_;
+};
+
+}  // namespace attn

@@ -1,0 +1,271 @@
+// attn/multi_head_attention.hpp - torch.nn.MultiheadAttention (eval mode), with its parameter
+// names and layout, so a trained state_dict loads without reshuffling.
+//
+//   attn::MultiHeadAttention<float> mha(/*embed_dim=*/512, /*num_heads=*/8);
+//   mha.set_in_proj_weight(w);                   // [3E, E], rows q, k, v - PyTorch's in_proj_weight
+//   auto [out, weights] = mha.forward(x, x, x);  // x: [L, E] (B = 1) -> out: [L, E]
+//
+// Batches: B sequences are one matrix of B*L rows. With batch_first the rows run (b, l) - a
+// contiguous PyTorch [B, L, E] tensor - otherwise (l, b), PyTorch's default [L, B, E]. Set
+// MhaArgs::batch = B; B = 1 is PyTorch's unbatched [L, E].
+#pragma once
+
+#include <cmath>
+#include <utility>
+
+#include "attn/detail/attention.hpp"
+#include "attn/detail/check.hpp"
+#include "attn/init.hpp"
+#include "attn/linear.hpp"
+#include "attn/mask.hpp"
+#include "attn/types.hpp"
+
+namespace attn {
+
+// Constructor options, named and defaulted as nn.MultiheadAttention's.
+struct MhaOptions {
+  Index kdim = 0;  // key features; 0 = embed_dim
+  Index vdim = 0;  // value features; 0 = embed_dim
+  bool bias = true;           // in_proj_bias and out_proj.bias
+  bool add_bias_kv = false;   // learned bias_k, bias_v appended as one more key/value position
+  bool add_zero_attn = false; // an all-zero key/value position appended after the head split
+  bool batch_first = false;   // rows (b, l) instead of (l, b)
+};
+
+// Per-call arguments: masks (see attn/mask.hpp; shapes with B sequences and H heads) and outputs.
+template <class T>
+struct MhaArgs : Masks<T> {
+  Index batch = 1;                  // B, the number of sequences in the inputs
+  bool need_weights = false;        // PyTorch defaults to true; here the [L, S] probabilities are opt-in
+  bool average_attn_weights = true; // weights [B*L, S'] averaged over heads, else [B*H*L, S'] per head
+};
+
+template <class T>
+class MultiHeadAttention {
+ public:
+  // PyTorch's initialisation: xavier_uniform in_proj_weight (or q/k/v_proj_weight), zero biases,
+  // out_proj.weight as nn.Linear's, xavier_normal bias_k and bias_v.
+  MultiHeadAttention(Index embed_dim, Index num_heads, const MhaOptions& options, Generator& gen)
+      : E_(embed_dim), H_(num_heads), kdim_(options.kdim ? options.kdim : embed_dim),
+        vdim_(options.vdim ? options.vdim : embed_dim), opt_(options),
+        out_proj_(checked_dim(embed_dim, num_heads, options), embed_dim, options.bias, gen) {
+    if (packed()) {
+      in_proj_weight_.resize(3 * E_, E_);
+      init::xavier_uniform(in_proj_weight_, gen);
+    } else {
+      q_proj_weight_.resize(E_, E_);
+      k_proj_weight_.resize(E_, kdim_);
+      v_proj_weight_.resize(E_, vdim_);
+      init::xavier_uniform(q_proj_weight_, gen);
+      init::xavier_uniform(k_proj_weight_, gen);
+      init::xavier_uniform(v_proj_weight_, gen);
+    }
+    if (opt_.bias) {
+      in_proj_bias_ = Vector<T>::Zero(3 * E_);
+      out_proj_.set_bias(Vector<T>::Zero(E_));
+    }
+    if (opt_.add_bias_kv) {
+      bias_k_.resize(E_);
+      bias_v_.resize(E_);
+      init::xavier_normal(bias_k_, E_, E_, gen);
+      init::xavier_normal(bias_v_, E_, E_, gen);
+    }
+  }
+  MultiHeadAttention(Index embed_dim, Index num_heads, const MhaOptions& options = {})
+      : MultiHeadAttention(embed_dim, num_heads, options, default_gen()) {}
+
+  // query: [B*L, E]  key: [B*S, kdim]  value: [B*S, vdim]
+  //   -> output [B*L, E], rows in the query's order;
+  //      weights (need_weights) [B*L, S'] averaged over heads, or [B*H*L, S'] per head, rows
+  //      (b, l) and (b, h, l) whatever the layout, S' = S + add_bias_kv + add_zero_attn.
+  AttentionResult<T> forward(const ConstMatrixRef<T>& query, const ConstMatrixRef<T>& key,
+                             const ConstMatrixRef<T>& value, const MhaArgs<T>& args = {}) const {
+    AttentionResult<T> r;
+    r.output.resize(query.rows(), E_);
+    run(query, key, value, args, r.output, &r.weights, "attn::MultiHeadAttention::forward");
+    return r;
+  }
+
+  // The same, writing the output into out [B*L, E], sized by the caller; no weights.
+  void forward_into(const ConstMatrixRef<T>& query, const ConstMatrixRef<T>& key, const ConstMatrixRef<T>& value,
+                    const MhaArgs<T>& args, MatrixRef<T> out) const {
+    detail::require_arg(!args.need_weights, "attn::MultiHeadAttention::forward_into",
+                        "need_weights is not available here; call forward()");
+    run(query, key, value, args, out, nullptr, "attn::MultiHeadAttention::forward_into");
+  }
+
+  Index embed_dim() const { return E_; }
+  Index num_heads() const { return H_; }
+  Index head_dim() const { return E_ / H_; }
+  Index kdim() const { return kdim_; }
+  Index vdim() const { return vdim_; }
+  const MhaOptions& options() const { return opt_; }
+  // Whether the projections are one packed in_proj_weight (kdim == vdim == embed_dim) or
+  // q_proj_weight, k_proj_weight and v_proj_weight - PyTorch's rule.
+  bool packed() const { return kdim_ == E_ && vdim_ == E_; }
+
+  // Parameters by PyTorch's names. Setters check the shape and throw shape_error.
+  const Matrix<T>& in_proj_weight() const { return need_packed(true, "in_proj_weight"), in_proj_weight_; }  // [3E, E]
+  const Matrix<T>& q_proj_weight() const { return need_packed(false, "q_proj_weight"), q_proj_weight_; }    // [E, E]
+  const Matrix<T>& k_proj_weight() const { return need_packed(false, "k_proj_weight"), k_proj_weight_; }    // [E, kdim]
+  const Matrix<T>& v_proj_weight() const { return need_packed(false, "v_proj_weight"), v_proj_weight_; }    // [E, vdim]
+  const Vector<T>& in_proj_bias() const { return in_proj_bias_; }  // [3E]; empty without bias
+  const Vector<T>& bias_k() const { return bias_k_; }              // [E]; empty without add_bias_kv
+  const Vector<T>& bias_v() const { return bias_v_; }              // [E]; empty without add_bias_kv
+  const Linear<T>& out_proj() const { return out_proj_; }          // weight [E, E], bias [E]
+  Linear<T>& out_proj() { return out_proj_; }
+
+  void set_in_proj_weight(const ConstMatrixRef<T>& w) { set(in_proj_weight_, w, true, "in_proj_weight", 3 * E_, E_); }
+  void set_q_proj_weight(const ConstMatrixRef<T>& w) { set(q_proj_weight_, w, false, "q_proj_weight", E_, E_); }
+  void set_k_proj_weight(const ConstMatrixRef<T>& w) { set(k_proj_weight_, w, false, "k_proj_weight", E_, kdim_); }
+  void set_v_proj_weight(const ConstMatrixRef<T>& w) { set(v_proj_weight_, w, false, "v_proj_weight", E_, vdim_); }
+  void set_in_proj_bias(const ConstVectorRef<T>& b) { set_vec(in_proj_bias_, b, opt_.bias, "in_proj_bias", "bias = false", 3 * E_); }
+  void set_bias_k(const ConstVectorRef<T>& b) { set_vec(bias_k_, b, opt_.add_bias_kv, "bias_k", "add_bias_kv = false", E_); }
+  void set_bias_v(const ConstVectorRef<T>& b) { set_vec(bias_v_, b, opt_.add_bias_kv, "bias_v", "add_bias_kv = false", E_); }
+
+ private:
+  using StridedMap = Eigen::Map<const Matrix<T>, Eigen::Unaligned, Eigen::OuterStride<>>;
+
+  // Validates the constructor's dimensions; returns embed_dim (out_proj's in_features).
+  static Index checked_dim(Index E, Index H, const MhaOptions& o) {
+    const char* where = "attn::MultiHeadAttention";
+    detail::require_shape(E > 0 && H > 0, where, "embed_dim and num_heads must be positive, got embed_dim = ", E,
+                          ", num_heads = ", H);
+    detail::require_shape(E % H == 0, where, "embed_dim = ", E, " is not divisible by num_heads = ", H);
+    detail::require_shape(o.kdim >= 0 && o.vdim >= 0, where, "kdim and vdim must be positive (or 0 for embed_dim), got kdim = ",
+                          o.kdim, ", vdim = ", o.vdim);
+    return E;
+  }
+
+  void need_packed(bool want, const char* name) const {
+    detail::require_arg(packed() == want, "attn::MultiHeadAttention", name,
+                        want ? " exists only when kdim == vdim == embed_dim (PyTorch's rule); use q/k/v_proj_weight"
+                             : " exists only when kdim or vdim differs from embed_dim (PyTorch's rule); use in_proj_weight",
+                        " (embed_dim = ", E_, ", kdim = ", kdim_, ", vdim = ", vdim_, ")");
+  }
+
+  void set(Matrix<T>& dst, const ConstMatrixRef<T>& w, bool packed_param, const char* name, Index rows, Index cols) {
+    need_packed(packed_param, name);
+    detail::require_dims("attn::MultiHeadAttention", name, w.rows(), w.cols(), rows, cols, detail::shape_str(rows, cols));
+    dst = w;
+  }
+
+  static void set_vec(Vector<T>& dst, const ConstVectorRef<T>& b, bool exists, const char* name, const char* why_not, Index n) {
+    detail::require_arg(exists, "attn::MultiHeadAttention", name, " does not exist: the module was built with ", why_not);
+    detail::require_len("attn::MultiHeadAttention", name, b.size(), n, detail::concat("[", n, "]"));
+    dst = b;
+  }
+
+  static Generator& default_gen() {
+    thread_local Generator gen;
+    return gen;
+  }
+
+  // The projection weight and bias of part 0 (q), 1 (k) or 2 (v): blocks of the packed parameters.
+  ConstMatrixRef<T> proj_weight(int part) const {
+    if (packed()) return in_proj_weight_.middleRows(part * E_, E_);
+    return part == 0 ? q_proj_weight_ : part == 1 ? k_proj_weight_ : v_proj_weight_;
+  }
+
+  // x [N, in] -> [N, E] = x W^T + b
+  Matrix<T> project(const ConstMatrixRef<T>& x, int part) const {
+    Matrix<T> y(x.rows(), E_);
+    y.noalias() = x * proj_weight(part).transpose();
+    if (opt_.bias) y.rowwise() += in_proj_bias_.segment(part * E_, E_).transpose();
+    return y;
+  }
+
+  // Strides of sequence b inside a [B*n, width] matrix in this module's row order.
+  struct RowOrder {
+    Index batch_stride, row_stride;
+  };
+  RowOrder row_order(Index B, Index n, Index width) const {
+    return opt_.batch_first ? RowOrder{n * width, width} : RowOrder{width, B * width};
+  }
+
+  // K or V [B*S, E] in the module's row order -> [B*S', E] batch-major with the extra positions
+  // appended to every sequence: bias (add_bias_kv), then zeros (add_zero_attn).
+  Matrix<T> append_extra(const Matrix<T>& x, Index B, Index S, Index S2, const Vector<T>& extra_bias) const {
+    Matrix<T> y(B * S2, E_);
+    const RowOrder o = row_order(B, S, E_);
+    for (Index b = 0; b < B; ++b) {
+      y.middleRows(b * S2, S) = StridedMap(x.data() + b * o.batch_stride, S, E_, Eigen::OuterStride<>(o.row_stride));
+      Index r = b * S2 + S;
+      if (opt_.add_bias_kv) y.row(r++) = extra_bias.transpose();
+      if (opt_.add_zero_attn) y.row(r++).setZero();
+    }
+    return y;
+  }
+
+  void run(const ConstMatrixRef<T>& query, const ConstMatrixRef<T>& key, const ConstMatrixRef<T>& value,
+           const MhaArgs<T>& args, MatrixRef<T> out, Matrix<T>* weights, const char* where) const {
+    using detail::concat;
+    using detail::shape_str;
+    const Index B = args.batch;
+    detail::require_shape(B > 0, where, "batch must be positive, got ", B);
+    detail::require_shape(query.cols() == E_ && query.rows() > 0 && query.rows() % B == 0, where, "query has shape ",
+                          shape_str(query.rows(), query.cols()), ", expected [B*L, E] = [", B, "*L, ", E_, "] with L > 0");
+    detail::require_shape(key.cols() == kdim_ && key.rows() > 0 && key.rows() % B == 0, where, "key has shape ",
+                          shape_str(key.rows(), key.cols()), ", expected [B*S, kdim] = [", B, "*S, ", kdim_, "] with S > 0");
+    detail::require_dims(where, "value", value.rows(), value.cols(), key.rows(), vdim_,
+                         concat("[B*S, vdim] = ", shape_str(key.rows(), vdim_), " (B*S from key)"));
+    detail::require_dims(where, "out", out.rows(), out.cols(), query.rows(), E_,
+                         concat("[B*L, E] = ", shape_str(query.rows(), E_)));
+    const Index L = query.rows() / B, S = key.rows() / B, D = head_dim();
+    const Index S2 = S + Index(opt_.add_bias_kv) + Index(opt_.add_zero_attn);
+
+    const Matrix<T> q = project(query, 0);
+    Matrix<T> k = project(key, 1), v = project(value, 2);
+    RowOrder kv_order = row_order(B, S, E_);
+    if (S2 != S) {
+      k = append_extra(k, B, S, S2, bias_k_);
+      v = append_extra(v, B, S, S2, bias_v_);
+      kv_order = {S2 * E_, E_};
+    }
+
+    Matrix<T> heads_out(query.rows(), E_);  // every head's output side by side, as PyTorch concatenates
+    const RowOrder q_order = row_order(B, L, E_);
+    detail::AttentionProblem<T> p;
+    p.batch = B;
+    p.heads = H_;
+    p.L = L;
+    p.S = S2;
+    p.mask_keys = S;
+    p.d = p.dv = D;
+    p.q = {q.data(), q_order.batch_stride, D, q_order.row_stride};
+    p.k = {k.data(), kv_order.batch_stride, D, kv_order.row_stride};
+    p.v = {v.data(), kv_order.batch_stride, D, kv_order.row_stride};
+    p.out = {heads_out.data(), q_order.batch_stride, D, q_order.row_stride};
+    p.scale = T(1) / std::sqrt(static_cast<T>(D));
+    detail::bind_masks(p, args, where);
+
+    Matrix<T> per_head;
+    if (weights && args.need_weights) {
+      per_head.resize(B * H_ * L, S2);
+      p.weights = {per_head.data(), H_ * L * S2, L * S2, S2};
+    }
+    detail::attention(p);
+    out_proj_.forward_into(heads_out, out);
+
+    if (p.weights) {
+      if (!args.average_attn_weights) {
+        *weights = std::move(per_head);
+        return;
+      }
+      weights->setZero(B * L, S2);
+      for (Index b = 0; b < B; ++b)
+        for (Index h = 0; h < H_; ++h) weights->middleRows(b * L, L) += per_head.middleRows((b * H_ + h) * L, L);
+      *weights /= static_cast<T>(H_);
+    }
+  }
+
+  Index E_, H_, kdim_, vdim_;
+  MhaOptions opt_;
+  Matrix<T> in_proj_weight_;                                // [3E, E] when packed()
+  Matrix<T> q_proj_weight_, k_proj_weight_, v_proj_weight_;  // otherwise
+  Vector<T> in_proj_bias_;                                  // [3E]
+  Vector<T> bias_k_, bias_v_;                               // [E]
+  Linear<T> out_proj_;
+};
+
+}  // namespace attn

@@ -1,0 +1,85 @@
+// attn/scaled_dot_product_attention.hpp - softmax(q k^T * scale + masks) v for one sequence.
+//
+//   attn::ScaledDotProductAttention<float> sdpa;         // scale = 1 / sqrt(d)
+//   attn::Masks<float> m;  m.causal = attn::Causal::TopLeft;
+//   attn::Matrix<float> out = sdpa.forward(q, k, v, m);  // q [L, d], k [S, d], v [S, dv] -> [L, dv]
+#pragma once
+
+#include <cmath>
+#include <optional>
+
+#include "attn/detail/attention.hpp"
+#include "attn/detail/check.hpp"
+#include "attn/mask.hpp"
+#include "attn/types.hpp"
+
+namespace attn {
+
+template <class T>
+class ScaledDotProductAttention {
+ public:
+  // scale = 1 / sqrt(d), d taken from the query at each call.
+  ScaledDotProductAttention() = default;
+  // A fixed scale (any finite value; 0 gives uniform attention over the unmasked keys).
+  explicit ScaledDotProductAttention(T scale) : scale_(scale) {
+    detail::require_arg(std::isfinite(scale), "attn::ScaledDotProductAttention", "scale must be finite, got ", scale);
+  }
+
+  // q: [L, d]  k: [S, d]  v: [S, dv]  ->  [L, dv]
+  Matrix<T> forward(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v,
+                    const Masks<T>& masks = {}) const {
+    Matrix<T> out(q.rows(), v.cols());
+    run(q, k, v, masks, out, nullptr, "attn::ScaledDotProductAttention::forward");
+    return out;
+  }
+
+  // q: [L, d]  k: [S, d]  v: [S, dv]  ->  out [L, dv], sized by the caller
+  void forward_into(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v,
+                    const Masks<T>& masks, MatrixRef<T> out) const {
+    run(q, k, v, masks, out, nullptr, "attn::ScaledDotProductAttention::forward_into");
+  }
+
+  // q: [L, d]  k: [S, d]  v: [S, dv]  ->  output [L, dv], weights [L, S] (the probabilities;
+  // rows whose keys are all masked are zeros)
+  AttentionResult<T> forward_with_weights(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k,
+                                          const ConstMatrixRef<T>& v, const Masks<T>& masks = {}) const {
+    AttentionResult<T> r{Matrix<T>(q.rows(), v.cols()), Matrix<T>(q.rows(), k.rows())};
+    run(q, k, v, masks, r.output, &r.weights, "attn::ScaledDotProductAttention::forward_with_weights");
+    return r;
+  }
+
+  // The fixed scale, or nullopt for 1 / sqrt(d).
+  std::optional<T> scale() const { return scale_; }
+
+ private:
+  void run(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v, const Masks<T>& masks,
+           MatrixRef<T> out, Matrix<T>* weights, const char* where) const {
+    using detail::concat;
+    using detail::shape_str;
+    const Index L = q.rows(), d = q.cols(), S = k.rows(), dv = v.cols();
+    detail::require_shape(L > 0 && d > 0, where, "query has shape ", shape_str(L, d), ", expected [L, d] with L, d > 0");
+    detail::require_dims(where, "key", k.rows(), k.cols(), -1, d, concat("[S, d] = [S, ", d, "] (d from query)"));
+    detail::require_shape(S > 0, where, "key has shape ", shape_str(S, d), ", expected at least one key");
+    detail::require_dims(where, "value", v.rows(), v.cols(), S, -1, concat("[S, dv] = [", S, ", dv] (S from key)"));
+    detail::require_shape(dv > 0, where, "value has shape ", shape_str(S, dv), ", expected dv > 0");
+    detail::require_dims(where, "out", out.rows(), out.cols(), L, dv, concat("[L, dv] = ", shape_str(L, dv)));
+
+    detail::AttentionProblem<T> p;
+    p.L = L;
+    p.S = p.mask_keys = S;
+    p.d = d;
+    p.dv = dv;
+    p.q = {q.data(), 0, 0, q.outerStride()};
+    p.k = {k.data(), 0, 0, k.outerStride()};
+    p.v = {v.data(), 0, 0, v.outerStride()};
+    p.out = {out.data(), 0, 0, out.outerStride()};
+    p.scale = scale_ ? *scale_ : T(1) / std::sqrt(static_cast<T>(d));
+    detail::bind_masks(p, masks, where);
+    if (weights) p.weights = {weights->data(), 0, 0, S};
+    detail::attention(p);
+  }
+
+  std::optional<T> scale_;
+};
+
+}  // namespace attn

@@ -1,0 +1,49 @@
+// attn/types.hpp - the matrix types every attn interface speaks.
+//
+// One token per row, row-major: a sequence is [L, E], and a contiguous PyTorch or numpy
+// [B, L, E] buffer is a [B*L, E] matrix, so it can be wrapped with Eigen::Map and passed
+// to any attn function without a copy:
+//
+//   Eigen::Map<const attn::Matrix<float>> x(tensor.data_ptr<float>(), B * L, E);
+#pragma once
+
+#include <Eigen/Core>
+
+namespace attn {
+
+using Index = Eigen::Index;
+
+// [rows, cols], row-major: one token per row.
+template <class T>
+using Matrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+
+// [n]: biases and other per-feature parameters.
+template <class T>
+using Vector = Eigen::Matrix<T, Eigen::Dynamic, 1>;
+
+// Read-only inputs: any row-major matrix, block or Map with unit inner stride binds without a
+// copy (a column-major argument is copied into a temporary by Eigen).
+template <class T>
+using ConstMatrixRef = Eigen::Ref<const Matrix<T>>;
+template <class T>
+using ConstVectorRef = Eigen::Ref<const Vector<T>>;
+
+// Outputs the caller has sized.
+template <class T>
+using MatrixRef = Eigen::Ref<Matrix<T>>;
+
+using BoolMatrix = Matrix<bool>;
+
+}  // namespace attn
+
+namespace attn {
+
+// What the *_with_weights calls return; works with structured bindings:
+//   auto [out, weights] = mha.forward(x, x, x, args);
+template <class T>
+struct AttentionResult {
+  Matrix<T> output;
+  Matrix<T> weights;  // attention probabilities; 0 x 0 when they were not asked for
+};
+
+}  // namespace attn

@@ -1,0 +1,288 @@
+#include <attn/multi_head_attention.hpp>
+
+#include <cmath>
+
+#include "support/test_util.hpp"
+
+namespace {
+
+using attn_test::bmat;
+using attn_test::mat;
+using attn_test::matrices_near;
+using attn_test::throws_with;
+using attn_test::vec;
+
+const double ln2 = std::log(2.0), ln3 = std::log(3.0), r2 = std::sqrt(2.0);
+
+// E = 4, H = 2, head_dim D = 2, scale 1/sqrt(2). Projections chosen so the arithmetic is short:
+//   W_q = sqrt(2) I (cancels the scale), W_k = W_v = I, in_proj_bias = 0, out_proj = I, b_o = [1, 0, 0, -1].
+// Head 0 reads columns 0-1, head 1 columns 2-3. With
+//   query = [ln2, 0, 0, ln3], keys k0 = [1, 0, 1, 0], k1 = [0, 1, 0, 1],
+//   values v0 = [3, 6, 4, 8], v1 = [9, 0, 0, 4]:
+//   head 0: logits [ln2, 0] -> p = [2/3, 1/3] -> 2/3 [3, 6] + 1/3 [9, 0] = [5, 4]
+//   head 1: logits [0, ln3] -> p = [1/4, 3/4] -> 1/4 [4, 8] + 3/4 [0, 4] = [1, 5]
+//   concat [5, 4, 1, 5] + b_o = [6, 4, 1, 4]
+template <class T>
+class MhaTest : public ::testing::Test {
+ protected:
+  attn::MultiHeadAttention<T> make(const attn::MhaOptions& o = {}) const {
+    attn::MultiHeadAttention<T> m(4, 2, o);
+    const attn::Matrix<T> I = attn::Matrix<T>::Identity(4, 4);
+    if (m.packed()) {
+      attn::Matrix<T> w(12, 4);
+      w << T(r2) * I, I, I;
+      m.set_in_proj_weight(w);
+    } else {
+      m.set_q_proj_weight(T(r2) * I);
+    }
+    if (o.bias) {
+      m.set_in_proj_bias(attn::Vector<T>::Zero(12));
+      m.out_proj().set_bias(vec<T>({1, 0, 0, -1}));
+    }
+    m.out_proj().set_weight(I);
+    return m;
+  }
+  const attn::Matrix<T> query = mat<T>({{ln2, 0, 0, ln3}});
+  const attn::Matrix<T> key = mat<T>({{1, 0, 1, 0}, {0, 1, 0, 1}});
+  const attn::Matrix<T> value = mat<T>({{3, 6, 4, 8}, {9, 0, 0, 4}});
+  const double tol = attn_test::tolerance<T>();
+};
+TYPED_TEST_SUITE(MhaTest, attn_test::Scalars);
+
+TYPED_TEST(MhaTest, CrossAttentionByHand) {
+  using T = TypeParam;
+  const auto m = this->make();
+  attn::MhaArgs<T> args;
+  args.need_weights = true;
+  const auto [out, w] = m.forward(this->query, this->key, this->value, args);
+  EXPECT_TRUE(matrices_near(out, mat<T>({{6, 4, 1, 4}}), this->tol));
+  // averaged over heads: [(2/3 + 1/4) / 2, (1/3 + 3/4) / 2] = [11/24, 13/24]
+  EXPECT_TRUE(matrices_near(w, mat<T>({{11.0 / 24, 13.0 / 24}}), this->tol));
+  args.average_attn_weights = false;
+  EXPECT_TRUE(matrices_near(m.forward(this->query, this->key, this->value, args).weights,
+                            mat<T>({{2.0 / 3, 1.0 / 3}, {0.25, 0.75}}), this->tol));
+  args.need_weights = false;
+  EXPECT_EQ(m.forward(this->query, this->key, this->value, args).weights.size(), 0);
+  attn::Matrix<T> into(1, 4);
+  m.forward_into(this->query, this->key, this->value, {}, into);
+  EXPECT_TRUE(matrices_near(into, out, 0));
+}
+
+// in_proj_bias adds 1 to every value feature; the weights sum to 1, so every head output grows
+// by 1: concat [6, 5, 2, 6] + b_o = [7, 5, 2, 5].
+TYPED_TEST(MhaTest, InProjBiasByHand) {
+  using T = TypeParam;
+  auto m = this->make();
+  m.set_in_proj_bias(vec<T>({0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1}));
+  EXPECT_TRUE(matrices_near(m.forward(this->query, this->key, this->value).output, mat<T>({{7, 5, 2, 5}}), this->tol));
+}
+
+// Self-attention on x = [[ln2, 0, 0, ln3]] alone: one key, p = 1, head outputs = x
+// -> out = x + b_o = [ln2 + 1, 0, 0, ln3 - 1].
+TYPED_TEST(MhaTest, SelfAttentionSingleToken) {
+  using T = TypeParam;
+  const auto m = this->make();
+  EXPECT_TRUE(matrices_near(m.forward(this->query, this->query, this->query).output, mat<T>({{ln2 + 1, 0, 0, ln3 - 1}}), this->tol));
+}
+
+// Two sequences. b0 is the example above -> [6, 4, 1, 4]. b1 has keys [k1, k0], values
+// [v2, v0] with v2 = [1, 1, 1, 1], and its second key padded: it sees only v2 -> [1, 1, 1, 1] + b_o = [2, 1, 1, 0].
+// batch_first rows run (b, s); the default layout's rows run (s, b).
+TYPED_TEST(MhaTest, BatchInBothLayouts) {
+  using T = TypeParam;
+  const auto q0 = this->query.row(0), k0 = this->key.row(0), k1 = this->key.row(1);
+  const auto v0 = this->value.row(0), v1 = this->value.row(1);
+  const attn::Matrix<T> v2 = attn::Matrix<T>::Ones(1, 4), q1 = mat<T>({{0, ln2, ln3, 0}});
+  const auto expected = mat<T>({{6, 4, 1, 4}, {2, 1, 1, 0}});
+  attn::MhaArgs<T> args;
+  args.batch = 2;
+  args.key_padding_mask = attn::IgnoreMask(bmat({{0, 0}, {0, 1}}));
+  args.need_weights = true;
+  args.average_attn_weights = false;
+  // per head, rows (b, h): b0 [[2/3, 1/3], [1/4, 3/4]], b1 [[1, 0], [1, 0]]
+  const auto expected_w = mat<T>({{2.0 / 3, 1.0 / 3}, {0.25, 0.75}, {1, 0}, {1, 0}});
+
+  attn::MhaOptions bf;
+  bf.batch_first = true;
+  attn::Matrix<T> q(2, 4), k(4, 4), v(4, 4);
+  q << q0, q1;
+  k << k0, k1, k1, k0;  // (b, s)
+  v << v0, v1, v2, v0;
+  const auto r1 = this->make(bf).forward(q, k, v, args);
+  EXPECT_TRUE(matrices_near(r1.output, expected, this->tol));
+  EXPECT_TRUE(matrices_near(r1.weights, expected_w, this->tol));
+
+  k << k0, k1, k1, k0;  // (s, b): s0 = [k0 | k1], s1 = [k1 | k0]
+  v << v0, v2, v1, v0;
+  const auto r2 = this->make().forward(q, k, v, args);  // L = 1: query rows are the same in both orders
+  EXPECT_TRUE(matrices_near(r2.output, expected, this->tol));
+  EXPECT_TRUE(matrices_near(r2.weights, expected_w, this->tol));
+}
+
+// 2-D bool mask [L, S] = [[1, 0]] in IgnoreMask polarity: key 0 hidden from both heads
+//   -> heads output v1 = [9, 0, 0, 4] -> out [10, 0, 0, 3].
+// 3-D mask [B*H*L, S]: head 0 hides key 1, head 1 hides nothing
+//   -> head 0 = v0[0:2] = [3, 6], head 1 = [1, 5] -> out [4, 6, 1, 4].
+// Additive [[0, ln2]]: head 0 logits [ln2, ln2] -> [1/2, 1/2] -> [6, 3];
+//   head 1 logits [0, ln6] -> [1/7, 6/7] -> 1/7 [4, 8] + 6/7 [0, 4] = [4/7, 32/7] -> out [7, 3, 4/7, 25/7].
+TYPED_TEST(MhaTest, AttnMasksByHand) {
+  using T = TypeParam;
+  const auto m = this->make();
+  attn::MhaArgs<T> a;
+  a.attn_mask = attn::IgnoreMask(bmat({{1, 0}}));
+  EXPECT_TRUE(matrices_near(m.forward(this->query, this->key, this->value, a).output, mat<T>({{10, 0, 0, 3}}), this->tol));
+  a.attn_mask = attn::IgnoreMask(bmat({{0, 1}, {0, 0}}));
+  EXPECT_TRUE(matrices_near(m.forward(this->query, this->key, this->value, a).output, mat<T>({{4, 6, 1, 4}}), this->tol));
+  a.attn_mask = {};
+  a.attn_bias = attn::AdditiveMask<T>(mat<T>({{0, ln2}}));
+  EXPECT_TRUE(matrices_near(m.forward(this->query, this->key, this->value, a).output, mat<T>({{7, 3, 4.0 / 7, 25.0 / 7}}), this->tol));
+}
+
+// L = 1, S = 2. TopLeft: the query sees key 0 only -> heads v0 = [3, 6, 4, 8] -> [4, 6, 4, 7].
+// BottomRight: j <= 0 + S - L = 1 -> every key -> the unmasked [6, 4, 1, 4].
+TYPED_TEST(MhaTest, CausalAlignments) {
+  using T = TypeParam;
+  const auto m = this->make();
+  attn::MhaArgs<T> a;
+  a.causal = attn::Causal::TopLeft;
+  EXPECT_TRUE(matrices_near(m.forward(this->query, this->key, this->value, a).output, mat<T>({{4, 6, 4, 7}}), this->tol));
+  a.causal = attn::Causal::BottomRight;
+  EXPECT_TRUE(matrices_near(m.forward(this->query, this->key, this->value, a).output, mat<T>({{6, 4, 1, 4}}), this->tol));
+}
+
+// add_bias_kv with bias_k = 0, bias_v = [12, 0, 0, 12]: a third key with logit 0.
+//   head 0: logits [ln2, 0, 0] -> [1/2, 1/4, 1/4] -> 1/2 [3, 6] + 1/4 [9, 0] + 1/4 [12, 0] = [6.75, 3]
+//   head 1: logits [0, ln3, 0] -> [1/5, 3/5, 1/5] -> 1/5 [4, 8] + 3/5 [0, 4] + 1/5 [0, 12] = [0.8, 6.4]
+//   out = [6.75, 3, 0.8, 6.4] + b_o = [7.75, 3, 0.8, 5.4]; averaged weights [0.35, 0.425, 0.225].
+// A mask covers the original S = 2 keys; the bias key is never masked (PyTorch pads masks with
+// an unmasked column): masking key 0 leaves head 0 with [0, 1/2, 1/2].
+TYPED_TEST(MhaTest, AddBiasKvByHand) {
+  using T = TypeParam;
+  attn::MhaOptions o;
+  o.add_bias_kv = true;
+  auto m = this->make(o);
+  m.set_bias_k(vec<T>({0, 0, 0, 0}));
+  m.set_bias_v(vec<T>({12, 0, 0, 12}));
+  attn::MhaArgs<T> a;
+  a.need_weights = true;
+  const auto [out, w] = m.forward(this->query, this->key, this->value, a);
+  EXPECT_TRUE(matrices_near(out, mat<T>({{7.75, 3, 0.8, 5.4}}), this->tol));
+  EXPECT_TRUE(matrices_near(w, mat<T>({{0.35, 0.425, 0.225}}), this->tol));
+  a.average_attn_weights = false;
+  a.key_padding_mask = attn::IgnoreMask(bmat({{1, 0}}));
+  // head 0: logits [-, 0, 0] -> [0, 1/2, 1/2]; head 1: [-, ln3, 0] -> [0, 3/4, 1/4]
+  EXPECT_TRUE(matrices_near(m.forward(this->query, this->key, this->value, a).weights,
+                            mat<T>({{0, 0.5, 0.5}, {0, 0.75, 0.25}}), this->tol));
+}
+
+// Every key padded. Without add_zero_attn the row is fully masked: heads output zeros (PyTorch:
+// NaN), out = out_proj(0) = b_o, weights zeros. With add_zero_attn the zero key takes weight 1 and
+// its zero value gives the same out = b_o (PyTorch's documented consequence).
+TYPED_TEST(MhaTest, AllKeysPaddedWithAndWithoutZeroAttn) {
+  using T = TypeParam;
+  attn::MhaArgs<T> a;
+  a.key_padding_mask = attn::IgnoreMask(bmat({{1, 1}}));
+  a.need_weights = true;
+  const auto plain = this->make().forward(this->query, this->key, this->value, a);
+  EXPECT_TRUE(matrices_near(plain.output, mat<T>({{1, 0, 0, -1}}), this->tol));
+  EXPECT_TRUE(matrices_near(plain.weights, mat<T>({{0, 0}}), this->tol));
+  attn::MhaOptions o;
+  o.add_zero_attn = true;
+  const auto zero = this->make(o).forward(this->query, this->key, this->value, a);
+  EXPECT_TRUE(matrices_near(zero.output, mat<T>({{1, 0, 0, -1}}), this->tol));
+  EXPECT_TRUE(matrices_near(zero.weights, mat<T>({{0, 0, 1}}), this->tol));
+  // Unpadded, the zero key is one more logit 0 beside [ln2, 0] and [0, ln3]:
+  //   head 0: exp [2, 1, 1] / 4 -> 1/2 [3, 6] + 1/4 [9, 0] = [3.75, 3]
+  //   head 1: exp [1, 3, 1] / 5 -> 1/5 [4, 8] + 3/5 [0, 4] = [0.8, 4]
+  //   out = [3.75, 3, 0.8, 4] + b_o = [4.75, 3, 0.8, 3]
+  EXPECT_TRUE(matrices_near(this->make(o).forward(this->query, this->key, this->value).output, mat<T>({{4.75, 3, 0.8, 3}}), this->tol));
+}
+
+// kdim = 2, vdim = 3: k_proj_weight [4, 2] = [I; I] maps key [1, 0] to [1, 0, 1, 0] as before;
+// v_proj_weight [4, 3] copies feature 2 into features 2 and 3, so v0 = [3, 6, 4, 4], v1 = [9, 0, 0, 0].
+//   head 0 as before [5, 4]; head 1: 1/4 [4, 4] + 3/4 [0, 0] = [1, 1] -> out [6, 4, 1, 0].
+TYPED_TEST(MhaTest, SeparateKdimVdimByHand) {
+  using T = TypeParam;
+  attn::MhaOptions o;
+  o.kdim = 2;
+  o.vdim = 3;
+  auto m = this->make(o);
+  EXPECT_FALSE(m.packed());
+  m.set_k_proj_weight(mat<T>({{1, 0}, {0, 1}, {1, 0}, {0, 1}}));
+  m.set_v_proj_weight(mat<T>({{1, 0, 0}, {0, 1, 0}, {0, 0, 1}, {0, 0, 1}}));
+  const auto out = m.forward(this->query, mat<T>({{1, 0}, {0, 1}}), mat<T>({{3, 6, 4}, {9, 0, 0}})).output;
+  EXPECT_TRUE(matrices_near(out, mat<T>({{6, 4, 1, 0}}), this->tol));
+  EXPECT_TRUE(throws_with<attn::argument_error>([&] { (void)m.in_proj_weight(); }, {"in_proj_weight", "kdim = 2"}));
+}
+
+// bias = false: no in_proj_bias, no out_proj.bias: out = concat [5, 4, 1, 5].
+TYPED_TEST(MhaTest, WithoutBias) {
+  using T = TypeParam;
+  attn::MhaOptions o;
+  o.bias = false;
+  auto m = this->make(o);
+  EXPECT_EQ(m.in_proj_bias().size(), 0);
+  EXPECT_FALSE(m.out_proj().has_bias());
+  EXPECT_TRUE(matrices_near(m.forward(this->query, this->key, this->value).output, mat<T>({{5, 4, 1, 5}}), this->tol));
+  EXPECT_TRUE(throws_with<attn::argument_error>([&] { m.set_in_proj_bias(attn::Vector<T>::Zero(12)); }, {"in_proj_bias", "bias = false"}));
+}
+
+// PyTorch's initialisation: in_proj_weight ~ xavier_uniform, bound sqrt(6 / (3E + E)) = sqrt(6/64);
+// biases zero; out_proj.weight within 1/sqrt(E); bias_k, bias_v drawn (non-zero).
+TYPED_TEST(MhaTest, DefaultInitialisation) {
+  using T = TypeParam;
+  attn::MhaOptions o;
+  o.add_bias_kv = true;
+  attn::Generator gen(5);
+  attn::MultiHeadAttention<T> m(16, 4, o, gen);
+  EXPECT_LE(m.in_proj_weight().cwiseAbs().maxCoeff(), T(std::sqrt(6.0 / 64)));
+  EXPECT_EQ(m.in_proj_bias(), attn::Vector<T>::Zero(48));
+  EXPECT_EQ(m.out_proj().bias(), attn::Vector<T>::Zero(16));
+  EXPECT_LE(m.out_proj().weight().cwiseAbs().maxCoeff(), T(0.25));
+  EXPECT_GT(m.bias_k().cwiseAbs().maxCoeff(), T(0));
+  attn::Generator again(5);
+  EXPECT_EQ(attn::MultiHeadAttention<T>(16, 4, o, again).in_proj_weight(), m.in_proj_weight());
+}
+
+TYPED_TEST(MhaTest, RejectsBadArguments) {
+  using T = TypeParam;
+  using attn::shape_error;
+  EXPECT_TRUE(throws_with<shape_error>([] { attn::MultiHeadAttention<T>(6, 4); }, {"embed_dim = 6", "num_heads = 4"}));
+  EXPECT_TRUE(throws_with<shape_error>([] { attn::MultiHeadAttention<T>(0, 1); }, {"embed_dim = 0"}));
+  EXPECT_TRUE(throws_with<shape_error>([] { attn::MultiHeadAttention<T>(4, 0); }, {"num_heads = 0"}));
+  auto m = this->make();
+  const auto& q = this->query;
+  const auto& k = this->key;
+  const auto& v = this->value;
+  EXPECT_TRUE(throws_with<shape_error>([&] { (void)m.forward(attn::Matrix<T>(1, 5), k, v); }, {"query", "[1, 5]", "[1*L, 4]"}));
+  EXPECT_TRUE(throws_with<shape_error>([&] { (void)m.forward(q, attn::Matrix<T>(2, 3), v); }, {"key", "[2, 3]", "kdim", "[1*S, 4]"}));
+  EXPECT_TRUE(throws_with<shape_error>([&] { (void)m.forward(q, k, attn::Matrix<T>(3, 4)); }, {"value", "[3, 4]", "[2, 4]"}));
+  EXPECT_TRUE(throws_with<shape_error>([&] { (void)m.forward(q, attn::Matrix<T>(0, 4), attn::Matrix<T>(0, 4)); }, {"key", "[0, 4]"}));
+  attn::MhaArgs<T> a;
+  a.batch = 2;  // 1 query row cannot hold 2 sequences
+  EXPECT_TRUE(throws_with<shape_error>([&] { (void)m.forward(q, k, v, a); }, {"query", "[1, 4]", "[2*L, 4]"}));
+  a.batch = 0;
+  EXPECT_TRUE(throws_with<shape_error>([&] { (void)m.forward(q, k, v, a); }, {"batch must be positive", "0"}));
+  a = {};
+  a.attn_mask = attn::IgnoreMask(attn::BoolMatrix::Zero(3, 2));
+  EXPECT_TRUE(throws_with<shape_error>([&] { (void)m.forward(q, k, v, a); }, {"attn_mask", "[3, 2]", "[L, S] = [1, 2]", "[B*H*L, S] = [2, 2]"}));
+  a = {};
+  a.attn_bias = attn::AdditiveMask<T>(attn::Matrix<T>::Zero(1, 3));
+  EXPECT_TRUE(throws_with<shape_error>([&] { (void)m.forward(q, k, v, a); }, {"attn_bias", "[1, 3]"}));
+  a = {};
+  a.key_padding_mask = attn::IgnoreMask(attn::BoolMatrix::Zero(1, 3));
+  EXPECT_TRUE(throws_with<shape_error>([&] { (void)m.forward(q, k, v, a); }, {"key_padding_mask", "[1, 3]", "[B, S] = [1, 2]"}));
+  a = {};
+  a.need_weights = true;
+  attn::Matrix<T> out(1, 4);
+  EXPECT_TRUE(throws_with<attn::argument_error>([&] { m.forward_into(q, k, v, a, out); }, {"need_weights"}));
+  attn::Matrix<T> bad_out(2, 4);
+  EXPECT_TRUE(throws_with<shape_error>([&] { m.forward_into(q, k, v, {}, bad_out); }, {"out", "[2, 4]", "[1, 4]"}));
+  EXPECT_TRUE(throws_with<shape_error>([&] { m.set_in_proj_weight(attn::Matrix<T>(4, 4)); }, {"in_proj_weight", "[4, 4]", "[12, 4]"}));
+  EXPECT_TRUE(throws_with<shape_error>([&] { m.set_in_proj_bias(attn::Vector<T>(4)); }, {"in_proj_bias", "[4]", "[12]"}));
+  EXPECT_TRUE(throws_with<attn::argument_error>([&] { m.set_q_proj_weight(attn::Matrix<T>(4, 4)); }, {"q_proj_weight", "in_proj_weight"}));
+  EXPECT_TRUE(throws_with<attn::argument_error>([&] { m.set_bias_k(attn::Vector<T>(4)); }, {"bias_k", "add_bias_kv = false"}));
+  EXPECT_TRUE(throws_with<shape_error>([&] { m.out_proj().set_weight(attn::Matrix<T>(4, 3)); }, {"weight", "[4, 3]", "[4, 4]"}));
+}
+
+}  // namespace

@@ -133,6 +133,28 @@ TYPED_TEST(SdpaTest, FullyMaskedRowIsZeros) {
   EXPECT_TRUE(matrices_near(this->sdpa.forward(this->q, this->k, this->v, by_bias), mat<T>({{4, 3}, {0, 0}}), this->tol));
 }
 
+// A masked key contributes exactly nothing: its weight is exactly 0 (not a tiny exp(-inf)
+// approximation from a vectorized exp), so even a huge value behind it leaves the output as
+// computed by hand. Keys 0 and 1 as in the running example, then 16 masked keys (enough for the
+// vectorized path) whose values are huge:
+//   row 0: keys 0, 1 -> exp [2, 1] -> [2/3, 1/3] -> 2/3 [4, 0] + 1/3 [8, 4] = [16/3, 4/3]
+//   row 1: exp [1, 3] -> [1/4, 3/4] -> [7, 3]
+TYPED_TEST(SdpaTest, MaskedKeysWeighExactlyZero) {
+  using T = TypeParam;
+  const attn::Index S = 18;
+  const T huge = T(std::is_same_v<T, float> ? 1e30 : 1e300);
+  attn::Matrix<T> k = attn::Matrix<T>::Zero(S, 2), v = attn::Matrix<T>::Constant(S, 2, huge);
+  k.topRows(2) = this->k.topRows(2);
+  v.topRows(2) = this->v.topRows(2);
+  attn::BoolMatrix ignore = attn::BoolMatrix::Ones(2, S);
+  ignore.leftCols(2).setZero();
+  attn::Masks<T> m;
+  m.attn_mask = attn::IgnoreMask(ignore);
+  const auto [out, w] = this->sdpa.forward_with_weights(this->q, k, v, m);
+  EXPECT_EQ(w.rightCols(S - 2).cwiseAbs().maxCoeff(), T(0));
+  EXPECT_TRUE(matrices_near(out, mat<T>({{16.0 / 3, 4.0 / 3}, {7, 3}}), this->tol));
+}
+
 // Everything at once. BottomRight: row 0 sees keys 0, 1; mask drops (1, 0); no padding;
 // bias [[ln3, 0, 0], [0, 0, ln3]].
 //   row 0: keys 0, 1: logits [ln2 + ln3, 0] = [ln6, 0] -> [6/7, 1/7] -> 6/7 [4, 0] + 1/7 [8, 4] = [32/7, 4/7]

@@ -163,7 +163,9 @@ TYPED_TEST(KernelTest, BlockedMatchesReference) {
           << "weights, block " << block;
       // A masked key weighs exactly 0, as std::exp(-inf) gives the reference.
       for (Index i = 0; i < w.size(); ++i)
-        if (ref_w.data()[i] == 0) ASSERT_EQ(w.data()[i], T(0)) << "masked weight " << i << ", block " << block;
+        if (ref_w.data()[i] == 0) {
+          ASSERT_EQ(w.data()[i], T(0)) << "masked weight " << i << ", block " << block;
+        }
     }
     attn::Matrix<T> out, w;  // and the dispatch point the public classes call
     attach_outputs(r.p, out, w);

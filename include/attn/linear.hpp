@@ -19,8 +19,9 @@ class Linear {
   // PyTorch's initialisation: weight ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming_uniform, a = sqrt(5)),
   // bias ~ the same bound.
   Linear(Index in_features, Index out_features, bool bias, Generator& gen) : in_(in_features), out_(out_features) {
-    detail::require_shape(in_features > 0 && out_features > 0, "attn::Linear", "in_features and out_features must be positive, got ",
-                          "in_features = ", in_features, ", out_features = ", out_features);
+    detail::require_shape(in_features > 0 && out_features > 0, "attn::Linear",
+                          "in_features and out_features must be positive, got ", "in_features = ", in_features,
+                          ", out_features = ", out_features);
     weight_.resize(out_, in_);
     init::linear_weight(weight_, gen);
     if (bias) {
@@ -29,7 +30,8 @@ class Linear {
       init::uniform(bias_, -bound, bound, gen);
     }
   }
-  Linear(Index in_features, Index out_features, bool bias = true) : Linear(in_features, out_features, bias, default_gen()) {}
+  Linear(Index in_features, Index out_features, bool bias = true)
+      : Linear(in_features, out_features, bias, default_gen()) {}
 
   // x: [N, in]  ->  [N, out]
   Matrix<T> forward(const ConstMatrixRef<T>& x) const {
@@ -40,10 +42,10 @@ class Linear {
 
   // x: [N, in]  y: [N, out], sized by the caller (no allocation).
   void forward_into(const ConstMatrixRef<T>& x, MatrixRef<T> y) const {
-    detail::require_dims("attn::Linear::forward", "x", x.rows(), x.cols(), -1, in_,
-                         detail::concat("[N, in_features] = [N, ", in_, "]"));
+    detail::require_dims("attn::Linear::forward", "x", x.rows(), x.cols(), -1, in_, "[N, in_features] = [N, ", in_,
+                         "]");
     detail::require_dims("attn::Linear::forward", "y", y.rows(), y.cols(), x.rows(), out_,
-                         detail::concat("[N, out_features] = ", detail::shape_str(x.rows(), out_)));
+                         "[N, out_features] = ", detail::shape(x.rows(), out_));
     y.noalias() = x * weight_.transpose();
     if (has_bias()) y.rowwise() += bias_.transpose();
   }
@@ -57,12 +59,12 @@ class Linear {
 
   void set_weight(const ConstMatrixRef<T>& w) {
     detail::require_dims("attn::Linear::set_weight", "weight", w.rows(), w.cols(), out_, in_,
-                         detail::concat("[out_features, in_features] = ", detail::shape_str(out_, in_)));
+                         "[out_features, in_features] = ", detail::shape(out_, in_));
     weight_ = w;
   }
   void set_bias(const ConstVectorRef<T>& b) {
     detail::require_arg(has_bias(), "attn::Linear::set_bias", "this Linear was built with bias = false");
-    detail::require_len("attn::Linear::set_bias", "bias", b.size(), out_, detail::concat("[out_features] = [", out_, "]"));
+    detail::require_len("attn::Linear::set_bias", "bias", b.size(), out_, "[out_features] = [", out_, "]");
     bias_ = b;
   }
 

@@ -48,8 +48,8 @@ class MaskData {
   explicit MaskData(const Eigen::DenseBase<Derived>& expr) : MaskData(Matrix<Scalar>(expr)) {}
   // Views a contiguous row-major buffer of rows x cols elements (a torch or numpy tensor).
   MaskData(const Scalar* data, Index rows, Index cols) : data_(data), rows_(rows), cols_(cols), present_(true) {
-    require_shape(rows >= 0 && cols >= 0, "attn mask", "negative shape ", shape_str(rows, cols));
-    require_arg(data != nullptr || rows * cols == 0, "attn mask", "null data for shape ", shape_str(rows, cols));
+    require_shape(rows >= 0 && cols >= 0, "attn mask", "negative shape ", shape(rows, cols));
+    require_arg(data != nullptr || rows * cols == 0, "attn mask", "null data for shape ", shape(rows, cols));
   }
 
   bool present() const { return present_; }
@@ -97,7 +97,8 @@ class PolarMask : public BoolMask {
   explicit PolarMask(BoolMatrix&& m) : BoolMask(detail::MaskData<bool>(std::move(m)), TrueMeansAttend) {}
   template <class Derived>
   explicit PolarMask(const Eigen::DenseBase<Derived>& expr) : BoolMask(detail::MaskData<bool>(expr), TrueMeansAttend) {}
-  PolarMask(const bool* data, Index rows, Index cols) : BoolMask(detail::MaskData<bool>(data, rows, cols), TrueMeansAttend) {}
+  PolarMask(const bool* data, Index rows, Index cols)
+      : BoolMask(detail::MaskData<bool>(data, rows, cols), TrueMeansAttend) {}
 };
 
 // true = the query may attend this key (PyTorch F.scaled_dot_product_attention's bool attn_mask).
@@ -132,10 +133,10 @@ class AdditiveMask {
 // S keys (ScaledDotProductAttention); MultiHeadAttention's B sequences and H heads in brackets.
 template <class T>
 struct Masks {
-  BoolMask attn_mask;             // [L, S]  (or [B*H*L, S]: PyTorch's [B*H, L, S], index b*H + h)
-  AdditiveMask<T> attn_bias;      // [L, S]  (or [B*H*L, S])
+  BoolMask attn_mask;         // [L, S]  (or [B*H*L, S]: PyTorch's [B*H, L, S], index b*H + h)
+  AdditiveMask<T> attn_bias;  // [L, S]  (or [B*H*L, S])
   Causal causal = Causal::None;
-  BoolMask key_padding_mask;      // [1, S]  ([B, S]): per sequence, broadcast over queries and heads
+  BoolMask key_padding_mask;  // [1, S]  ([B, S]): per sequence, broadcast over queries and heads
 };
 
 }  // namespace attn

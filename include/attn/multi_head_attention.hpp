@@ -24,20 +24,20 @@ namespace attn {
 
 // Constructor options, named and defaulted as nn.MultiheadAttention's.
 struct MhaOptions {
-  Index kdim = 0;  // key features; 0 = embed_dim
-  Index vdim = 0;  // value features; 0 = embed_dim
-  bool bias = true;           // in_proj_bias and out_proj.bias
-  bool add_bias_kv = false;   // learned bias_k, bias_v appended as one more key/value position
-  bool add_zero_attn = false; // an all-zero key/value position appended after the head split
-  bool batch_first = false;   // rows (b, l) instead of (l, b)
+  Index kdim = 0;              // key features; 0 = embed_dim
+  Index vdim = 0;              // value features; 0 = embed_dim
+  bool bias = true;            // in_proj_bias and out_proj.bias
+  bool add_bias_kv = false;    // learned bias_k, bias_v appended as one more key/value position
+  bool add_zero_attn = false;  // an all-zero key/value position appended after the head split
+  bool batch_first = false;    // rows (b, l) instead of (l, b)
 };
 
 // Per-call arguments: masks (see attn/mask.hpp; shapes with B sequences and H heads) and outputs.
 template <class T>
 struct MhaArgs : Masks<T> {
-  Index batch = 1;                  // B, the number of sequences in the inputs
-  bool need_weights = false;        // PyTorch defaults to true; here the [L, S] probabilities are opt-in
-  bool average_attn_weights = true; // weights [B*L, S'] averaged over heads, else [B*H*L, S'] per head
+  Index batch = 1;                   // B, the number of sequences in the inputs
+  bool need_weights = false;         // PyTorch defaults to true; here the [L, S] probabilities are opt-in
+  bool average_attn_weights = true;  // weights [B*L, S'] averaged over heads, else [B*H*L, S'] per head
 };
 
 template <class T>
@@ -46,8 +46,11 @@ class MultiHeadAttention {
   // PyTorch's initialisation: xavier_uniform in_proj_weight (or q/k/v_proj_weight), zero biases,
   // out_proj.weight as nn.Linear's, xavier_normal bias_k and bias_v.
   MultiHeadAttention(Index embed_dim, Index num_heads, const MhaOptions& options, Generator& gen)
-      : E_(embed_dim), H_(num_heads), kdim_(options.kdim ? options.kdim : embed_dim),
-        vdim_(options.vdim ? options.vdim : embed_dim), opt_(options),
+      : E_(embed_dim),
+        H_(num_heads),
+        kdim_(options.kdim ? options.kdim : embed_dim),
+        vdim_(options.vdim ? options.vdim : embed_dim),
+        opt_(options),
         out_proj_(checked_dim(embed_dim, num_heads, options), embed_dim, options.bias, gen) {
     if (packed()) {
       in_proj_weight_.resize(3 * E_, E_);
@@ -119,9 +122,15 @@ class MultiHeadAttention {
   void set_q_proj_weight(const ConstMatrixRef<T>& w) { set(q_proj_weight_, w, false, "q_proj_weight", E_, E_); }
   void set_k_proj_weight(const ConstMatrixRef<T>& w) { set(k_proj_weight_, w, false, "k_proj_weight", E_, kdim_); }
   void set_v_proj_weight(const ConstMatrixRef<T>& w) { set(v_proj_weight_, w, false, "v_proj_weight", E_, vdim_); }
-  void set_in_proj_bias(const ConstVectorRef<T>& b) { set_vec(in_proj_bias_, b, opt_.bias, "in_proj_bias", "bias = false", 3 * E_); }
-  void set_bias_k(const ConstVectorRef<T>& b) { set_vec(bias_k_, b, opt_.add_bias_kv, "bias_k", "add_bias_kv = false", E_); }
-  void set_bias_v(const ConstVectorRef<T>& b) { set_vec(bias_v_, b, opt_.add_bias_kv, "bias_v", "add_bias_kv = false", E_); }
+  void set_in_proj_bias(const ConstVectorRef<T>& b) {
+    set_vec(in_proj_bias_, b, opt_.bias, "in_proj_bias", "bias = false", 3 * E_);
+  }
+  void set_bias_k(const ConstVectorRef<T>& b) {
+    set_vec(bias_k_, b, opt_.add_bias_kv, "bias_k", "add_bias_kv = false", E_);
+  }
+  void set_bias_v(const ConstVectorRef<T>& b) {
+    set_vec(bias_v_, b, opt_.add_bias_kv, "bias_v", "add_bias_kv = false", E_);
+  }
 
  private:
   using StridedMap = Eigen::Map<const Matrix<T>, Eigen::Unaligned, Eigen::OuterStride<>>;
@@ -132,27 +141,31 @@ class MultiHeadAttention {
     detail::require_shape(E > 0 && H > 0, where, "embed_dim and num_heads must be positive, got embed_dim = ", E,
                           ", num_heads = ", H);
     detail::require_shape(E % H == 0, where, "embed_dim = ", E, " is not divisible by num_heads = ", H);
-    detail::require_shape(o.kdim >= 0 && o.vdim >= 0, where, "kdim and vdim must be positive (or 0 for embed_dim), got kdim = ",
-                          o.kdim, ", vdim = ", o.vdim);
+    detail::require_shape(o.kdim >= 0 && o.vdim >= 0, where,
+                          "kdim and vdim must be positive (or 0 for embed_dim), got kdim = ", o.kdim,
+                          ", vdim = ", o.vdim);
     return E;
   }
 
   void need_packed(bool want, const char* name) const {
-    detail::require_arg(packed() == want, "attn::MultiHeadAttention", name,
-                        want ? " exists only when kdim == vdim == embed_dim (PyTorch's rule); use q/k/v_proj_weight"
-                             : " exists only when kdim or vdim differs from embed_dim (PyTorch's rule); use in_proj_weight",
-                        " (embed_dim = ", E_, ", kdim = ", kdim_, ", vdim = ", vdim_, ")");
+    detail::require_arg(
+        packed() == want, "attn::MultiHeadAttention", name,
+        want ? " exists only when kdim == vdim == embed_dim (PyTorch's rule); use q/k/v_proj_weight"
+             : " exists only when kdim or vdim differs from embed_dim (PyTorch's rule); use in_proj_weight",
+        " (embed_dim = ", E_, ", kdim = ", kdim_, ", vdim = ", vdim_, ")");
   }
 
   void set(Matrix<T>& dst, const ConstMatrixRef<T>& w, bool packed_param, const char* name, Index rows, Index cols) {
     need_packed(packed_param, name);
-    detail::require_dims("attn::MultiHeadAttention", name, w.rows(), w.cols(), rows, cols, detail::shape_str(rows, cols));
+    detail::require_dims("attn::MultiHeadAttention", name, w.rows(), w.cols(), rows, cols, detail::shape(rows, cols));
     dst = w;
   }
 
-  static void set_vec(Vector<T>& dst, const ConstVectorRef<T>& b, bool exists, const char* name, const char* why_not, Index n) {
-    detail::require_arg(exists, "attn::MultiHeadAttention", name, " does not exist: the module was built with ", why_not);
-    detail::require_len("attn::MultiHeadAttention", name, b.size(), n, detail::concat("[", n, "]"));
+  static void set_vec(Vector<T>& dst, const ConstVectorRef<T>& b, bool exists, const char* name, const char* why_not,
+                      Index n) {
+    detail::require_arg(exists, "attn::MultiHeadAttention", name, " does not exist: the module was built with ",
+                        why_not);
+    detail::require_len("attn::MultiHeadAttention", name, b.size(), n, "[", n, "]");
     dst = b;
   }
 
@@ -199,18 +212,18 @@ class MultiHeadAttention {
 
   void run(const ConstMatrixRef<T>& query, const ConstMatrixRef<T>& key, const ConstMatrixRef<T>& value,
            const MhaArgs<T>& args, MatrixRef<T> out, Matrix<T>* weights, const char* where) const {
-    using detail::concat;
-    using detail::shape_str;
+    using detail::shape;
     const Index B = args.batch;
     detail::require_shape(B > 0, where, "batch must be positive, got ", B);
     detail::require_shape(query.cols() == E_ && query.rows() > 0 && query.rows() % B == 0, where, "query has shape ",
-                          shape_str(query.rows(), query.cols()), ", expected [B*L, E] = [", B, "*L, ", E_, "] with L > 0");
+                          shape(query.rows(), query.cols()), ", expected [B*L, E] = [", B, "*L, ", E_, "] with L > 0");
     detail::require_shape(key.cols() == kdim_ && key.rows() > 0 && key.rows() % B == 0, where, "key has shape ",
-                          shape_str(key.rows(), key.cols()), ", expected [B*S, kdim] = [", B, "*S, ", kdim_, "] with S > 0");
+                          shape(key.rows(), key.cols()), ", expected [B*S, kdim] = [", B, "*S, ", kdim_,
+                          "] with S > 0");
     detail::require_dims(where, "value", value.rows(), value.cols(), key.rows(), vdim_,
-                         concat("[B*S, vdim] = ", shape_str(key.rows(), vdim_), " (B*S from key)"));
+                         "[B*S, vdim] = ", shape(key.rows(), vdim_), " (B*S from key)");
     detail::require_dims(where, "out", out.rows(), out.cols(), query.rows(), E_,
-                         concat("[B*L, E] = ", shape_str(query.rows(), E_)));
+                         "[B*L, E] = ", shape(query.rows(), E_));
     const Index L = query.rows() / B, S = key.rows() / B, D = head_dim();
     const Index S2 = S + Index(opt_.add_bias_kv) + Index(opt_.add_zero_attn);
 
@@ -261,10 +274,10 @@ class MultiHeadAttention {
 
   Index E_, H_, kdim_, vdim_;
   MhaOptions opt_;
-  Matrix<T> in_proj_weight_;                                // [3E, E] when packed()
+  Matrix<T> in_proj_weight_;                                 // [3E, E] when packed()
   Matrix<T> q_proj_weight_, k_proj_weight_, v_proj_weight_;  // otherwise
-  Vector<T> in_proj_bias_;                                  // [3E]
-  Vector<T> bias_k_, bias_v_;                               // [E]
+  Vector<T> in_proj_bias_;                                   // [3E]
+  Vector<T> bias_k_, bias_v_;                                // [E]
   Linear<T> out_proj_;
 };
 

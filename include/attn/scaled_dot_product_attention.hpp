@@ -54,15 +54,14 @@ class ScaledDotProductAttention {
  private:
   void run(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v, const Masks<T>& masks,
            MatrixRef<T> out, Matrix<T>* weights, const char* where) const {
-    using detail::concat;
-    using detail::shape_str;
+    using detail::shape;
     const Index L = q.rows(), d = q.cols(), S = k.rows(), dv = v.cols();
-    detail::require_shape(L > 0 && d > 0, where, "query has shape ", shape_str(L, d), ", expected [L, d] with L, d > 0");
-    detail::require_dims(where, "key", k.rows(), k.cols(), -1, d, concat("[S, d] = [S, ", d, "] (d from query)"));
-    detail::require_shape(S > 0, where, "key has shape ", shape_str(S, d), ", expected at least one key");
-    detail::require_dims(where, "value", v.rows(), v.cols(), S, -1, concat("[S, dv] = [", S, ", dv] (S from key)"));
-    detail::require_shape(dv > 0, where, "value has shape ", shape_str(S, dv), ", expected dv > 0");
-    detail::require_dims(where, "out", out.rows(), out.cols(), L, dv, concat("[L, dv] = ", shape_str(L, dv)));
+    detail::require_shape(L > 0 && d > 0, where, "query has shape ", shape(L, d), ", expected [L, d] with L, d > 0");
+    detail::require_dims(where, "key", k.rows(), k.cols(), -1, d, "[S, d] = [S, ", d, "] (d from query)");
+    detail::require_shape(S > 0, where, "key has shape ", shape(S, d), ", expected at least one key");
+    detail::require_dims(where, "value", v.rows(), v.cols(), S, -1, "[S, dv] = [", S, ", dv] (S from key)");
+    detail::require_shape(dv > 0, where, "value has shape ", shape(S, dv), ", expected dv > 0");
+    detail::require_dims(where, "out", out.rows(), out.cols(), L, dv, "[L, dv] = ", shape(L, dv));
 
     detail::AttentionProblem<T> p;
     p.L = L;

@@ -30,10 +30,10 @@ struct Strided {
 template <class T>
 struct AttentionProblem {
   Index batch = 1, heads = 1;
-  Index L = 0;  // queries per sequence
-  Index S = 0;  // keys per sequence
-  Index d = 0;  // query/key head dimension
-  Index dv = 0; // value head dimension
+  Index L = 0;   // queries per sequence
+  Index S = 0;   // keys per sequence
+  Index d = 0;   // query/key head dimension
+  Index dv = 0;  // value head dimension
 
   Strided<const T> q;  // [B, H, L, d]
   Strided<const T> k;  // [B, H, S, d]
@@ -57,9 +57,12 @@ struct AttentionProblem {
 // Whether query i may see key j under causal masking with L queries and S keys.
 inline bool causal_allows(Causal c, Index i, Index j, Index L, Index S) {
   switch (c) {
-    case Causal::None: return true;
-    case Causal::TopLeft: return j <= i;
-    case Causal::BottomRight: return j <= i + S - L;
+    case Causal::None:
+      return true;
+    case Causal::TopLeft:
+      return j <= i;
+    case Causal::BottomRight:
+      return j <= i + S - L;
   }
   return true;
 }
@@ -92,10 +95,9 @@ bool has_masks(const AttentionProblem<T>& p) {
 template <class T>
 void bind_masks(AttentionProblem<T>& p, const Masks<T>& m, const char* where) {
   const Index L = p.L, S = p.mask_keys, BHL = p.batch * p.heads * p.L;
-  const std::string two_d = concat("[L, S] = ", shape_str(L, S), " or [B*H*L, S] = ", shape_str(BHL, S));
   const auto strides_of = [&](const char* name, Index rows, Index cols, auto& view) {
-    require_shape(cols == S && (rows == L || rows == BHL), where, name, " has shape ", shape_str(rows, cols),
-                  ", expected ", two_d);
+    require_shape(cols == S && (rows == L || rows == BHL), where, name, " has shape ", shape(rows, cols),
+                  ", expected [L, S] = ", shape(L, S), " or [B*H*L, S] = ", shape(BHL, S));
     view.row_stride = cols;
     if (rows == L) {  // shared by every batch entry and head
       view.batch_stride = view.head_stride = 0;
@@ -115,8 +117,7 @@ void bind_masks(AttentionProblem<T>& p, const Masks<T>& m, const char* where) {
   }
   if (!m.key_padding_mask.empty()) {
     const auto& kp = m.key_padding_mask;
-    require_dims(where, "key_padding_mask", kp.rows(), kp.cols(), p.batch, S,
-                 concat("[B, S] = ", shape_str(p.batch, S)));
+    require_dims(where, "key_padding_mask", kp.rows(), kp.cols(), p.batch, S, "[B, S] = ", shape(p.batch, S));
     p.key_padding = {kp.data(), S, 0, 0};
     p.key_padding_attends = kp.attend_value();
   }

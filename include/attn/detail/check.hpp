@@ -1,10 +1,10 @@
 // attn/detail/check.hpp - argument checks at the public boundary, and internal asserts.
 #pragma once
 
+#include <Eigen/Core>
+#include <ostream>
 #include <sstream>
 #include <string>
-
-#include <Eigen/Core>
 
 #include "attn/error.hpp"
 
@@ -13,12 +13,13 @@
 
 namespace attn::detail {
 
-// "[3, 4]": the shape notation used in every message.
-inline std::string shape_str(Eigen::Index rows, Eigen::Index cols) {
-  std::ostringstream s;
-  s << '[' << rows << ", " << cols << ']';
-  return s.str();
-}
+// A shape as it appears in every message: "[3, 4]". A plain pair, so passing one to a check
+// costs nothing until a message is actually written.
+struct Shape {
+  Eigen::Index rows, cols;
+};
+inline std::ostream& operator<<(std::ostream& s, Shape x) { return s << '[' << x.rows << ", " << x.cols << ']'; }
+inline Shape shape(Eigen::Index rows, Eigen::Index cols) { return {rows, cols}; }
 
 template <class... Parts>
 std::string concat(const Parts&... parts) {
@@ -26,6 +27,9 @@ std::string concat(const Parts&... parts) {
   (s << ... << parts);
   return s.str();
 }
+
+// The checks below build their message only when they fail: on the success path they are a
+// comparison or two, whatever the message says.
 
 // Throws shape_error "<where>: <message parts...>" unless ok.
 template <class... Parts>
@@ -38,18 +42,19 @@ void require_arg(bool ok, const char* where, const Parts&... parts) {
   if (!ok) throw argument_error(concat(where, ": ", parts...));
 }
 
-// The common check: `name` must be [rows, cols]; a negative expected dimension matches any size.
-// `expected` says in words what the dimensions mean, e.g. "[L, d] = [?, 64]".
-inline void require_dims(const char* where, const char* name, Eigen::Index rows, Eigen::Index cols,
-                         Eigen::Index want_rows, Eigen::Index want_cols, const std::string& meaning) {
+// The common check: `name` must be [want_rows, want_cols]; a negative expected dimension matches
+// any size. `expected` says in words what the dimensions mean, e.g. "[L, d] = [?, 64]".
+template <class... Expected>
+void require_dims(const char* where, const char* name, Eigen::Index rows, Eigen::Index cols, Eigen::Index want_rows,
+                  Eigen::Index want_cols, const Expected&... expected) {
   const bool ok = (want_rows < 0 || rows == want_rows) && (want_cols < 0 || cols == want_cols);
-  require_shape(ok, where, name, " has shape ", shape_str(rows, cols), ", expected ", meaning);
+  require_shape(ok, where, name, " has shape ", shape(rows, cols), ", expected ", expected...);
 }
 
 // The same for a vector: `name` must have `want` elements.
-inline void require_len(const char* where, const char* name, Eigen::Index n, Eigen::Index want,
-                        const std::string& meaning) {
-  require_shape(n == want, where, name, " has shape [", n, "], expected ", meaning);
+template <class... Expected>
+void require_len(const char* where, const char* name, Eigen::Index n, Eigen::Index want, const Expected&... expected) {
+  require_shape(n == want, where, name, " has shape [", n, "], expected ", expected...);
 }
 
 }  // namespace attn::detail

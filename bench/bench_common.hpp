@@ -1,0 +1,99 @@
+// bench/bench_common.hpp - what attn's benchmark programs share: scalar names, random inputs,
+// the agreement check run before anything is timed, timing policy, and main().
+#pragma once
+
+#include <benchmark/benchmark.h>
+
+#include <algorithm>
+#include <attn/init.hpp>
+#include <attn/types.hpp>
+#include <attn/version.hpp>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+
+namespace attn_bench {
+
+using attn::Index;
+template <class T>
+using Mat = attn::Matrix<T>;
+template <class T>
+using Vec = attn::Vector<T>;
+
+template <class T>
+const char* type_name();
+template <>
+inline const char* type_name<float>() {
+  return "f32";
+}
+template <>
+inline const char* type_name<double>() {
+  return "f64";
+}
+
+template <class T>
+Mat<T> random_matrix(Index rows, Index cols, attn::Generator& gen) {
+  Mat<T> m(rows, cols);
+  attn::init::uniform(m, -1.0, 1.0, gen);
+  return m;
+}
+
+// Aborts unless `got` equals `want` to 1e-4 of want's largest magnitude (at least 1e-4): a
+// speed-up of a wrong answer means nothing.
+template <class T>
+void require_agreement(const std::string& what, const Mat<T>& got, const Mat<T>& want) {
+  const double magnitude = std::max(1.0, static_cast<double>(want.cwiseAbs().maxCoeff()));
+  const double err = static_cast<double>((got - want).cwiseAbs().maxCoeff());
+  if (!(err <= 1e-4 * magnitude)) {  // written so that a NaN fails too
+    std::fprintf(stderr, "%s: attn and the baseline disagree, max |diff| = %g (limit %g); aborting\n", what.c_str(),
+                 err, 1e-4 * magnitude);
+    std::abort();
+  }
+}
+
+// Small problems get a minimum time, large ones a fixed count (one iteration of the largest
+// takes seconds); times print in the unit that suits the size.
+inline void set_timing(benchmark::internal::Benchmark* b, double flops, int iterations) {
+  b->Unit(flops < 1e8 ? benchmark::kMicrosecond : benchmark::kMillisecond);
+  if (iterations > 0)
+    b->Iterations(iterations);
+  else
+    b->MinTime(0.2);
+}
+
+#define ATTN_BENCH_STR2(x) #x
+#define ATTN_BENCH_STR(x) ATTN_BENCH_STR2(x)
+
+// What the JSON should say about this build, so a table can be traced to how it was made.
+inline void add_context() {
+  benchmark::AddCustomContext("attn_version", ATTN_VERSION_STRING);
+  benchmark::AddCustomContext("eigen_version", ATTN_BENCH_STR(EIGEN_WORLD_VERSION) "." ATTN_BENCH_STR(
+                                                   EIGEN_MAJOR_VERSION) "." ATTN_BENCH_STR(EIGEN_MINOR_VERSION));
+  benchmark::AddCustomContext("eigen_simd", Eigen::SimdInstructionSetsInUse());
+  benchmark::AddCustomContext("eigen_threads", std::to_string(Eigen::nbThreads()));
+#if defined(__clang__)
+  benchmark::AddCustomContext("compiler", "clang " __clang_version__);
+#elif defined(__GNUC__)
+  benchmark::AddCustomContext("compiler", "g++ " __VERSION__);
+#endif
+#if defined(__OPTIMIZE__) && defined(NDEBUG)
+  benchmark::AddCustomContext("attn_build", "release");
+#else
+  benchmark::AddCustomContext("attn_build", "NOT release (no -O or no -DNDEBUG): timings are not meaningful");
+  std::fprintf(stderr,
+               "warning: built without optimisation or without -DNDEBUG; configure with -DCMAKE_BUILD_TYPE=Release\n");
+#endif
+}
+
+// main() of every benchmark program: register, parse the flags, run.
+inline int run(int argc, char** argv, void (*register_all)()) {
+  register_all();
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  add_context();
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}
+
+}  // namespace attn_bench

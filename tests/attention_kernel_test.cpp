@@ -139,7 +139,7 @@ int cases() { return std::getenv("ATTN_TEST_SEED") ? 1 : 300; }
 
 template <class T>
 class KernelTest : public ::testing::Test {};
-TYPED_TEST_SUITE(KernelTest, attn_test::Scalars);
+TYPED_TEST_SUITE(KernelTest, attn_test::Scalars, attn_test::ScalarName);
 
 // Each fast path (block sizes chosen to hit partial and single-row blocks) against the reference.
 TYPED_TEST(KernelTest, BlockedMatchesReference) {

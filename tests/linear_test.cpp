@@ -13,7 +13,7 @@ using attn_test::vec;
 
 template <class T>
 class LinearTest : public ::testing::Test {};
-TYPED_TEST_SUITE(LinearTest, attn_test::Scalars);
+TYPED_TEST_SUITE(LinearTest, attn_test::Scalars, attn_test::ScalarName);
 
 // W = [[1, 2, 3], [4, 5, 6]], b = [0.5, -1], x = [[1, 0, -1], [2, 1, 0]]:
 //   y00 = 1*1 + 2*0 + 3*(-1) + 0.5 = -1.5    y01 = 4*1 + 5*0 + 6*(-1) - 1 = -3

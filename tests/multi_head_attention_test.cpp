@@ -47,7 +47,7 @@ class MhaTest : public ::testing::Test {
   const attn::Matrix<T> value = mat<T>({{3, 6, 4, 8}, {9, 0, 0, 4}});
   const double tol = attn_test::tolerance<T>();
 };
-TYPED_TEST_SUITE(MhaTest, attn_test::Scalars);
+TYPED_TEST_SUITE(MhaTest, attn_test::Scalars, attn_test::ScalarName);
 
 TYPED_TEST(MhaTest, CrossAttentionByHand) {
   using T = TypeParam;

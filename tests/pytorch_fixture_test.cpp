@@ -231,17 +231,9 @@ bool cover(const char* name) {
   return true;
 }
 
-struct ScalarName {
-  template <class T>
-  static std::string GetName(int) {
-    return std::is_same_v<T, float> ? "float" : "double";
-  }
-};
-
 template <class T>
 class PyTorchFixture : public ::testing::Test {};
-using Scalars = ::testing::Types<float, double>;
-TYPED_TEST_SUITE(PyTorchFixture, Scalars, ScalarName);
+TYPED_TEST_SUITE(PyTorchFixture, attn_test::Scalars, attn_test::ScalarName);
 
 // One typed test per fixture file, named after it.
 #define ATTN_PYTORCH_CASE(case_name)                                                    \

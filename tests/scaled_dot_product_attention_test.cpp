@@ -29,7 +29,7 @@ class SdpaTest : public ::testing::Test {
   const attn::ScaledDotProductAttention<T> sdpa{T(1)};
   const double tol = attn_test::tolerance<T>();
 };
-TYPED_TEST_SUITE(SdpaTest, attn_test::Scalars);
+TYPED_TEST_SUITE(SdpaTest, attn_test::Scalars, attn_test::ScalarName);
 
 TYPED_TEST(SdpaTest, PlainByHand) {
   using T = TypeParam;
@@ -219,7 +219,7 @@ TYPED_TEST(SdpaTest, RejectsBadArguments) {
   m = {};
   m.key_padding_mask = attn::IgnoreMask(attn::BoolMatrix::Zero(2, 3));
   EXPECT_TRUE(throws_with<shape_error>([&] { (void)s.forward(q, k, v, m); }, {"key_padding_mask", "[2, 3]", "[B, S] = [1, 3]"}));
-  EXPECT_TRUE(throws_with<attn::argument_error>([] { attn::ScaledDotProductAttention<T>(std::numeric_limits<T>::quiet_NaN()); },
+  EXPECT_TRUE(throws_with<attn::argument_error>([] { attn::ScaledDotProductAttention<T>{std::numeric_limits<T>::quiet_NaN()}; },
                                                 {"scale must be finite"}));
 }
 

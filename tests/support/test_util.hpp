@@ -15,6 +15,15 @@ namespace attn_test {
 
 using Scalars = ::testing::Types<float, double>;
 
+// Typed tests are named by their scalar: Suite/float.Test, Suite/double.Test. Use as
+//   TYPED_TEST_SUITE(Suite, attn_test::Scalars, attn_test::ScalarName);
+struct ScalarName {
+  template <class T>
+  static std::string GetName(int) {
+    return std::is_same_v<T, float> ? "float" : "double";
+  }
+};
+
 // Tolerance for values computed by hand or by PyTorch in float64: float carries ~7 digits,
 // double ~16; these leave room for different summation orders.
 template <class T>

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# tools/deps.sh - install the Debian packages attn needs, if any are missing.
+#
+#   tools/deps.sh build   compiler, CMake, Eigen: enough to use the headers and build the examples
+#   tools/deps.sh test    + GoogleTest, nlohmann-json and Google Benchmark (tools/test.sh builds
+#                           the benchmarks too, so that they always compile)
+#   tools/deps.sh bench   + Google Benchmark and Python (tools/run.sh prints the results table)
+#
+# Several groups may be given at once. Silent when everything is installed. As root it runs
+# `apt-get update` and `apt-get install`; otherwise it prints the command to run and exits 1.
+set -euo pipefail
+
+usage() {
+  echo "usage: $0 build|test|bench [...]" >&2
+  exit 2
+}
+
+build_pkgs=(cmake g++ make libeigen3-dev)
+test_pkgs=("${build_pkgs[@]}" googletest libgtest-dev nlohmann-json3-dev libbenchmark-dev)
+bench_pkgs=("${build_pkgs[@]}" libbenchmark-dev python3)
+
+[[ $# -gt 0 ]] || usage
+wanted=()
+for group in "$@"; do
+  case $group in
+    build) wanted+=("${build_pkgs[@]}") ;;
+    test) wanted+=("${test_pkgs[@]}") ;;
+    bench) wanted+=("${bench_pkgs[@]}") ;;
+    *) usage ;;
+  esac
+done
+
+missing=()
+for pkg in "${wanted[@]}"; do
+  status=$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true)
+  if [[ $status != "install ok installed" && " ${missing[*]} " != *" $pkg "* ]]; then
+    missing+=("$pkg")
+  fi
+done
+[[ ${#missing[@]} -eq 0 ]] && exit 0
+
+install=(apt-get install -y --no-install-recommends "${missing[@]}")
+if [[ $(id -u) -ne 0 ]]; then
+  echo "attn needs these Debian packages: ${missing[*]}" >&2
+  echo "install them with:" >&2
+  echo "  sudo apt-get update && sudo DEBIAN_FRONTEND=noninteractive ${install[*]}" >&2
+  exit 1
+fi
+
+echo "deps.sh: installing ${missing[*]}" >&2
+apt-get update -qq
+DEBIAN_FRONTEND=noninteractive "${install[@]}"

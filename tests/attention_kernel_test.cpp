@@ -167,10 +167,57 @@ TYPED_TEST(KernelTest, BlockedMatchesReference) {
           ASSERT_EQ(w.data()[i], T(0)) << "masked weight " << i << ", block " << block;
         }
     }
-    attn::Matrix<T> out, w;  // and the dispatch point the public classes call
+    attn::Matrix<T> out, w;  // and the dispatch point the public classes call, with and without weights
     attach_outputs(r.p, out, w);
+    r.p.weights = {};
     attn::detail::attention(r.p);
     ASSERT_TRUE(attn_test::matrices_near(out, ref_out, attn_test::tolerance<T>()));
+  }
+}
+
+// The flash kernel (online softmax, block skipping, threads) against the reference, with block
+// shapes that hit single rows, partial blocks and blocks wider than the problem, on 1-3 threads.
+TYPED_TEST(KernelTest, FlashMatchesReference) {
+  using T = TypeParam;
+  const attn::detail::FlashBlocks shapes[] = {{1, 1}, {7, 5}, {64, 64}, {16, 128}};
+  for (int c = 0; c < cases(); ++c) {
+    const std::uint64_t seed = base_seed() + 200000 + std::uint64_t(c);
+    RandomProblem<T> r(seed);
+    SCOPED_TRACE(r.description + "  (replay: ATTN_TEST_SEED=" + std::to_string(seed - 200000) + ")");
+    AsDouble<T> ref(r);
+    attn::Matrix<double> ref_out, ref_w;
+    attach_outputs(ref.p, ref_out, ref_w);
+    attn::detail::attention_reference(ref.p);
+
+    const auto& blocks = shapes[c % 4];
+    attn::Matrix<T> out, unused;
+    attach_outputs(r.p, out, unused);
+    r.p.weights = {};
+    attn::detail::attention_flash(r.p, blocks, 1 + c % 3);
+    ASSERT_TRUE(attn_test::matrices_near(out, ref_out, attn_test::tolerance<T>()))
+        << "blocks " << blocks.rows << "x" << blocks.cols << ", threads " << 1 + c % 3;
+  }
+}
+
+// Each task owns its output rows and reduces them in a fixed order: the thread count changes
+// nothing, to the bit.
+TYPED_TEST(KernelTest, FlashIsBitwiseIdenticalForAnyThreadCount) {
+  using T = TypeParam;
+  for (int c = 0; c < 40; ++c) {
+    RandomProblem<T> r(base_seed() + 300000 + std::uint64_t(c));
+    SCOPED_TRACE(r.description);
+    r.p.weights = {};
+    attn::Matrix<T> one, unused;
+    attach_outputs(r.p, one, unused);
+    r.p.weights = {};
+    attn::detail::attention_flash(r.p, {8, 16}, 1);
+    for (int threads : {2, 3, 5}) {
+      attn::Matrix<T> many;
+      attach_outputs(r.p, many, unused);
+      r.p.weights = {};
+      attn::detail::attention_flash(r.p, {8, 16}, threads);
+      ASSERT_TRUE(one == many) << threads << " threads";
+    }
   }
 }
 

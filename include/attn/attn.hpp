@@ -7,5 +7,6 @@
 #include "attn/mask.hpp"
 #include "attn/multi_head_attention.hpp"
 #include "attn/scaled_dot_product_attention.hpp"
+#include "attn/threads.hpp"
 #include "attn/types.hpp"
 #include "attn/version.hpp"

@@ -5,14 +5,20 @@
 #pragma once
 
 #include "attn/detail/attention_blocked.hpp"
+#include "attn/detail/attention_flash.hpp"
 #include "attn/detail/attention_problem.hpp"
 #include "attn/detail/attention_reference.hpp"
 
 namespace attn::detail {
 
+// The flash kernel computes every output without the [L, S] probabilities; when the caller asks
+// for them they are written a query block at a time by the blocked kernel instead.
 template <class T>
 void attention(const AttentionProblem<T>& p) {
-  attention_blocked(p);
+  if (p.weights)
+    attention_blocked(p);
+  else
+    attention_flash(p);
 }
 
 }  // namespace attn::detail

@@ -15,11 +15,6 @@
 namespace attn::detail {
 
 template <class T>
-using StridedMap = Eigen::Map<const Matrix<T>, Eigen::Unaligned, Eigen::OuterStride<>>;
-template <class T>
-using MutableStridedMap = Eigen::Map<Matrix<T>, Eigen::Unaligned, Eigen::OuterStride<>>;
-
-template <class T>
 void attention_blocked(const AttentionProblem<T>& p, Index block_rows = 64) {
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
   const bool masked = has_masks(p);

@@ -27,6 +27,12 @@ struct Strided {
   Scalar* row(Index b, Index h, Index r) const { return data + b * batch_stride + h * head_stride + r * row_stride; }
 };
 
+// One head's rows of a strided view as an Eigen matrix, without a copy.
+template <class T>
+using StridedMap = Eigen::Map<const Matrix<T>, Eigen::Unaligned, Eigen::OuterStride<>>;
+template <class T>
+using MutableStridedMap = Eigen::Map<Matrix<T>, Eigen::Unaligned, Eigen::OuterStride<>>;
+
 template <class T>
 struct AttentionProblem {
   Index batch = 1, heads = 1;

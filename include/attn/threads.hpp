@@ -1,0 +1,36 @@
+// attn/threads.hpp - how many threads attn's kernels use.
+//
+//   attn::set_num_threads(2);   // every later call uses 2 threads; 0 = one per hardware thread
+//
+// Results do not depend on the thread count: work is split into fixed tasks that each own their
+// output rows, so 1 and N threads give bitwise identical numbers.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <thread>
+
+#include "attn/detail/check.hpp"
+
+namespace attn {
+
+namespace detail {
+inline std::atomic<int>& thread_setting() {
+  static std::atomic<int> n{0};
+  return n;
+}
+}  // namespace detail
+
+// The number of threads later calls use; 0 (the default) means std::thread::hardware_concurrency().
+inline void set_num_threads(int n) {
+  detail::require_arg(n >= 0, "attn::set_num_threads", "the thread count must be >= 0 (0 = all cores), got ", n);
+  detail::thread_setting().store(n, std::memory_order_relaxed);
+}
+
+// The thread count in effect: the setting, or the hardware's when the setting is 0.
+inline int num_threads() {
+  const int n = detail::thread_setting().load(std::memory_order_relaxed);
+  return n > 0 ? n : std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+}
+
+}  // namespace attn

@@ -15,7 +15,8 @@
 //                 + 4*B*L*S*E    (the core, with H*D = E; self-attention, so S = L)
 // Causal shapes count the full L*S: neither implementation skips the masked-out half.
 //
-// Threads: Eigen runs single-threaded (attn builds without OpenMP), so both sides use one core.
+// Threads: attn splits work over attn::num_threads() threads (all cores by default; set
+// ATTN_BENCH_THREADS to choose); the baseline is single-threaded Eigen. Times are wall clock.
 #include <benchmark/benchmark.h>
 
 #include <algorithm>

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <attn/init.hpp>
+#include <attn/threads.hpp>
 #include <attn/types.hpp>
 #include <attn/version.hpp>
 #include <cstdio>
@@ -55,6 +56,7 @@ void require_agreement(const std::string& what, const Mat<T>& got, const Mat<T>&
 // takes seconds); times print in the unit that suits the size.
 inline void set_timing(benchmark::internal::Benchmark* b, double flops, int iterations) {
   b->Unit(flops < 1e8 ? benchmark::kMicrosecond : benchmark::kMillisecond);
+  b->UseRealTime();  // attn runs threads: wall-clock time, not the calling thread's CPU time
   if (iterations > 0)
     b->Iterations(iterations);
   else
@@ -71,6 +73,7 @@ inline void add_context() {
                                                    EIGEN_MAJOR_VERSION) "." ATTN_BENCH_STR(EIGEN_MINOR_VERSION));
   benchmark::AddCustomContext("eigen_simd", Eigen::SimdInstructionSetsInUse());
   benchmark::AddCustomContext("eigen_threads", std::to_string(Eigen::nbThreads()));
+  benchmark::AddCustomContext("attn_threads", std::to_string(attn::num_threads()));
 #if defined(__clang__)
   benchmark::AddCustomContext("compiler", "clang " __clang_version__);
 #elif defined(__GNUC__)
@@ -86,7 +89,9 @@ inline void add_context() {
 }
 
 // main() of every benchmark program: register, parse the flags, run.
+// ATTN_BENCH_THREADS=n runs attn on n threads (default: all cores), to measure thread scaling.
 inline int run(int argc, char** argv, void (*register_all)()) {
+  if (const char* t = std::getenv("ATTN_BENCH_THREADS")) attn::set_num_threads(std::atoi(t));
   register_all();
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;

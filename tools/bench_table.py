@@ -8,7 +8,7 @@ The inputs are what `linear_bench` / `attention_bench --benchmark_out=FILE
 KERNEL/TYPE/IMPL/ARG:VALUE/..., e.g. mha/f32/attn/B:1/L:128/E:768/H:12/causal:0; one row pairs
 the IMPLs (attn, baseline) of one KERNEL, TYPE and set of arguments.
 
-Times are CPU time per iteration (with one thread, the wall time of an idle machine); GFLOP/s
+Times are wall-clock time per iteration (attn runs threads; the baseline one); GFLOP/s
 comes from the benchmarks' "flops" rate counter. speed-up = baseline time / attn time, so above 1
 means attn is faster. With --benchmark_repetitions the median is used.
 
@@ -60,7 +60,7 @@ def parse_name(name):
 def entry_run(entry):
     if entry.get("error_occurred"):
         return Run(error=entry.get("error_message", "error"))
-    seconds = entry["cpu_time"] * UNIT_SECONDS[entry.get("time_unit", "ns")]
+    seconds = entry["real_time"] * UNIT_SECONDS[entry.get("time_unit", "ns")]  # wall clock: attn runs threads
     return Run(seconds=seconds, flops=entry.get("flops"))
 
 
@@ -173,7 +173,7 @@ def describe(contexts):
                 f"load average {load_avg or '?'}"]
         if "eigen_version" in c:
             bits.append(f"Eigen {c['eigen_version']} ({c.get('eigen_simd', '?')}), "
-                        f"{c.get('eigen_threads', '?')} thread(s)")
+                        f"Eigen {c.get('eigen_threads', '?')} thread(s), attn {c.get('attn_threads', '?')}")
         if "compiler" in c:
             bits.append(c["compiler"])
         lines.append("- " + "; ".join(bits))
@@ -183,7 +183,7 @@ def describe(contexts):
 
 
 def render(rows, contexts):
-    return (table(rows) + "\n\nTimes are CPU time per call; speed-up = baseline time / attn time "
+    return (table(rows) + "\n\nTimes are wall-clock time per call; speed-up = baseline time / attn time "
             "(above 1: attn is faster).\n\n" + describe(contexts) + "\n")
 
 

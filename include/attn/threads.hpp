@@ -29,8 +29,10 @@ inline void set_num_threads(int n) {
 
 // The thread count in effect: the setting, or the hardware's when the setting is 0.
 inline int num_threads() {
+  // hardware_concurrency() reads sysfs on glibc (microseconds): ask once per process.
+  static const int hardware = std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
   const int n = detail::thread_setting().load(std::memory_order_relaxed);
-  return n > 0 ? n : std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+  return n > 0 ? n : hardware;
 }
 
 }  // namespace attn

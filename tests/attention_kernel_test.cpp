@@ -122,13 +122,16 @@ struct AsDouble {
   }
 };
 
-// Output [B*H*L, dv] and weights [B*H*L, S], both packed, attached to the problem.
+// Output [B*H*L, dv], packed, attached to the problem; weights [B*H*L, S] too when given.
 template <class P, class T>
-void attach_outputs(P& p, attn::Matrix<T>& out, attn::Matrix<T>& weights) {
+void attach_outputs(P& p, attn::Matrix<T>& out, attn::Matrix<T>* weights = nullptr) {
   out.setConstant(p.batch * p.heads * p.L, p.dv, T(12345));  // any value left unwritten shows
-  weights.setConstant(p.batch * p.heads * p.L, p.S, T(12345));
   p.out = {out.data(), p.heads * p.L * p.dv, p.L * p.dv, p.dv};
-  p.weights = {weights.data(), p.heads * p.L * p.S, p.L * p.S, p.S};
+  p.weights = {};
+  if (weights) {
+    weights->setConstant(p.batch * p.heads * p.L, p.S, T(12345));
+    p.weights = {weights->data(), p.heads * p.L * p.S, p.L * p.S, p.S};
+  }
 }
 
 std::uint64_t base_seed() {
@@ -150,12 +153,12 @@ TYPED_TEST(KernelTest, BlockedMatchesReference) {
     SCOPED_TRACE(r.description + "  (replay: ATTN_TEST_SEED=" + std::to_string(seed) + ")");
     AsDouble<T> ref(r);
     attn::Matrix<double> ref_out, ref_w;
-    attach_outputs(ref.p, ref_out, ref_w);
+    attach_outputs(ref.p, ref_out, &ref_w);
     attn::detail::attention_reference(ref.p);
 
     for (Index block : {Index(1), Index(7), Index(64)}) {
       attn::Matrix<T> out, w;
-      attach_outputs(r.p, out, w);
+      attach_outputs(r.p, out, &w);
       attn::detail::attention_blocked(r.p, block);
       ASSERT_TRUE(attn_test::matrices_near(out, ref_out, attn_test::tolerance<T>()))
           << "output, block " << block;
@@ -167,9 +170,8 @@ TYPED_TEST(KernelTest, BlockedMatchesReference) {
           ASSERT_EQ(w.data()[i], T(0)) << "masked weight " << i << ", block " << block;
         }
     }
-    attn::Matrix<T> out, w;  // and the dispatch point the public classes call, with and without weights
-    attach_outputs(r.p, out, w);
-    r.p.weights = {};
+    attn::Matrix<T> out;  // and the dispatch point the public classes call (no weights: the flash kernel)
+    attach_outputs(r.p, out);
     attn::detail::attention(r.p);
     ASSERT_TRUE(attn_test::matrices_near(out, ref_out, attn_test::tolerance<T>()));
   }
@@ -186,13 +188,12 @@ TYPED_TEST(KernelTest, FlashMatchesReference) {
     SCOPED_TRACE(r.description + "  (replay: ATTN_TEST_SEED=" + std::to_string(seed - 200000) + ")");
     AsDouble<T> ref(r);
     attn::Matrix<double> ref_out, ref_w;
-    attach_outputs(ref.p, ref_out, ref_w);
+    attach_outputs(ref.p, ref_out, &ref_w);
     attn::detail::attention_reference(ref.p);
 
     const auto& blocks = shapes[c % 4];
-    attn::Matrix<T> out, unused;
-    attach_outputs(r.p, out, unused);
-    r.p.weights = {};
+    attn::Matrix<T> out;
+    attach_outputs(r.p, out);
     attn::detail::attention_flash(r.p, blocks, 1 + c % 3);
     ASSERT_TRUE(attn_test::matrices_near(out, ref_out, attn_test::tolerance<T>()))
         << "blocks " << blocks.rows << "x" << blocks.cols << ", threads " << 1 + c % 3;
@@ -206,15 +207,12 @@ TYPED_TEST(KernelTest, FlashIsBitwiseIdenticalForAnyThreadCount) {
   for (int c = 0; c < 40; ++c) {
     RandomProblem<T> r(base_seed() + 300000 + std::uint64_t(c));
     SCOPED_TRACE(r.description);
-    r.p.weights = {};
-    attn::Matrix<T> one, unused;
-    attach_outputs(r.p, one, unused);
-    r.p.weights = {};
+    attn::Matrix<T> one;
+    attach_outputs(r.p, one);
     attn::detail::attention_flash(r.p, {8, 16}, 1);
     for (int threads : {2, 3, 5}) {
       attn::Matrix<T> many;
-      attach_outputs(r.p, many, unused);
-      r.p.weights = {};
+      attach_outputs(r.p, many);
       attn::detail::attention_flash(r.p, {8, 16}, threads);
       ASSERT_TRUE(one == many) << threads << " threads";
     }
@@ -229,10 +227,10 @@ TYPED_TEST(KernelTest, ReferenceFloatTracksDouble) {
     SCOPED_TRACE(r.description);
     AsDouble<T> ref(r);
     attn::Matrix<double> ref_out, ref_w;
-    attach_outputs(ref.p, ref_out, ref_w);
+    attach_outputs(ref.p, ref_out, &ref_w);
     attn::detail::attention_reference(ref.p);
     attn::Matrix<T> out, w;
-    attach_outputs(r.p, out, w);
+    attach_outputs(r.p, out, &w);
     attn::detail::attention_reference(r.p);
     ASSERT_TRUE(attn_test::matrices_near(out, ref_out, attn_test::tolerance<T>()));
   }

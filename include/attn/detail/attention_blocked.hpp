@@ -19,10 +19,7 @@ void attention_blocked(const AttentionProblem<T>& p, Index block_rows = 64) {
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
   const bool masked = has_masks(p);
   Matrix<T> tile(std::min(block_rows, p.L), p.S);
-  // 1 where the key survives the masks, 0 where it is masked. Eigen's vectorized exp clamps its
-  // argument, so exp(-inf) comes out ~1e-308 rather than 0; multiplying by `keep` makes a masked
-  // key's weight exactly 0, as std::exp gives the reference.
-  Eigen::Array<T, 1, Eigen::Dynamic> keep(p.S);
+  Eigen::Array<T, 1, Eigen::Dynamic> keep(p.S);  // see mask_row
   for (Index b = 0; b < p.batch; ++b) {
     for (Index h = 0; h < p.heads; ++h) {
       const StridedMap<T> K(p.k.row(b, h, 0), p.S, p.d, Eigen::OuterStride<>(p.k.row_stride));
@@ -35,20 +32,13 @@ void attention_blocked(const AttentionProblem<T>& p, Index block_rows = 64) {
         P *= p.scale;
         for (Index r = 0; r < n; ++r) {
           auto row = P.row(r).array();
-          if (masked) {
-            for (Index j = 0; j < p.S; ++j) {
-              row(j) = masked_logit(p, b, h, i0 + r, j, row(j));
-              keep(j) = row(j) == kNegInf ? T(0) : T(1);
-            }
-          }
+          if (masked) mask_row(p, b, h, i0 + r, 0, row, keep);
           const T m = row.maxCoeff();
           if (m == kNegInf) {  // every key masked: zeros, as in the reference
             row.setZero();
             continue;
           }
-          row -= m;
-          row = row.exp();  // in place, so Eigen vectorizes the exp
-          if (masked) row *= keep;
+          exp_row(row, m, masked, keep);
           row /= row.sum();
         }
         MutableStridedMap<T> O(p.out.row(b, h, i0), n, p.dv, Eigen::OuterStride<>(p.out.row_stride));

@@ -98,21 +98,14 @@ void attention_flash(const AttentionProblem<T>& p, FlashBlocks blocks = {}, int 
         for (Index r = 0; r < n; ++r) {
           auto row = S.row(r).array();
           auto kp = keep.head(c);
-          if (masked) {
-            for (Index j = 0; j < c; ++j) {
-              row(j) = masked_logit(p, b, h, i0 + r, j0 + j, row(j));
-              kp(j) = row(j) == kNegInf ? T(0) : T(1);
-            }
-          }
+          if (masked) mask_row(p, b, h, i0 + r, j0, row, kp);
           const T m_new = std::max(m(r), row.maxCoeff());
           if (m_new == kNegInf) {  // nothing attended yet in this row
             row.setZero();
             alpha(r) = T(1);
             continue;
           }
-          row -= m_new;
-          row = row.exp();  // in place: vectorized
-          if (masked) row *= kp;
+          exp_row(row, m_new, masked, kp);
           alpha(r) = m(r) == kNegInf ? T(0) : std::exp(m(r) - m_new);
           l(r) = l(r) * alpha(r) + row.sum();
           m(r) = m_new;

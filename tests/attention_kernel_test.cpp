@@ -3,142 +3,17 @@
 // A failure prints the seed and configuration; ATTN_TEST_SEED=<seed> replays one case.
 #include <attn/detail/attention.hpp>
 
-#include <cstdlib>
-#include <limits>
-#include <random>
-#include <sstream>
-#include <vector>
-
+#include "support/random_problem.hpp"
 #include "support/test_util.hpp"
 
 namespace {
 
 using attn::Index;
-using attn::detail::AttentionProblem;
-
-// One random problem: buffers owned here, described by the strided views the kernels take.
-template <class T>
-struct RandomProblem {
-  std::vector<T> q, k, v, bias;
-  std::vector<char> mask_store, pad_store;  // bool buffers (vector<bool> is not addressable)
-  AttentionProblem<T> p;
-  std::string description;
-
-  explicit RandomProblem(std::uint64_t seed) {
-    std::mt19937_64 rng(seed);
-    auto pick = [&](Index lo, Index hi) { return std::uniform_int_distribution<Index>(lo, hi)(rng); };
-    auto coin = [&](double prob) { return std::bernoulli_distribution(prob)(rng); };
-    // Sizes: mostly small, sometimes past one 64-row block, with primes and 1 along the way.
-    auto size = [&] { return coin(0.3) ? pick(1, 3) : coin(0.6) ? pick(4, 40) : pick(41, 140); };
-    p.batch = pick(1, 3);
-    p.heads = pick(1, 3);
-    p.L = size();
-    p.S = size();
-    p.d = pick(1, 33);
-    p.dv = coin(0.5) ? p.d : pick(1, 33);
-    p.mask_keys = coin(0.8) ? p.S : std::max<Index>(Index(0), p.S - pick(1, 2));  // MHA's extra keys
-    p.scale = coin(0.2) ? T(0) : T(std::uniform_real_distribution<double>(0.05, 2.0)(rng));
-
-    std::normal_distribution<double> normal(0.0, 1.0);
-    // Heads interleaved in one row (MHA's [B*L, H*D] projections) or stacked (a [B, H, L, D]
-    // tensor), with padding at the end of each row so row strides exceed the width.
-    const bool interleaved = coin(0.5);
-    auto fill = [&](std::vector<T>& buf, attn::detail::Strided<const T>& view, Index rows, Index cols) {
-      const Index pad = pick(0, 3);
-      if (interleaved) {
-        view.row_stride = p.heads * cols + pad;
-        view.head_stride = cols;
-        view.batch_stride = rows * view.row_stride;
-      } else {
-        view.row_stride = cols + pad;
-        view.head_stride = rows * view.row_stride;
-        view.batch_stride = p.heads * view.head_stride;
-      }
-      buf.assign(static_cast<std::size_t>(p.batch * view.batch_stride), T(0));
-      for (auto& x : buf) x = T(normal(rng));
-      view.data = buf.data();
-    };
-    fill(q, p.q, p.L, p.d);
-    fill(k, p.k, p.S, p.d);
-    fill(v, p.v, p.S, p.dv);
-
-    const Index mk = p.mask_keys;
-    const int causal = int(pick(0, 2));
-    p.causal = causal == 0 ? attn::Causal::None : causal == 1 ? attn::Causal::TopLeft : attn::Causal::BottomRight;
-    const int mask_kind = int(pick(0, 2));  // none, shared [L, S], per head [B*H*L, S]
-    if (mask_kind && mk > 0) {
-      const Index rows = mask_kind == 1 ? p.L : p.batch * p.heads * p.L;
-      mask_store.resize(static_cast<std::size_t>(rows * mk));
-      for (auto& x : mask_store) x = coin(0.8);
-      p.mask_attends = coin(0.5);
-      if (!p.mask_attends)
-        for (auto& x : mask_store) x = !x;
-      p.mask = {reinterpret_cast<const bool*>(mask_store.data()), mask_kind == 1 ? 0 : p.heads * p.L * mk,
-                mask_kind == 1 ? 0 : p.L * mk, mk};
-    }
-    const int bias_kind = int(pick(0, 2));
-    if (bias_kind && mk > 0) {
-      const Index rows = bias_kind == 1 ? p.L : p.batch * p.heads * p.L;
-      bias.resize(static_cast<std::size_t>(rows * mk));
-      for (auto& x : bias) x = coin(0.1) ? -std::numeric_limits<T>::infinity() : T(normal(rng));
-      p.bias = {bias.data(), bias_kind == 1 ? 0 : p.heads * p.L * mk, bias_kind == 1 ? 0 : p.L * mk, mk};
-    }
-    if (coin(0.4) && mk > 0) {
-      pad_store.resize(static_cast<std::size_t>(p.batch * mk));
-      for (Index b = 0; b < p.batch; ++b) {  // padding at the end of each sequence, sometimes all of it
-        const Index len = pick(0, mk);
-        for (Index j = 0; j < mk; ++j) pad_store[std::size_t(b * mk + j)] = j >= len;
-      }
-      p.key_padding = {reinterpret_cast<const bool*>(pad_store.data()), mk, 0, 0};
-      p.key_padding_attends = false;
-    }
-    std::ostringstream s;
-    s << "seed=" << seed << " B=" << p.batch << " H=" << p.heads << " L=" << p.L << " S=" << p.S << " d=" << p.d
-      << " dv=" << p.dv << " mask_keys=" << mk << " scale=" << p.scale << " causal=" << causal << " mask=" << mask_kind
-      << " bias=" << bias_kind << " padding=" << bool(p.key_padding) << (interleaved ? " interleaved" : " stacked");
-    description = s.str();
-  }
-};
-
-// The same problem in double: same strides over converted copies of the buffers.
-template <class T>
-struct AsDouble {
-  std::vector<double> q, k, v, bias;
-  AttentionProblem<double> p;
-  explicit AsDouble(const RandomProblem<T>& r) : q(r.q.begin(), r.q.end()), k(r.k.begin(), r.k.end()), v(r.v.begin(), r.v.end()),
-                                                 bias(r.bias.begin(), r.bias.end()) {
-    const auto& s = r.p;
-    p.batch = s.batch, p.heads = s.heads, p.L = s.L, p.S = s.S, p.d = s.d, p.dv = s.dv, p.mask_keys = s.mask_keys;
-    p.scale = double(s.scale);
-    p.causal = s.causal;
-    p.q = {q.data(), s.q.batch_stride, s.q.head_stride, s.q.row_stride};
-    p.k = {k.data(), s.k.batch_stride, s.k.head_stride, s.k.row_stride};
-    p.v = {v.data(), s.v.batch_stride, s.v.head_stride, s.v.row_stride};
-    p.mask = s.mask;
-    p.mask_attends = s.mask_attends;
-    if (s.bias) p.bias = {bias.data(), s.bias.batch_stride, s.bias.head_stride, s.bias.row_stride};
-    p.key_padding = s.key_padding;
-    p.key_padding_attends = s.key_padding_attends;
-  }
-};
-
-// Output [B*H*L, dv], packed, attached to the problem; weights [B*H*L, S] too when given.
-template <class P, class T>
-void attach_outputs(P& p, attn::Matrix<T>& out, attn::Matrix<T>* weights = nullptr) {
-  out.setConstant(p.batch * p.heads * p.L, p.dv, T(12345));  // any value left unwritten shows
-  p.out = {out.data(), p.heads * p.L * p.dv, p.L * p.dv, p.dv};
-  p.weights = {};
-  if (weights) {
-    weights->setConstant(p.batch * p.heads * p.L, p.S, T(12345));
-    p.weights = {weights->data(), p.heads * p.L * p.S, p.L * p.S, p.S};
-  }
-}
-
-std::uint64_t base_seed() {
-  const char* env = std::getenv("ATTN_TEST_SEED");
-  return env ? std::strtoull(env, nullptr, 10) : 20261125;
-}
-int cases() { return std::getenv("ATTN_TEST_SEED") ? 1 : 300; }
+using attn_test::AsDouble;
+using attn_test::attach_outputs;
+using attn_test::base_seed;
+using attn_test::cases;
+using attn_test::RandomProblem;
 
 template <class T>
 class KernelTest : public ::testing::Test {};
@@ -178,10 +53,11 @@ TYPED_TEST(KernelTest, BlockedMatchesReference) {
 }
 
 // The flash kernel (online softmax, block skipping, threads) against the reference, with block
-// shapes that hit single rows, partial blocks and blocks wider than the problem, on 1-3 threads.
+// shapes that hit single rows, partial blocks, blocks wider than the problem and the default
+// blocks, on 1-3 threads.
 TYPED_TEST(KernelTest, FlashMatchesReference) {
   using T = TypeParam;
-  const attn::detail::FlashBlocks shapes[] = {{1, 1}, {7, 5}, {64, 64}, {16, 128}};
+  const attn::detail::FlashBlocks shapes[] = {{1, 1}, {7, 5}, {64, 64}, {16, 128}, {}};
   for (int c = 0; c < cases(); ++c) {
     const std::uint64_t seed = base_seed() + 200000 + std::uint64_t(c);
     RandomProblem<T> r(seed);
@@ -191,7 +67,7 @@ TYPED_TEST(KernelTest, FlashMatchesReference) {
     attach_outputs(ref.p, ref_out, &ref_w);
     attn::detail::attention_reference(ref.p);
 
-    const auto& blocks = shapes[c % 4];
+    const auto& blocks = shapes[c % 5];
     attn::Matrix<T> out;
     attach_outputs(r.p, out);
     attn::detail::attention_flash(r.p, blocks, 1 + c % 3);

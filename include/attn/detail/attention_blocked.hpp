@@ -11,6 +11,7 @@
 #include <limits>
 
 #include "attn/detail/attention_problem.hpp"
+#include "attn/detail/microkernel.hpp"
 
 namespace attn::detail {
 
@@ -19,7 +20,6 @@ void attention_blocked(const AttentionProblem<T>& p, Index block_rows = 64) {
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
   const bool masked = has_masks(p);
   Matrix<T> tile(std::min(block_rows, p.L), p.S);
-  Eigen::Array<T, 1, Eigen::Dynamic> keep(p.S);  // see mask_row
   for (Index b = 0; b < p.batch; ++b) {
     for (Index h = 0; h < p.heads; ++h) {
       const StridedMap<T> K(p.k.row(b, h, 0), p.S, p.d, Eigen::OuterStride<>(p.k.row_stride));
@@ -31,15 +31,13 @@ void attention_blocked(const AttentionProblem<T>& p, Index block_rows = 64) {
         P.noalias() = Q * K.transpose();
         P *= p.scale;
         for (Index r = 0; r < n; ++r) {
-          auto row = P.row(r).array();
-          if (masked) mask_row(p, b, h, i0 + r, 0, row, keep);
-          const T m = row.maxCoeff();
+          T* row = P.row(r).data();
+          const T m = masked ? mask_row(p, b, h, i0 + r, 0, row, p.S) : P.row(r).maxCoeff();
           if (m == kNegInf) {  // every key masked: zeros, as in the reference
-            row.setZero();
+            P.row(r).setZero();
             continue;
           }
-          exp_row(row, m, masked, keep);
-          row /= row.sum();
+          P.row(r) /= mk::exp_sum_row(row, p.S, m, masked);
         }
         MutableStridedMap<T> O(p.out.row(b, h, i0), n, p.dv, Eigen::OuterStride<>(p.out.row_stride));
         O.noalias() = P * V;

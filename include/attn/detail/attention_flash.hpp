@@ -20,17 +20,20 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <utility>
 
 #include "attn/detail/attention_problem.hpp"
+#include "attn/detail/microkernel.hpp"
 #include "attn/detail/parallel.hpp"
 
 namespace attn::detail {
 
-// Block sizes: Eigen re-packs both operands of every product, so larger blocks amortise that
-// better; 128 x 256 was the fastest of 64..256 x 64..512 from L = 1 to 2048 on one AVX-512 core
-// (the [Br, Bc] float tile is 128 KiB, well inside L2).
+// Block sizes. A task is Br query rows of one (batch, head); keys come Bc at a time, packed once
+// per block and reused by all Br rows, so Br amortises the packing and Bc bounds the scratch
+// (the packed [Bc, d] block and V's [Bc, dv] rows stay in L2). Within a block the rows go
+// mk::kScoreRows at a time through scores, softmax and P.V, so their scores never leave L1.
 struct FlashBlocks {
-  Index rows = 128;  // Br: queries per task
+  Index rows = 192;  // Br: queries per task
   Index cols = 256;  // Bc: keys per step
 };
 
@@ -54,74 +57,138 @@ Index unpadded_end(const AttentionProblem<T>& p, Index b) {
   return end;
 }
 
+// While alive, Eigen may not allocate (in builds that define EIGEN_RUNTIME_NO_MALLOC, where Eigen
+// asserts on any heap allocation of its own; elsewhere this is nothing). The flags is Eigen's one
+// process-wide switch, so it is set by the calling thread around the whole threaded section.
+struct NoEigenMalloc {
+#ifdef EIGEN_RUNTIME_NO_MALLOC
+  bool was_allowed = Eigen::internal::is_malloc_allowed();
+  NoEigenMalloc() { Eigen::internal::set_is_malloc_allowed(false); }
+  ~NoEigenMalloc() { Eigen::internal::set_is_malloc_allowed(was_allowed); }
+  NoEigenMalloc(const NoEigenMalloc&) = delete;
+  NoEigenMalloc& operator=(const NoEigenMalloc&) = delete;
+#endif
+};
+
+// Per-thread scratch of the flash kernel, carved from one allocation made before the threads
+// start: nothing is allocated while tasks run.
+template <class T>
+struct FlashScratch {
+  T* packed;   // [Bc padded to panels, d]  the key block, mk::pack_keys' layout
+  T* scores;   // [kScoreRows, Bc padded]   scores, then probabilities, of one row tile
+  T* out;      // [Br, dv]                  the unnormalised output O
+  T* m;        // [Br]                      running row max
+  T* l;        // [Br]                      running row sum
+  T* alpha;    // [kScoreRows]              exp(m_old - m_new) of the row tile
+};
+
 template <class T>
 void attention_flash(const AttentionProblem<T>& p, FlashBlocks blocks = {}, int threads = 0) {
   ATTN_ASSERT(!p.weights);  // the probabilities need the whole row: detail::attention routes those calls
-  using Tile = Matrix<T>;
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  constexpr int MR = mk::kScoreRows;
+  constexpr Index NR = mk::kPanel<T>;
   const bool elementwise = p.mask || p.bias || p.key_padding;  // masks that need every score looked at
   const Index Br = std::min(blocks.rows, p.L), Bc = std::min(blocks.cols, p.S);
   const Index q_blocks = (p.L + Br - 1) / Br;
   const Index tasks = p.batch * p.heads * q_blocks;
+  if (tasks == 0) return;
 
+  // Scratch for every thread, each slice a whole number of cache lines.
   const double flops = 2.0 * double(p.batch * p.heads) * double(p.L) * double(p.S) * double(p.d + p.dv);
-  parallel_tasks(tasks, threads_for(flops, threads), [&](Index first, Index step) {
-    // Per-thread scratch, sized once for every task this thread runs.
-    Tile s(Br, Bc), acc(Br, p.dv);
-    Eigen::Array<T, Eigen::Dynamic, 1> m(Br), l(Br), alpha(Br);
-    Eigen::Array<T, 1, Eigen::Dynamic> keep(Bc);
+  // threads 0: as many as the work is worth (threads_for); > 0: exactly that many (tests).
+  const int n_threads = static_cast<int>(std::min<Index>(threads > 0 ? threads : threads_for(flops, 0), tasks));
+  const Index bc_pad = (Bc + NR - 1) / NR * NR;
+  const auto lines = [](Index n) { return (n + 15) / 16 * 16; };
+  const Index slice = lines(bc_pad * p.d) + lines(MR * bc_pad) + lines(Br * p.dv) + 2 * lines(Br) + lines(MR);
+  Eigen::Matrix<T, Eigen::Dynamic, 1> arena(slice * n_threads);
+  const auto scratch_of = [&](Index t) {
+    T* at = arena.data() + t * slice;
+    const auto take = [&at, &lines](Index n) { return std::exchange(at, at + lines(n)); };
+    FlashScratch<T> w;
+    w.packed = take(bc_pad * p.d);
+    w.scores = take(MR * bc_pad);
+    w.out = take(Br * p.dv);
+    w.m = take(Br);
+    w.l = take(Br);
+    w.alpha = take(MR);
+    return w;
+  };
+
+  [[maybe_unused]] const NoEigenMalloc no_malloc;  // checked in tests built with EIGEN_RUNTIME_NO_MALLOC
+  parallel_tasks(tasks, n_threads, [&](Index first, Index step) {
+    const FlashScratch<T> w = scratch_of(first);
     for (Index task = first; task < tasks; task += step) {
       const Index b = task / (p.heads * q_blocks), h = (task / q_blocks) % p.heads, i0 = (task % q_blocks) * Br;
       const Index n = std::min(Br, p.L - i0);
-      const StridedMap<T> Q(p.q.row(b, h, i0), n, p.d, Eigen::OuterStride<>(p.q.row_stride));
-      auto O = acc.topRows(n);
-      O.setZero();
-      m.head(n).setConstant(kNegInf);
-      l.head(n).setZero();
+      const T* q = p.q.row(b, h, i0);
+      std::fill(w.out, w.out + n * p.dv, T(0));
+      std::fill(w.m, w.m + n, kNegInf);
+      std::fill(w.l, w.l + n, T(0));
 
       // Keys [0, key_end) may be attended by some row of this block; keys past mask_keys always are.
-      const Index key_end = attended_key_end(p, i0 + n, unpadded_end(p, b));
-      // Whether some (row, key) of this block is causally hidden: true only near the diagonal.
-      auto causal_cuts = [&](Index j0, Index c) {
-        const Index last_key = j0 + c - 1;
-        if (p.causal == Causal::TopLeft) return last_key > i0;
-        if (p.causal == Causal::BottomRight) return last_key > i0 + p.mask_keys - p.L;
-        return false;
-      };
+      const Index padded_end = unpadded_end(p, b);
+      const Index key_end = attended_key_end(p, i0 + n, padded_end);
+
+      // One key block [j0, j0 + c): masks apply to it when `maskable` (keys below mask_keys).
       auto visit = [&](Index j0, Index c, bool maskable) {
-        const bool masked = maskable && (elementwise || causal_cuts(j0, c));
-        const StridedMap<T> K(p.k.row(b, h, j0), c, p.d, Eigen::OuterStride<>(p.k.row_stride));
-        const StridedMap<T> V(p.v.row(b, h, j0), c, p.dv, Eigen::OuterStride<>(p.v.row_stride));
-        auto S = s.topLeftCorner(n, c);
-        S.noalias() = Q * K.transpose();
-        S *= p.scale;
-        for (Index r = 0; r < n; ++r) {
-          auto row = S.row(r).array();
-          auto kp = keep.head(c);
-          if (masked) mask_row(p, b, h, i0 + r, j0, row, kp);
-          const T m_new = std::max(m(r), row.maxCoeff());
-          if (m_new == kNegInf) {  // nothing attended yet in this row
-            row.setZero();
-            alpha(r) = T(1);
-            continue;
+        mk::pack_keys(p.k.row(b, h, j0), p.k.row_stride, c, p.d, w.packed);
+        const T* v = p.v.row(b, h, j0);
+        mk::for_row_tiles<MR>(n, [&](Index r0, auto tile_rows) {
+          constexpr int R = decltype(tile_rows)::value;
+          const Index i = i0 + r0;  // first query row of the tile
+          // The keys of this block that some row of the tile may attend: causal masking and key
+          // padding end the tile's work early, a panel of keys at a time.
+          const Index cr = maskable ? std::min(c, attended_key_end(p, i + R, padded_end) - j0) : c;
+          if (cr <= 0) return;
+          const Index last_key = j0 + cr - 1;
+          const bool causal_cuts = (p.causal == Causal::TopLeft && last_key > i) ||
+                                   (p.causal == Causal::BottomRight && last_key > i + p.mask_keys - p.L);
+          const bool masked = maskable && (elementwise || causal_cuts);
+
+          T row_max[R];
+          mk::score_rows<R>(q + r0 * p.q.row_stride, p.q.row_stride, w.packed, (cr + NR - 1) / NR, cr, p.d, p.scale,
+                            w.scores, bc_pad, row_max);
+          for (int r = 0; r < R; ++r) {
+            T* s = w.scores + r * bc_pad;
+            Index valid = cr;  // keys [valid, cr) are causally hidden from this row
+            if (masked && elementwise) {
+              row_max[r] = mask_row(p, b, h, i + r, j0, s, cr);
+            } else if (masked) {  // causal alone: the row's keys end at its diagonal
+              valid = std::clamp<Index>(attended_key_end(p, i + r + 1, p.mask_keys) - j0, 0, cr);
+              row_max[r] = mk::max_of(s, valid);
+            }
+            T& m = w.m[r0 + r];
+            const T m_new = std::max(m, row_max[r]);
+            if (m_new == kNegInf) {  // nothing attended yet in this row
+              std::fill(s, s + cr, T(0));
+              w.alpha[r] = T(1);
+              continue;
+            }
+            // exp(m - m_new) rescales what was summed against the old max; never -inf - -inf.
+            w.alpha[r] = m == kNegInf ? T(0) : std::exp(m - m_new);
+            w.l[r0 + r] = w.l[r0 + r] * w.alpha[r] + mk::exp_sum_row(s, valid, m_new, masked && elementwise);
+            std::fill(s + valid, s + cr, T(0));
+            m = m_new;
           }
-          exp_row(row, m_new, masked, kp);
-          alpha(r) = m(r) == kNegInf ? T(0) : std::exp(m(r) - m_new);
-          l(r) = l(r) * alpha(r) + row.sum();
-          m(r) = m_new;
-        }
-        O.array().colwise() *= alpha.head(n);
-        O.noalias() += S * V;
+          mk::for_row_tiles<mk::kPvRows>(R, [&](Index r1, auto pv_rows) {
+            constexpr int RV = decltype(pv_rows)::value;
+            mk::pv_rows<RV>(w.scores + r1 * bc_pad, bc_pad, v, p.v.row_stride, cr, p.dv, w.alpha + r1,
+                            w.out + (r0 + r1) * p.dv, p.dv);
+          });
+        });
       };
       for (Index j0 = 0; j0 < key_end; j0 += Bc) visit(j0, std::min(Bc, key_end - j0), true);
       for (Index j0 = p.mask_keys; j0 < p.S; j0 += Bc) visit(j0, std::min(Bc, p.S - j0), false);
 
-      MutableStridedMap<T> out(p.out.row(b, h, i0), n, p.dv, Eigen::OuterStride<>(p.out.row_stride));
       for (Index r = 0; r < n; ++r) {
-        if (l(r) > T(0))
-          out.row(r) = O.row(r) / l(r);
+        T* out = p.out.row(b, h, i0 + r);
+        const T* o = w.out + r * p.dv;
+        const T l = w.l[r];
+        if (l > T(0))
+          for (Index j = 0; j < p.dv; ++j) out[j] = o[j] / l;
         else
-          out.row(r).setZero();  // every key masked
+          std::fill(out, out + p.dv, T(0));  // every key masked
       }
     }
   });

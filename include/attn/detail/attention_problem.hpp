@@ -6,6 +6,7 @@
 // either row order, or from a cache - and never copied into per-head matrices.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -92,28 +93,18 @@ bool has_masks(const AttentionProblem<T>& p) {
   return p.causal != Causal::None || p.mask || p.bias || p.key_padding;
 }
 
-// The kernels' softmax step on one row of scaled scores, for query i against keys
-// [j0, j0 + row.size()):
-//   mask_row   writes the masked logits into `row` and 1 / 0 into `keep` (kept / masked);
-//   exp_row    sets row = exp(row - m) with masked keys exactly 0.
-// Eigen's vectorized exp clamps its argument, so exp(-inf) comes out ~1e-308 instead of 0 once a
-// row is long enough to vectorize; multiplying by `keep` gives masked keys exactly the zero
-// weight std::exp gives the reference, so no value behind a masked key can leak into the output.
+// The kernels' mask step on one row of scaled scores, for query i against keys
+// [j0, j0 + c): writes the masked logits in place and returns the row's max. (The exponentials
+// follow in mk::exp_sum_row, which gives masked keys exactly the zero weight of the reference.)
 // Forced inline: run per row inside the kernels' loops, a call cost a 3x3x37 SDPA 17 %.
-template <class T, class Row, class Keep>
-EIGEN_STRONG_INLINE void mask_row(const AttentionProblem<T>& p, Index b, Index h, Index i, Index j0, Row&& row,
-                                  Keep&& keep) {
-  for (Index j = 0; j < row.size(); ++j) {
-    row(j) = masked_logit(p, b, h, i, j0 + j, row(j));
-    keep(j) = row(j) == -std::numeric_limits<T>::infinity() ? T(0) : T(1);
+template <class T>
+EIGEN_STRONG_INLINE T mask_row(const AttentionProblem<T>& p, Index b, Index h, Index i, Index j0, T* row, Index c) {
+  T m = -std::numeric_limits<T>::infinity();
+  for (Index j = 0; j < c; ++j) {
+    row[j] = masked_logit(p, b, h, i, j0 + j, row[j]);
+    m = std::max(m, row[j]);
   }
-}
-
-template <class T, class Row, class Keep>
-EIGEN_STRONG_INLINE void exp_row(Row&& row, T m, bool masked, const Keep& keep) {
-  row -= m;
-  row = row.exp();  // in place: Eigen vectorizes this form, not exp(row - m)
-  if (masked) row *= keep;
+  return m;
 }
 
 // Checks the masks against the problem's B, H, L and mask_keys and points the problem at them.

@@ -1,6 +1,9 @@
 #include <attn/linear.hpp>
+#include <attn/threads.hpp>
 
 #include <cmath>
+#include <tuple>
+#include <vector>
 
 #include "support/test_util.hpp"
 
@@ -92,6 +95,40 @@ TYPED_TEST(LinearTest, RejectsWrongShapes) {
   EXPECT_TRUE(throws_with<attn::argument_error>([&] { nobias.set_bias(attn::Vector<T>(2)); }, {"bias = false"}));
   EXPECT_TRUE(throws_with<attn::shape_error>([&] { attn::Linear<T>(0, 2); }, {"in_features = 0"}));
   EXPECT_TRUE(throws_with<attn::shape_error>([&] { attn::Linear<T>(3, -1); }, {"out_features = -1"}));
+}
+
+// Many tiles of the projection kernel (detail/gemm.hpp) and enough work for 3 threads:
+// [700, 128] -> [384] is 2 row chunks x 3 column chunks; [700, 300] -> [100] 2 row chunks at a
+// depth where Eigen's blocking changes with the row count (so tiles that followed the thread
+// count would change the bits). One, two and three threads give the same bits, and every element
+// is x W^T + b as a plain loop sums it in double, to the scalar's tolerance.
+TYPED_TEST(LinearTest, ManyTilesAnyThreadCount) {
+  using T = TypeParam;
+  for (const auto& [N, in, out] : {std::tuple<attn::Index, attn::Index, attn::Index>{700, 128, 384}, {700, 300, 100}}) {
+    SCOPED_TRACE(::testing::Message() << "[" << N << ", " << in << "] -> [" << out << "]");
+    attn::Generator gen(11);
+    const attn::Linear<T> fc(in, out, /*bias=*/true, gen);
+    attn::Matrix<T> x(N, in);
+    attn::init::uniform(x, -1.0, 1.0, gen);
+    std::vector<attn::Matrix<T>> y;
+    for (int threads : {1, 2, 3}) {
+      attn::set_num_threads(threads);
+      y.push_back(fc.forward(x));
+    }
+    attn::set_num_threads(0);
+    EXPECT_TRUE(y[0] == y[1]) << "2 threads";
+    EXPECT_TRUE(y[0] == y[2]) << "3 threads";
+
+    attn::Matrix<double> want(N, out);
+    for (attn::Index r = 0; r < N; ++r) {
+      for (attn::Index c = 0; c < out; ++c) {
+        double sum = double(fc.bias()(c));
+        for (attn::Index k = 0; k < in; ++k) sum += double(x(r, k)) * double(fc.weight()(c, k));
+        want(r, c) = sum;
+      }
+    }
+    EXPECT_TRUE(matrices_near(y[0], want, attn_test::tolerance<T>()));
+  }
 }
 
 }  // namespace

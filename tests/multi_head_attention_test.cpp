@@ -1,6 +1,11 @@
 #include <attn/multi_head_attention.hpp>
+#include <attn/threads.hpp>
 
 #include <cmath>
+#include <cstdint>
+#include <thread>
+#include <utility>
+#include <vector>
 
 #include "support/test_util.hpp"
 
@@ -283,6 +288,157 @@ TYPED_TEST(MhaTest, RejectsBadArguments) {
   EXPECT_TRUE(throws_with<attn::argument_error>([&] { m.set_q_proj_weight(attn::Matrix<T>(4, 4)); }, {"q_proj_weight", "in_proj_weight"}));
   EXPECT_TRUE(throws_with<attn::argument_error>([&] { m.set_bias_k(attn::Vector<T>(4)); }, {"bias_k", "add_bias_kv = false"}));
   EXPECT_TRUE(throws_with<shape_error>([&] { m.out_proj().set_weight(attn::Matrix<T>(4, 3)); }, {"weight", "[4, 3]", "[4, 4]"}));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fused projections and threads. Self-attention (query, key and value one matrix) projects with
+// one GEMM into [N, 3E] and reads the heads from it with row stride 3E; key and value one matrix
+// fuse the k and v projections ([M, 2E], row stride 2E). A copy of the input has other memory, so
+// it takes the three-GEMM path: the differential tests below hold the fused paths to it.
+
+// A module with every parameter random (non-zero biases, bias_k and bias_v).
+template <class T>
+attn::MultiHeadAttention<T> random_mha(attn::Index E, attn::Index H, const attn::MhaOptions& o, std::uint64_t seed) {
+  attn::Generator gen(seed);
+  attn::MultiHeadAttention<T> m(E, H, o, gen);
+  attn::Vector<T> in_bias(3 * E), out_bias(E);
+  attn::init::uniform(in_bias, -0.5, 0.5, gen);
+  attn::init::uniform(out_bias, -0.5, 0.5, gen);
+  m.set_in_proj_bias(in_bias);
+  m.out_proj().set_bias(out_bias);
+  return m;
+}
+
+template <class T>
+attn::Matrix<T> random_input(attn::Index rows, attn::Index cols, std::uint64_t seed) {
+  attn::Generator gen(seed);
+  attn::Matrix<T> x(rows, cols);
+  attn::init::uniform(x, -1.0, 1.0, gen);
+  return x;
+}
+
+// Masks for B = 2 sequences of L queries and S keys, H = 2 heads: a [B*H*L, S] bool mask and key
+// padding, each hiding a few keys but never a whole row.
+template <class T>
+attn::MhaArgs<T> some_masks(attn::Index L, attn::Index S) {
+  const attn::Index B = 2, H = 2;
+  attn::MhaArgs<T> a;
+  a.batch = B;
+  attn::BoolMatrix hidden = attn::BoolMatrix::Zero(B * H * L, S);
+  for (attn::Index r = 0; r < B * H * L; ++r) hidden(r, (r * 7) % S) = r % 3 != 0;
+  a.attn_mask = attn::IgnoreMask(std::move(hidden));  // moved in: owned, outlives this function
+  attn::BoolMatrix padded = attn::BoolMatrix::Zero(B, S);
+  padded(1, S - 1) = true;
+  a.key_padding_mask = attn::IgnoreMask(std::move(padded));
+  a.need_weights = true;
+  a.average_attn_weights = false;
+  return a;
+}
+
+// Self-attention, fused (x, x, x) against unfused (x and two copies), in both layouts, with
+// masks, add_bias_kv and add_zero_attn; outputs and per-head weights.
+TYPED_TEST(MhaTest, FusedSelfAttentionMatchesUnfused) {
+  using T = TypeParam;
+  const attn::Index B = 2, L = 5, E = 8, H = 2;
+  for (int c = 0; c < 8; ++c) {
+    attn::MhaOptions o;
+    o.batch_first = c & 1;
+    o.add_bias_kv = c & 2;
+    o.add_zero_attn = c & 4;
+    SCOPED_TRACE(::testing::Message() << "batch_first " << o.batch_first << ", add_bias_kv " << o.add_bias_kv
+                                      << ", add_zero_attn " << o.add_zero_attn);
+    const auto m = random_mha<T>(E, H, o, 10 + c);
+    const attn::Matrix<T> x = random_input<T>(B * L, E, 20 + c), k = x, v = x;
+    for (const bool masked : {false, true}) {
+      attn::MhaArgs<T> a = masked ? some_masks<T>(L, L) : attn::MhaArgs<T>{};
+      a.batch = B;
+      a.need_weights = true;
+      const auto fused = m.forward(x, x, x, a), unfused = m.forward(x, k, v, a);
+      EXPECT_TRUE(matrices_near(fused.output, unfused.output, this->tol));
+      EXPECT_TRUE(matrices_near(fused.weights, unfused.weights, this->tol));
+      attn::Matrix<T> into(B * L, E);
+      a.need_weights = false;
+      m.forward_into(x, x, x, a, into);  // the path without weights
+      EXPECT_TRUE(matrices_near(into, unfused.output, this->tol));
+    }
+  }
+}
+
+// Cross-attention with key and value one matrix (L = 3 queries, S = 6 keys), fused k and v
+// against unfused.
+TYPED_TEST(MhaTest, FusedKeyValueMatchesUnfused) {
+  using T = TypeParam;
+  const attn::Index B = 2, L = 3, S = 6, E = 8, H = 2;
+  for (int c = 0; c < 8; ++c) {
+    attn::MhaOptions o;
+    o.batch_first = c & 1;
+    o.add_bias_kv = c & 2;
+    o.add_zero_attn = c & 4;
+    SCOPED_TRACE(::testing::Message() << "batch_first " << o.batch_first << ", add_bias_kv " << o.add_bias_kv
+                                      << ", add_zero_attn " << o.add_zero_attn);
+    const auto m = random_mha<T>(E, H, o, 30 + c);
+    const attn::Matrix<T> q = random_input<T>(B * L, E, 40 + c), kv = random_input<T>(B * S, E, 50 + c), v = kv;
+    attn::MhaArgs<T> a = some_masks<T>(L, S);
+    const auto fused = m.forward(q, kv, kv, a), unfused = m.forward(q, kv, v, a);
+    EXPECT_TRUE(matrices_near(fused.output, unfused.output, this->tol));
+    EXPECT_TRUE(matrices_near(fused.weights, unfused.weights, this->tol));
+  }
+}
+
+// Restores the default thread setting when a test ends, also when it fails.
+struct ThreadSetting {
+  ~ThreadSetting() { attn::set_num_threads(0); }
+};
+
+// B*L = 700 rows (2 row chunks of the projections, 3 column chunks of the fused [700, 384] one)
+// at E = 128, enough work that threads_for really starts 3 threads: one, two and three threads
+// give the same bits, in self- and cross-attention, with and without weights.
+TYPED_TEST(MhaTest, BitwiseIdenticalForAnyThreadCount) {
+  using T = TypeParam;
+  const ThreadSetting restore;
+  const attn::Index B = 7, L = 100, E = 128, H = 4;
+  attn::MhaOptions o;
+  o.batch_first = true;
+  const auto m = random_mha<T>(E, H, o, 60);
+  const attn::Matrix<T> x = random_input<T>(B * L, E, 61), mem = random_input<T>(B * 40, E, 62);
+  attn::MhaArgs<T> causal;
+  causal.batch = B;
+  causal.causal = attn::Causal::TopLeft;
+  attn::MhaArgs<T> plain, with_weights;
+  plain.batch = with_weights.batch = B;
+  with_weights.need_weights = true;
+  std::vector<attn::Matrix<T>> got[4];
+  for (int threads : {1, 2, 3}) {
+    attn::set_num_threads(threads);
+    got[0].push_back(m.forward(x, x, x, causal).output);
+    const auto r = m.forward(x, x, x, with_weights);
+    got[1].push_back(r.output);
+    got[2].push_back(r.weights);
+    got[3].push_back(m.forward(x, mem, mem, plain).output);
+  }
+  const char* what[] = {"causal self-attention", "self-attention with weights", "weights", "cross-attention"};
+  for (int w = 0; w < 4; ++w)
+    for (int i : {1, 2}) EXPECT_TRUE(got[w][0] == got[w][i]) << what[w] << ", " << i + 1 << " threads";
+}
+
+// Two threads calling forward() on one const module at once (each with its own scratch buffer)
+// get what each gets alone.
+TYPED_TEST(MhaTest, ConcurrentCallsOnOneModule) {
+  using T = TypeParam;
+  const ThreadSetting restore;
+  attn::set_num_threads(1);
+  const attn::Index L = 64, E = 32, H = 4;
+  const auto m = random_mha<T>(E, H, {}, 70);
+  const attn::Matrix<T> x0 = random_input<T>(L, E, 71), x1 = random_input<T>(2 * L, E, 72);
+  const attn::Matrix<T> want0 = m.forward(x0, x0, x0).output, want1 = m.forward(x1, x1, x1).output;
+  bool ok0 = true, ok1 = true;
+  std::thread other([&] {
+    for (int i = 0; i < 50; ++i) ok1 = ok1 && m.forward(x1, x1, x1).output == want1;
+  });
+  for (int i = 0; i < 50; ++i) ok0 = ok0 && m.forward(x0, x0, x0).output == want0;
+  other.join();
+  EXPECT_TRUE(ok0);
+  EXPECT_TRUE(ok1);
 }
 
 }  // namespace

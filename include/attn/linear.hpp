@@ -8,6 +8,7 @@
 #include <utility>
 
 #include "attn/detail/check.hpp"
+#include "attn/detail/gemm.hpp"
 #include "attn/init.hpp"
 #include "attn/types.hpp"
 
@@ -40,14 +41,14 @@ class Linear {
     return y;
   }
 
-  // x: [N, in]  y: [N, out], sized by the caller (no allocation).
+  // x: [N, in]  y: [N, out], sized by the caller (no allocation). Runs on attn::num_threads()
+  // threads; the result does not depend on how many.
   void forward_into(const ConstMatrixRef<T>& x, MatrixRef<T> y) const {
     detail::require_dims("attn::Linear::forward", "x", x.rows(), x.cols(), -1, in_, "[N, in_features] = [N, ", in_,
                          "]");
     detail::require_dims("attn::Linear::forward", "y", y.rows(), y.cols(), x.rows(), out_,
                          "[N, out_features] = ", detail::shape(x.rows(), out_));
-    y.noalias() = x * weight_.transpose();
-    if (has_bias()) y.rowwise() += bias_.transpose();
+    detail::linear_into<T>(x, weight_, has_bias() ? bias_.data() : nullptr, y);
   }
 
   Index in_features() const { return in_; }

@@ -8,6 +8,12 @@
 // Batches: B sequences are one matrix of B*L rows. With batch_first the rows run (b, l) - a
 // contiguous PyTorch [B, L, E] tensor - otherwise (l, b), PyTorch's default [L, B, E]. Set
 // MhaArgs::batch = B; B = 1 is PyTorch's unbatched [L, E].
+//
+// Projections: self-attention (query, key and value the same matrix) with the packed
+// in_proj_weight is one GEMM x [B*L, E] x in_proj_weight^T -> [B*L, 3E]; cross-attention with key
+// and value the same matrix projects them with one GEMM against rows [E, 3E). The heads are read
+// in place from those buffers through strides. The intermediates live in a per-thread reused
+// buffer (detail/scratch.hpp).
 #pragma once
 
 #include <cmath>
@@ -15,6 +21,8 @@
 
 #include "attn/detail/attention.hpp"
 #include "attn/detail/check.hpp"
+#include "attn/detail/gemm.hpp"
+#include "attn/detail/scratch.hpp"
 #include "attn/init.hpp"
 #include "attn/linear.hpp"
 #include "attn/mask.hpp"
@@ -79,6 +87,8 @@ class MultiHeadAttention {
 
   // query: [B*L, E]  key: [B*S, kdim]  value: [B*S, vdim]
   //   -> output [B*L, E], rows in the query's order;
+  //      pass the same matrix (same memory) as query, key and value for self-attention's fused
+  //      projection, or as key and value for cross-attention's;
   //      weights (need_weights) [B*L, S'] averaged over heads, or [B*H*L, S'] per head, rows
   //      (b, l) and (b, h, l) whatever the layout, S' = S + add_bias_kv + add_zero_attn.
   AttentionResult<T> forward(const ConstMatrixRef<T>& query, const ConstMatrixRef<T>& key,
@@ -133,8 +143,6 @@ class MultiHeadAttention {
   }
 
  private:
-  using StridedMap = Eigen::Map<const Matrix<T>, Eigen::Unaligned, Eigen::OuterStride<>>;
-
   // Validates the constructor's dimensions; returns embed_dim (out_proj's in_features).
   static Index checked_dim(Index E, Index H, const MhaOptions& o) {
     const char* where = "attn::MultiHeadAttention";
@@ -174,18 +182,25 @@ class MultiHeadAttention {
     return gen;
   }
 
-  // The projection weight and bias of part 0 (q), 1 (k) or 2 (v): blocks of the packed parameters.
-  ConstMatrixRef<T> proj_weight(int part) const {
-    if (packed()) return in_proj_weight_.middleRows(part * E_, E_);
-    return part == 0 ? q_proj_weight_ : part == 1 ? k_proj_weight_ : v_proj_weight_;
+  // The projection weight of `parts` consecutive parts from `first`: 0 (q), 1 (k), 2 (v). More
+  // than one part exists only as rows of the packed in_proj_weight.
+  ConstMatrixRef<T> proj_weight(int first, int parts = 1) const {
+    ATTN_ASSERT(parts == 1 || packed());
+    if (packed()) return in_proj_weight_.middleRows(first * E_, parts * E_);
+    return first == 0 ? q_proj_weight_ : first == 1 ? k_proj_weight_ : v_proj_weight_;
+  }
+  // Their bias, the same parts of in_proj_bias; nullptr without bias.
+  const T* proj_bias(int first) const { return opt_.bias ? in_proj_bias_.data() + first * E_ : nullptr; }
+
+  // x [N, in] -> y [N, parts*E] = x W^T + b, written at y (row stride parts*E).
+  void project(const ConstMatrixRef<T>& x, int first, int parts, T* y) const {
+    detail::linear_into<T>(x, proj_weight(first, parts), proj_bias(first),
+                           Eigen::Map<Matrix<T>>(y, x.rows(), parts * E_));
   }
 
-  // x [N, in] -> [N, E] = x W^T + b
-  Matrix<T> project(const ConstMatrixRef<T>& x, int part) const {
-    Matrix<T> y(x.rows(), E_);
-    y.noalias() = x * proj_weight(part).transpose();
-    if (opt_.bias) y.rowwise() += in_proj_bias_.segment(part * E_, E_).transpose();
-    return y;
+  // Whether a and b are one matrix: the same memory, shape and strides.
+  static bool same(const ConstMatrixRef<T>& a, const ConstMatrixRef<T>& b) {
+    return a.data() == b.data() && a.rows() == b.rows() && a.cols() == b.cols() && a.outerStride() == b.outerStride();
   }
 
   // Strides of sequence b inside a [B*n, width] matrix in this module's row order.
@@ -196,18 +211,19 @@ class MultiHeadAttention {
     return opt_.batch_first ? RowOrder{n * width, width} : RowOrder{width, B * width};
   }
 
-  // K or V [B*S, E] in the module's row order -> [B*S', E] batch-major with the extra positions
-  // appended to every sequence: bias (add_bias_kv), then zeros (add_zero_attn).
-  Matrix<T> append_extra(const Matrix<T>& x, Index B, Index S, Index S2, const Vector<T>& extra_bias) const {
-    Matrix<T> y(B * S2, E_);
-    const RowOrder o = row_order(B, S, E_);
+  // K or V [B*S, E] at x (row stride `width`, the module's row order) -> out [B*S', E]
+  // batch-major with the extra positions appended to every sequence: bias (add_bias_kv), then
+  // zeros (add_zero_attn).
+  void append_extra(const T* x, Index width, Index B, Index S, Index S2, const Vector<T>& extra_bias, T* out) const {
+    Eigen::Map<Matrix<T>> y(out, B * S2, E_);
+    const RowOrder o = row_order(B, S, width);
     for (Index b = 0; b < B; ++b) {
-      y.middleRows(b * S2, S) = StridedMap(x.data() + b * o.batch_stride, S, E_, Eigen::OuterStride<>(o.row_stride));
+      y.middleRows(b * S2, S) =
+          detail::StridedMap<T>(x + b * o.batch_stride, S, E_, Eigen::OuterStride<>(o.row_stride));
       Index r = b * S2 + S;
       if (opt_.add_bias_kv) y.row(r++) = extra_bias.transpose();
       if (opt_.add_zero_attn) y.row(r++).setZero();
     }
-    return y;
   }
 
   void run(const ConstMatrixRef<T>& query, const ConstMatrixRef<T>& key, const ConstMatrixRef<T>& value,
@@ -227,17 +243,47 @@ class MultiHeadAttention {
     const Index L = query.rows() / B, S = key.rows() / B, D = head_dim();
     const Index S2 = S + Index(opt_.add_bias_kv) + Index(opt_.add_zero_attn);
 
-    const Matrix<T> q = project(query, 0);
-    Matrix<T> k = project(key, 1), v = project(value, 2);
-    RowOrder kv_order = row_order(B, S, E_);
+    // One scratch buffer (detail/scratch.hpp) holds the heads' outputs [N, E] and the
+    // projections: q [N, E], k and v [M, E] from three GEMMs; or qkv [N, 3E] from one
+    // (self-attention); or q and kv [M, 2E] (key and value one matrix). A head is a block of D
+    // columns, read in place with its buffer's row stride `width`.
+    const Index N = query.rows(), M = key.rows();
+    const bool fuse_qkv = packed() && same(query, key) && same(key, value);
+    const bool fuse_kv = !fuse_qkv && packed() && same(key, value);
+    const Index extra = S2 != S ? 2 * B * S2 * E_ : 0;  // k and v with the extra positions appended
+    detail::Scratch<T> scratch(fuse_qkv ? 4 * N * E_ + extra : 2 * N * E_ + 2 * M * E_ + extra);
+    T* const heads_out = scratch.data();  // every head's output side by side, as PyTorch concatenates
+    T* const proj = heads_out + N * E_;
+    const T *q = proj, *k, *v;
+    Index q_width = E_, kv_width = E_;
+    if (fuse_qkv) {
+      project(query, 0, 3, proj);
+      k = proj + E_, v = proj + 2 * E_;
+      q_width = kv_width = 3 * E_;
+    } else {
+      project(query, 0, 1, proj);
+      T* const kv = proj + N * E_;
+      if (fuse_kv) {
+        project(key, 1, 2, kv);
+        k = kv, v = kv + E_;
+        kv_width = 2 * E_;
+      } else {
+        project(key, 1, 1, kv);
+        project(value, 2, 1, kv + M * E_);
+        k = kv, v = kv + M * E_;
+      }
+    }
+    RowOrder kv_order = row_order(B, S, kv_width);
     if (S2 != S) {
-      k = append_extra(k, B, S, S2, bias_k_);
-      v = append_extra(v, B, S, S2, bias_v_);
+      T* const k2 = heads_out + (fuse_qkv ? 4 * N * E_ : 2 * N * E_ + 2 * M * E_);
+      T* const v2 = k2 + B * S2 * E_;
+      append_extra(k, kv_width, B, S, S2, bias_k_, k2);
+      append_extra(v, kv_width, B, S, S2, bias_v_, v2);
+      k = k2, v = v2;
       kv_order = {S2 * E_, E_};
     }
 
-    Matrix<T> heads_out(query.rows(), E_);  // every head's output side by side, as PyTorch concatenates
-    const RowOrder q_order = row_order(B, L, E_);
+    const RowOrder q_order = row_order(B, L, q_width), out_order = row_order(B, L, E_);
     detail::AttentionProblem<T> p;
     p.batch = B;
     p.heads = H_;
@@ -245,10 +291,10 @@ class MultiHeadAttention {
     p.S = S2;
     p.mask_keys = S;
     p.d = p.dv = D;
-    p.q = {q.data(), q_order.batch_stride, D, q_order.row_stride};
-    p.k = {k.data(), kv_order.batch_stride, D, kv_order.row_stride};
-    p.v = {v.data(), kv_order.batch_stride, D, kv_order.row_stride};
-    p.out = {heads_out.data(), q_order.batch_stride, D, q_order.row_stride};
+    p.q = {q, q_order.batch_stride, D, q_order.row_stride};
+    p.k = {k, kv_order.batch_stride, D, kv_order.row_stride};
+    p.v = {v, kv_order.batch_stride, D, kv_order.row_stride};
+    p.out = {heads_out, out_order.batch_stride, D, out_order.row_stride};
     p.scale = T(1) / std::sqrt(static_cast<T>(D));
     detail::bind_masks(p, args, where);
 
@@ -258,7 +304,7 @@ class MultiHeadAttention {
       p.weights = {per_head.data(), H_ * L * S2, L * S2, S2};
     }
     detail::attention(p);
-    out_proj_.forward_into(heads_out, out);
+    out_proj_.forward_into(Eigen::Map<const Matrix<T>>(heads_out, N, E_), out);
 
     if (p.weights) {
       if (!args.average_attn_weights) {

@@ -25,7 +25,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <limits>
-#include <set>
 #include <string>
 
 #include "bench_common.hpp"
@@ -33,24 +32,6 @@
 namespace {
 
 using namespace attn_bench;
-
-// True the first time `key` is seen: each shape is checked once per process, not once per
-// benchmark invocation (Google Benchmark calls a function several times while it picks a count).
-bool first_time(const std::string& key) {
-  static std::set<std::string> seen;
-  return seen.insert(key).second;
-}
-
-// Times body(); unless it has just run (the agreement check), one untimed call first keeps
-// first-touch page faults and cold caches out of the timing.
-template <class Body>
-void time_it(benchmark::State& state, const Body& body, bool warm) {
-  if (!warm) body();
-  for (auto _ : state) {
-    body();
-    benchmark::ClobberMemory();
-  }
-}
 
 // ---------------------------------------------------------------------------------------------
 // The attention core. Inputs are the projections of a batch_first MHA: q [B*L, H*D] and

@@ -11,6 +11,8 @@
 #include <attn/version.hpp>
 #include <cstdio>
 #include <cstdlib>
+#include <limits>
+#include <set>
 #include <string>
 
 namespace attn_bench {
@@ -39,16 +41,36 @@ Mat<T> random_matrix(Index rows, Index cols, attn::Generator& gen) {
   return m;
 }
 
-// Aborts unless `got` equals `want` to 1e-4 of want's largest magnitude (at least 1e-4): a
-// speed-up of a wrong answer means nothing.
+// Aborts unless `got` equals `want` to `tolerance` (1e-4 unless given) of want's largest
+// magnitude (at least 1): a speed-up of a wrong answer means nothing.
 template <class T>
-void require_agreement(const std::string& what, const Mat<T>& got, const Mat<T>& want) {
+void require_agreement(const std::string& what, const Mat<T>& got, const Mat<T>& want, double tolerance = 1e-4) {
   const double magnitude = std::max(1.0, static_cast<double>(want.cwiseAbs().maxCoeff()));
-  const double err = static_cast<double>((got - want).cwiseAbs().maxCoeff());
-  if (!(err <= 1e-4 * magnitude)) {  // written so that a NaN fails too
+  const double err = got.rows() == want.rows() && got.cols() == want.cols()
+                         ? static_cast<double>((got - want).cwiseAbs().maxCoeff())
+                         : std::numeric_limits<double>::infinity();
+  if (!(err <= tolerance * magnitude)) {  // written so that a NaN fails too
     std::fprintf(stderr, "%s: attn and the baseline disagree, max |diff| = %g (limit %g); aborting\n", what.c_str(),
-                 err, 1e-4 * magnitude);
+                 err, tolerance * magnitude);
     std::abort();
+  }
+}
+
+// True the first time `key` is seen: each shape is checked once per process, not once per
+// benchmark invocation (Google Benchmark calls a function several times while it picks a count).
+inline bool first_time(const std::string& key) {
+  static std::set<std::string> seen;
+  return seen.insert(key).second;
+}
+
+// Times body(); unless it has just run (the agreement check), one untimed call first keeps
+// first-touch page faults and cold caches out of the timing.
+template <class Body>
+void time_it(benchmark::State& state, const Body& body, bool warm) {
+  if (!warm) body();
+  for (auto _ : state) {
+    body();
+    benchmark::ClobberMemory();
   }
 }
 

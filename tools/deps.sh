@@ -5,19 +5,25 @@
 #   tools/deps.sh test    + GoogleTest, nlohmann-json and Google Benchmark (tools/test.sh builds
 #                           the benchmarks too, so that they always compile)
 #   tools/deps.sh bench   + Google Benchmark and Python (tools/run.sh prints the results table)
+#   tools/deps.sh torch   + libtorch, OpenBLAS (libtorch's BLAS at its best) and matplotlib:
+#                           only tools/bench_torch.sh asks for it; the tests never need libtorch
 #
 # Several groups may be given at once. Silent when everything is installed. As root it runs
 # `apt-get update` and `apt-get install`; otherwise it prints the command to run and exits 1.
 set -euo pipefail
 
 usage() {
-  echo "usage: $0 build|test|bench [...]" >&2
+  echo "usage: $0 build|test|bench|torch [...]" >&2
   exit 2
 }
 
 build_pkgs=(cmake g++ make libeigen3-dev)
 test_pkgs=("${build_pkgs[@]}" googletest libgtest-dev nlohmann-json3-dev libbenchmark-dev)
 bench_pkgs=("${build_pkgs[@]}" libbenchmark-dev python3)
+# Debian's libtorch calls whatever libblas.so.3 the alternatives system points at: the reference
+# BLAS unless an optimised one is installed. OpenBLAS's OpenMP build shares libtorch's libgomp
+# threads instead of starting a second pool on the same cores.
+torch_pkgs=("${bench_pkgs[@]}" libtorch-dev libopenblas0-openmp python3-matplotlib)
 
 [[ $# -gt 0 ]] || usage
 wanted=()
@@ -26,6 +32,7 @@ for group in "$@"; do
     build) wanted+=("${build_pkgs[@]}") ;;
     test) wanted+=("${test_pkgs[@]}") ;;
     bench) wanted+=("${bench_pkgs[@]}") ;;
+    torch) wanted+=("${torch_pkgs[@]}") ;;
     *) usage ;;
   esac
 done

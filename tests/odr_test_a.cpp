@@ -3,6 +3,8 @@
 // both objects and the link fails. The tests check values computed by code in the other object,
 // and use every public template here too, so both objects' instantiations end up in one program.
 #include <attn/attn.hpp>
+#include <attn/io/safetensors.hpp>  // attn/io/ is not in attn.hpp: it needs nlohmann_json
+#include <attn/io/state_dict.hpp>
 
 #include <cmath>
 

@@ -6,6 +6,8 @@
 // only the ones some test calls) and computes the values odr_test_a.cpp checks, so code from both
 // objects runs in one program.
 #include <attn/attn.hpp>
+#include <attn/io/safetensors.hpp>  // attn/io/ is not in attn.hpp: it needs nlohmann_json
+#include <attn/io/state_dict.hpp>
 
 // Every public class template, for both scalar types.
 template class attn::Linear<float>;
@@ -32,6 +34,18 @@ template void attn::detail::attention<float>(const attn::detail::AttentionProble
 template void attn::detail::attention<double>(const attn::detail::AttentionProblem<double>&);
 template void attn::detail::attention_reference<float>(const attn::detail::AttentionProblem<float>&);
 template void attn::detail::attention_reference<double>(const attn::detail::AttentionProblem<double>&);
+
+// attn/io (needs nlohmann_json): the file reader's and the state dict's templates.
+template class attn::io::Tensor<float>;
+template class attn::io::Tensor<double>;
+template class attn::io::StateDict<float>;
+template class attn::io::StateDict<double>;
+template attn::io::LoadResult attn::io::load_state_dict<float>(attn::MultiHeadAttention<float>&,
+                                                               const attn::io::SafeTensors&, const std::string&, bool);
+template attn::io::StateDict<double> attn::io::state_dict<double>(const attn::MultiHeadAttention<double>&,
+                                                                  const std::string&);
+template void attn::io::save_safetensors<float>(const std::filesystem::path&, const attn::io::StateDict<float>&,
+                                                const attn::io::Metadata&);
 
 namespace odr_test {
 

@@ -375,25 +375,22 @@ TEST_F(FixtureReader, ReadsTensorsMasksAndMetadata) {
   EXPECT_THROW((void)f.tensor<double>("missing"), std::runtime_error);
 }
 
-TEST_F(FixtureReader, RejectsMalformedFiles) {
+// The file format's own checks are attn::io::SafeTensors' (tests/safetensors_test.cpp); these are
+// the fixtures' rules on top, and the reader's errors as they reach a fixture test.
+TEST_F(FixtureReader, RejectsWhatTheFixturesForbid) {
   expect_error(dir_ / "absent.safetensors", "cannot open");
-  expect_error(write_raw("abc"), "fewer than the 8-byte header length");
-  expect_error(write("{}", "", 100), "runs past the end of the file");
-  expect_error(write("{\"x\":", ""), "not valid JSON");
-  expect_error(write("[1,2]", ""), "not a JSON object");
-  expect_error(write(R"({"x":{"dtype":"BF16","shape":[1],"data_offsets":[0,2]}})", "ab"), "dtype \"BF16\"");
-  expect_error(write(R"({"x":{"dtype":"F64","shape":[1],"data_offsets":[0,16]}})", doubles({1})),
-               "outside the data section");
-  expect_error(write(R"({"x":{"dtype":"F64","shape":[1],"data_offsets":[8,0]}})", doubles({1})),
-               "outside the data section");
+  expect_error(write_raw("abc"), "shorter than the 8-byte header length");
   expect_error(write(R"({"x":{"dtype":"F64","shape":[2],"data_offsets":[0,8]}})", doubles({1})), "needs 16");
-  expect_error(write(R"({"x":{"dtype":"F64","shape":[-1],"data_offsets":[0,8]}})", doubles({1})),
-               "non-negative integers");
-  expect_error(write(R"({"x":{"dtype":"F64","data_offsets":[0,8]}})", doubles({1})), "has no \"shape\"");
-  expect_error(write(R"({"__metadata__":{"k":3}})", ""), "is not a string");
+  expect_error(write(R"({"__metadata__":{"k":3}})", ""), "not a string");
   expect_error(write(R"({"__metadata__":{"k":"3x"}})", ""), "is not an integer", "meta_int");
   expect_error(write(R"({"m":{"dtype":"BOOL","shape":[1,1],"data_offsets":[0,1]}})", "\x02"), "BOOL is 0 or 1",
                "mask");
+  expect_error(write(R"({"m":{"dtype":"BOOL","shape":[1],"data_offsets":[0,1]}})", "\x01"), "1 dimensions, expected 2",
+               "mask");
+  expect_error(write(R"({"x":{"dtype":"I64","shape":[1,1],"data_offsets":[0,8]}})", doubles({1})),
+               "not a floating-point type", "tensor");
+  expect_error(write(R"({"x":{"dtype":"F64","shape":[1,1],"data_offsets":[0,8]}})", doubles({1})),
+               "2 dimensions, expected 1 (use tensor<T>() for matrices)", "vec");
 }
 
 }  // namespace

@@ -24,4 +24,12 @@ class argument_error : public std::invalid_argument {
   using std::invalid_argument::invalid_argument;
 };
 
+// A file or a state dict that cannot be read as asked (attn/io/): malformed bytes, a missing or
+// unexpected tensor, a dtype that does not fit. The message names the file, the tensor and the
+// problem.
+class format_error : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
 }  // namespace attn

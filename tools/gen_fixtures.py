@@ -6,14 +6,19 @@ Usage (from the repository root, with Debian's python3-torch and python3-numpy):
     /usr/bin/python3 tools/gen_fixtures.py [OUTPUT_DIR]
 
 OUTPUT_DIR defaults to tests/data/. One file per case, named after the case
-(linear_*, sdpa_*, mha_*), in the safetensors format, written here with json + struct:
+(linear_*, sdpa_*, mha_*; and in OUTPUT_DIR/layers/: layer_norm_*, feed_forward_*, encoder_layer_*,
+decoder_layer_*, encoder_*), in the safetensors format, written here with json + struct:
 
     u64 little-endian N | N bytes of JSON header (space padded to a multiple of 8) | raw data
 
 The header maps each tensor name to {"dtype", "shape", "data_offsets"} ("F64" little-endian
-doubles, or "BOOL" one byte 0/1), and "__metadata__" (string -> string) holds the case's
-configuration: kind (linear | sdpa | mha), its dimensions and options, and a description.
-tests/pytorch_fixture_test.cpp reads every file through tests/support/fixture.hpp.
+doubles, "F16" little-endian IEEE halves - only the large encoder stack's parameters and input, see
+encoder_case - or "BOOL" one byte 0/1), and "__metadata__" (string -> string) holds the case's
+configuration: kind (linear | sdpa | mha | layer_norm | feed_forward | encoder_layer |
+decoder_layer | encoder), its dimensions and options, and a description.
+tests/pytorch_fixture_test.cpp reads every file of OUTPUT_DIR through tests/support/fixture.hpp;
+layer_norm_test.cpp, feed_forward_test.cpp and transformer_test.cpp read layers/ (conventions
+above the layer cases below).
 
 Conventions (those of attn, see include/attn/types.hpp and mask.hpp):
   * every matrix is 2-D, one token per row;
@@ -39,7 +44,9 @@ Conventions (those of attn, see include/attn/types.hpp and mask.hpp):
              whose keys are all padded); the C++ test states what attn returns instead.
 
 The script is deterministic: each case seeds torch from a CRC of its name, so running it again
-rewrites byte-identical files, and adding a case leaves the others unchanged.
+rewrites byte-identical files, and adding a case leaves the others unchanged. (The inputs and
+parameters are the same on every machine; an output may differ in its last bit between CPUs whose
+torch kernels take different vector paths.)
 """
 
 import json
@@ -71,7 +78,7 @@ def _meta_str(value):
 
 
 def write_safetensors(path, tensors, metadata):
-    """tensors: name -> float64 or bool torch tensor; metadata: name -> str/int/float/bool."""
+    """tensors: name -> float64, float16 or bool torch tensor; metadata: name -> str/int/float/bool."""
     header = {}
     blobs = []
     offset = 0
@@ -81,8 +88,10 @@ def write_safetensors(path, tensors, metadata):
             dtype, raw = "F64", t.numpy().astype("<f8").tobytes()
         elif t.dtype == torch.bool:
             dtype, raw = "BOOL", t.numpy().astype(np.uint8).tobytes()
+        elif t.dtype == torch.float16:
+            dtype, raw = "F16", t.numpy().astype("<f2").tobytes()
         else:
-            raise TypeError(f"{path}: tensor {name} has dtype {t.dtype}; only float64 and bool are written")
+            raise TypeError(f"{path}: tensor {name} has dtype {t.dtype}; only float64, float16 and bool are written")
         header[name] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
         blobs.append(raw)
         offset += len(raw)
@@ -556,6 +565,396 @@ def mha_large():
                     param_scale=1.0 / 16.0)
 
 
+# --- layers: LayerNorm, the feed-forward block, transformer layers and an encoder stack ---------
+#
+# Written to the subdirectory layers/ (tests/data/layers/), read by tests/layer_norm_test.cpp,
+# feed_forward_test.cpp and transformer_test.cpp. Parameters are stored under their state_dict
+# names (self_attn.in_proj_weight, linear1.weight, norm1.bias, layers.0.self_attn..., norm.weight).
+# Inputs and outputs are [B*L, d_model] in the layout's row order, as for mha. Masks are stored
+# under PyTorch's argument names with PyTorch's meaning: a BOOL mask is true = masked out (attn's
+# IgnoreMask), an F64 mask is added to the logits (AdditiveMask); [L, S] or [B*H, L, S] flattened
+# to [B*H*L, S]; *_key_padding_mask [B, S], true = ignore.
+#
+# Torch 1.13 lacks three things PyTorch 2.x has; the cases get the same numbers without them:
+#   * bias=False (TransformerEncoderLayer, TransformerDecoderLayer, LayerNorm; PyTorch >= 2.1):
+#     every bias it would remove (in_proj_bias, out_proj.bias, linear1/2.bias, norm*.bias) is set
+#     to zero and not stored - the module computes exactly what bias=False would;
+#   * is_causal / tgt_is_causal (PyTorch >= 2.0, where it is only a hint that the mask IS the causal
+#     mask): the case passes the causal mask itself (generate_square_subsequent_mask: 0 / -inf)
+#     and metadata is_causal = true says so; the C++ test runs it with the mask and again with
+#     attn::Causal::TopLeft instead of the mask;
+#   * memory_is_causal: likewise, with memory_causal = top_left | bottom_right naming the
+#     alignment of the stored [L, S] memory_mask (L != S, so the alignment matters).
+# The expectations come from PyTorch's Python path (parameters require grad, so the eval-mode fast
+# path torch._transformer_encoder_layer_fwd is not taken); where the fast path applies
+# (batch_first, no src_mask, even nhead) the case also runs it under no_grad and asserts that the
+# two agree to 1e-12 (metadata fast_path_checked). The encoder stacks use
+# enable_nested_tensor=False: with the default True, torch 1.13's nested-tensor fast path returns
+# zeros at padded positions instead of what the layers compute there.
+
+LAYER_DIR = "layers"
+SUBDIR = {}  # case name -> subdirectory of the output directory
+
+
+def layer_case(fn):
+    CASES[fn.__name__] = fn
+    SUBDIR[fn.__name__] = LAYER_DIR
+    return fn
+
+
+def layer_norm_case(name, description, N, E, eps=1e-5, elementwise_affine=True, bias=True, x=None):
+    seed_for(name)
+    ln = torch.nn.LayerNorm(E, eps=eps, elementwise_affine=elementwise_affine, dtype=F64)
+    if elementwise_affine:
+        with torch.no_grad():
+            ln.weight.copy_(1 + randn(E, scale=0.3))
+            ln.bias.copy_(randn(E, scale=0.3) if bias else torch.zeros(E, dtype=F64))  # bias=False (torch >= 2.1)
+    if x is None:
+        x = randn(N, E, scale=2.0)
+    t = {"x": x, "y": ln(x)}
+    if elementwise_affine:
+        t["weight"] = ln.weight
+        if bias:
+            t["bias"] = ln.bias
+    meta = {"kind": "layer_norm", "normalized_shape": E, "eps": eps, "elementwise_affine": elementwise_affine,
+            "bias": bias, "description": description}
+    return t, meta
+
+
+@layer_case
+def layer_norm_affine():
+    return layer_norm_case("layer_norm_affine", "LayerNorm(10), random weight and bias", N=6, E=10)
+
+
+@layer_case
+def layer_norm_no_affine():
+    return layer_norm_case("layer_norm_no_affine", "LayerNorm(12, eps=1e-3, elementwise_affine=False)", N=5,
+                           E=12, eps=1e-3, elementwise_affine=False)
+
+
+@layer_case
+def layer_norm_no_bias():
+    return layer_norm_case("layer_norm_no_bias", "LayerNorm(7, bias=False): weight only (zero bias in torch 1.13)",
+                           N=4, E=7, bias=False)
+
+
+@layer_case
+def layer_norm_large_offset():
+    # Rows 1e4 + noise, every value a multiple of 1/64 below 2^15: exact in float, and with E = 8
+    # the sum, the mean and the deviations are exact in float too. The one-pass variance
+    # E[x^2] - E[x]^2 loses everything here (1e8 - 1e8); the two-pass one is exact.
+    seed_for("layer_norm_large_offset")
+    x = 1e4 + torch.round(randn(4, 8, scale=128.0)) / 64
+    return layer_norm_case("layer_norm_large_offset", "LayerNorm(8), rows 1e4 + noise: needs a two-pass variance",
+                           N=4, E=8, x=x)
+
+
+def feed_forward_case(name, description, N, E, FF, activation, bias=True):
+    seed_for(name)
+    linear1 = torch.nn.Linear(E, FF, bias=bias, dtype=F64)
+    linear2 = torch.nn.Linear(FF, E, bias=bias, dtype=F64)
+    act = {"relu": torch.nn.functional.relu, "gelu": torch.nn.functional.gelu}[activation]
+    x = randn(N, E, scale=2.0)
+    t = {"x": x, "y": linear2(act(linear1(x))), "linear1.weight": linear1.weight, "linear2.weight": linear2.weight}
+    if bias:
+        t["linear1.bias"], t["linear2.bias"] = linear1.bias, linear2.bias
+    meta = {"kind": "feed_forward", "d_model": E, "dim_feedforward": FF, "activation": activation, "bias": bias,
+            "description": description}
+    return t, meta
+
+
+@layer_case
+def feed_forward_relu():
+    return feed_forward_case("feed_forward_relu", "linear2(relu(linear1(x))), 16 -> 40 -> 16", N=7, E=16, FF=40,
+                             activation="relu")
+
+
+@layer_case
+def feed_forward_gelu_no_bias():
+    return feed_forward_case("feed_forward_gelu_no_bias", "linear2(gelu(linear1(x))) (exact erf gelu), no biases",
+                             N=5, E=12, FF=20, activation="gelu", bias=False)
+
+
+# The biases that PyTorch 2.x's bias=False removes from a transformer layer.
+def _is_layer_bias(pname):
+    return pname.endswith(".bias") or pname.endswith("in_proj_bias")
+
+
+def redraw_layer_parameters(module, bias, scale=None):
+    """Every parameter redrawn (PyTorch's init leaves biases at zero and norms at 1/0): matrices
+    ~ N(0, scale^2) (default 1/sqrt(fan_in)), norm weights 1 + N(0, 0.1^2) ... Without bias the
+    biases are zeroed, as if bias=False."""
+    with torch.no_grad():
+        for pname, p in sorted(module.named_parameters()):
+            leaf = pname.rsplit(".", 1)[-1]
+            is_norm = ".norm" in "." + pname
+            if _is_layer_bias(pname) and not bias:
+                p.zero_()
+            elif p.dim() == 2:
+                p.copy_(randn(*p.shape, scale=scale if scale is not None else 1.0 / float(np.sqrt(p.shape[1]))))
+            elif is_norm and leaf == "weight":
+                p.copy_(1 + randn(*p.shape, scale=0.1))
+            else:
+                p.copy_(randn(*p.shape, scale=0.1))
+
+
+def layer_parameters(module, bias, prefix="", dtype=F64):
+    """state_dict tensors, without the biases bias=False removes."""
+    return {prefix + n: p.to(dtype) for n, p in module.state_dict().items() if bias or not _is_layer_bias(n)}
+
+
+def layer_input(B, n, E, unbatched, batch_first, scale=1.0):
+    """torch's layout, and attn's 2-D rows."""
+    if unbatched:
+        x = randn(n, E, scale=scale)
+        return x, x
+    x = randn(B, n, E, scale=scale) if batch_first else randn(n, B, E, scale=scale)
+    return x, x.reshape(-1, E)
+
+
+def layer_mask(kind, B, H, L, S):
+    """kind: None | bool | float | bool3d | float3d | causal_top_left | causal_bottom_right.
+    Returns (torch's mask, the stored 2-D mask)."""
+    if kind is None:
+        return None, None
+    if kind == "bool":
+        m = random_mask(L, S, 0.35, False)
+    elif kind == "float":
+        m = bias_with_neg_inf(L, S)
+    elif kind == "bool3d":
+        m = random_mask(B * H * L, S, 0.35, False).reshape(B * H, L, S)
+    elif kind == "float3d":
+        m = randn(B * H, L, S, scale=1.5)
+    elif kind.startswith("causal_"):
+        # generate_square_subsequent_mask's form (0 where allowed, -inf above the diagonal),
+        # bottom-right aligned when asked and L != S.
+        m = torch.zeros(L, S, dtype=F64).masked_fill(~causal_allowed(L, S, kind[len("causal_"):]), NEG_INF)
+    else:
+        raise ValueError(kind)
+    return m, m.reshape(-1, S)
+
+
+def unbatched_padding(m, unbatched):
+    return None if m is None else (m[0] if unbatched else m)
+
+
+def transformer_meta(kind, E, H, FF, activation, eps, batch_first, norm_first, bias, B, unbatched, description):
+    return {"kind": kind, "d_model": E, "nhead": H, "dim_feedforward": FF, "activation": activation,
+            "layer_norm_eps": eps, "batch_first": batch_first, "norm_first": norm_first, "bias": bias,
+            "batch": B, "unbatched": unbatched, "description": description}
+
+
+def encoder_fast_path(layer, src, src_mask, padding, expected):
+    """Runs torch 1.13's eval-mode fast path where it applies and checks it against the Python
+    path; returns whether it ran."""
+    if not (layer.self_attn.batch_first and src.dim() == 3 and src_mask is None and layer.self_attn.num_heads % 2 == 0):
+        return False
+    with torch.no_grad():
+        fast = layer(src, src_key_padding_mask=padding)
+    assert torch.allclose(fast, expected, rtol=0, atol=1e-12), float((fast - expected).abs().max())
+    return True
+
+
+def encoder_layer_case(name, description, E, H, L, B=2, FF=None, activation="relu", eps=1e-5, batch_first=False,
+                       norm_first=False, bias=True, unbatched=False, src_mask=None, padding=None):
+    """src_mask: a layer_mask kind; padding: lengths of the B sequences (src_key_padding_mask)."""
+    seed_for(name)
+    FF = FF or 2 * E
+    layer = torch.nn.TransformerEncoderLayer(E, H, FF, dropout=0.1, activation=activation, layer_norm_eps=eps,
+                                             batch_first=batch_first, norm_first=norm_first, dtype=F64).eval()
+    redraw_layer_parameters(layer, bias)
+    src, src2d = layer_input(B, L, E, unbatched, batch_first)
+    mask, mask2d = layer_mask(src_mask, B, H, L, L)
+    kpm = lengths_padding(padding)(B, L) if padding is not None else None
+    out = layer(src, src_mask=mask, src_key_padding_mask=unbatched_padding(kpm, unbatched))
+    t = {"src": src2d, "output": out.reshape(-1, E), **layer_parameters(layer, bias)}
+    if mask is not None:
+        t["src_mask"] = mask2d
+    if kpm is not None:
+        t["src_key_padding_mask"] = kpm
+    meta = transformer_meta("encoder_layer", E, H, FF, activation, eps, batch_first, norm_first, bias, B, unbatched,
+                            description)
+    meta.update({"src_len": L, "is_causal": src_mask == "causal_top_left",
+                 "fast_path_checked": encoder_fast_path(layer, src, mask, kpm, out)})
+    return t, meta
+
+
+@layer_case
+def encoder_layer_relu():
+    return encoder_layer_case("encoder_layer_relu", "relu, post-norm, [L, B, E], no mask", E=16, H=4, L=5)
+
+
+@layer_case
+def encoder_layer_gelu_batch_first_padding():
+    return encoder_layer_case("encoder_layer_gelu_batch_first_padding",
+                              "gelu, post-norm, batch_first, src_key_padding_mask", E=16, H=2, L=6,
+                              activation="gelu", batch_first=True, padding=[6, 4])
+
+
+@layer_case
+def encoder_layer_norm_first_float_mask():
+    return encoder_layer_case("encoder_layer_norm_first_float_mask",
+                              "relu, norm_first, batch_first, float src_mask [L, L] with -inf", E=24, H=3, L=5,
+                              FF=40, batch_first=True, norm_first=True, src_mask="float")
+
+
+@layer_case
+def encoder_layer_norm_first_bool_mask_padding():
+    return encoder_layer_case("encoder_layer_norm_first_bool_mask_padding",
+                              "gelu, norm_first, [L, B, E], bool src_mask [L, L] + key padding, eps 1e-3", E=16,
+                              H=4, L=7, activation="gelu", eps=1e-3, norm_first=True, src_mask="bool",
+                              padding=[7, 5])
+
+
+@layer_case
+def encoder_layer_bool_mask_3d():
+    return encoder_layer_case("encoder_layer_bool_mask_3d", "bool src_mask [B*H, L, L], batch_first", E=16, H=2,
+                              L=4, batch_first=True, src_mask="bool3d")
+
+
+@layer_case
+def encoder_layer_float_mask_3d_padding():
+    return encoder_layer_case("encoder_layer_float_mask_3d_padding",
+                              "float src_mask [B*H, L, L] + bool key padding, gelu", E=16, H=2, L=5,
+                              activation="gelu", src_mask="float3d", padding=[3, 5])
+
+
+@layer_case
+def encoder_layer_causal():
+    return encoder_layer_case("encoder_layer_causal",
+                              "is_causal: src_mask = generate_square_subsequent_mask(L), key padding, batch_first",
+                              E=16, H=4, L=6, batch_first=True, src_mask="causal_top_left", padding=[6, 4])
+
+
+@layer_case
+def encoder_layer_no_bias():
+    return encoder_layer_case("encoder_layer_no_bias", "bias=False (zeroed in torch 1.13), gelu, norm_first",
+                              E=16, H=2, L=5, activation="gelu", norm_first=True, bias=False, padding=[5, 2])
+
+
+@layer_case
+def encoder_layer_unbatched():
+    return encoder_layer_case("encoder_layer_unbatched", "unbatched [L, E] input, float src_mask", E=32, H=4, L=5,
+                              B=1, FF=48, unbatched=True, src_mask="float")
+
+
+def decoder_layer_case(name, description, E, H, L, S, B=2, FF=None, activation="relu", eps=1e-5,
+                       batch_first=False, norm_first=False, bias=True, tgt_mask=None, memory_mask=None,
+                       tgt_padding=None, memory_padding=None):
+    seed_for(name)
+    FF = FF or 2 * E
+    layer = torch.nn.TransformerDecoderLayer(E, H, FF, dropout=0.1, activation=activation, layer_norm_eps=eps,
+                                             batch_first=batch_first, norm_first=norm_first, dtype=F64).eval()
+    redraw_layer_parameters(layer, bias)
+    tgt, tgt2d = layer_input(B, L, E, False, batch_first)
+    memory, memory2d = layer_input(B, S, E, False, batch_first)
+    tmask, tmask2d = layer_mask(tgt_mask, B, H, L, L)
+    mmask, mmask2d = layer_mask(memory_mask, B, H, L, S)
+    tkpm = lengths_padding(tgt_padding)(B, L) if tgt_padding is not None else None
+    mkpm = lengths_padding(memory_padding)(B, S) if memory_padding is not None else None
+    out = layer(tgt, memory, tgt_mask=tmask, memory_mask=mmask, tgt_key_padding_mask=tkpm,
+                memory_key_padding_mask=mkpm)
+    t = {"tgt": tgt2d, "memory": memory2d, "output": out.reshape(-1, E), **layer_parameters(layer, bias)}
+    for key, value in (("tgt_mask", tmask2d), ("memory_mask", mmask2d), ("tgt_key_padding_mask", tkpm),
+                       ("memory_key_padding_mask", mkpm)):
+        if value is not None:
+            t[key] = value
+    meta = transformer_meta("decoder_layer", E, H, FF, activation, eps, batch_first, norm_first, bias, B, False,
+                            description)
+    memory_causal = memory_mask[len("causal_"):] if memory_mask and memory_mask.startswith("causal_") else "none"
+    meta.update({"tgt_len": L, "memory_len": S, "tgt_is_causal": tgt_mask == "causal_top_left",
+                 "memory_causal": memory_causal})
+    return t, meta
+
+
+@layer_case
+def decoder_layer_relu():
+    return decoder_layer_case("decoder_layer_relu", "relu, post-norm, [L, B, E], L != S, no mask", E=16, H=4, L=5,
+                              S=7)
+
+
+@layer_case
+def decoder_layer_gelu_batch_first_masks():
+    return decoder_layer_case("decoder_layer_gelu_batch_first_masks",
+                              "gelu, post-norm, batch_first: bool tgt_mask, float memory_mask, both key paddings",
+                              E=16, H=2, L=4, S=6, activation="gelu", batch_first=True, tgt_mask="bool",
+                              memory_mask="float", tgt_padding=[4, 3], memory_padding=[6, 2])
+
+
+@layer_case
+def decoder_layer_norm_first():
+    return decoder_layer_case("decoder_layer_norm_first",
+                              "relu, norm_first, [L, B, E]: float tgt_mask [B*H, L, L], bool memory_mask [B*H, L, S]",
+                              E=24, H=3, L=5, S=3, FF=32, norm_first=True, tgt_mask="float3d", memory_mask="bool3d",
+                              memory_padding=[3, 2])
+
+
+@layer_case
+def decoder_layer_causal():
+    return decoder_layer_case("decoder_layer_causal",
+                              "tgt_is_causal (subsequent mask) and a bottom-right causal memory_mask, L < S, "
+                              "batch_first, gelu, norm_first", E=16, H=4, L=4, S=7, activation="gelu",
+                              batch_first=True, norm_first=True, tgt_mask="causal_top_left",
+                              memory_mask="causal_bottom_right", tgt_padding=[4, 2])
+
+
+@layer_case
+def decoder_layer_no_bias():
+    return decoder_layer_case("decoder_layer_no_bias", "bias=False (zeroed in torch 1.13), post-norm, eps 1e-4",
+                              E=16, H=2, L=5, S=6, eps=1e-4, bias=False, tgt_mask="causal_top_left",
+                              memory_padding=[6, 3])
+
+
+def encoder_case(name, description, num_layers, E, H, L, B, FF, activation, batch_first, norm_first, final_norm,
+                 src_mask=None, padding=None, store=F64, param_scale=None):
+    """nn.TransformerEncoder(layer, num_layers, norm, enable_nested_tensor=False), every layer's
+    parameters redrawn (PyTorch's clones start equal). store = torch.float16 keeps the parameters
+    and src in half precision: the case computes in float64 on exactly the stored (rounded)
+    values, so the file is a quarter of the size and the comparison as clean as in float64."""
+    seed_for(name)
+    layer = torch.nn.TransformerEncoderLayer(E, H, FF, dropout=0.1, activation=activation, batch_first=batch_first,
+                                             norm_first=norm_first, dtype=F64)
+    norm = torch.nn.LayerNorm(E, dtype=F64) if final_norm else None
+    enc = torch.nn.TransformerEncoder(layer, num_layers, norm=norm, enable_nested_tensor=False).eval()
+    redraw_layer_parameters(enc, True, param_scale)
+    src, src2d = layer_input(B, L, E, False, batch_first)
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.copy_(p.to(store).to(F64))
+        src = src.to(store).to(F64)
+        src2d = src2d.to(store).to(F64)
+    mask, mask2d = layer_mask(src_mask, B, H, L, L)
+    kpm = lengths_padding(padding)(B, L) if padding is not None else None
+    out = enc(src, mask=mask, src_key_padding_mask=kpm)
+    t = {"src": src2d.to(store), "output": out.reshape(-1, E), **layer_parameters(enc, True, dtype=store)}
+    if mask is not None:
+        t["mask"] = mask2d
+    if kpm is not None:
+        t["src_key_padding_mask"] = kpm
+    meta = transformer_meta("encoder", E, H, FF, activation, 1e-5, batch_first, norm_first, True, B, False,
+                            description)
+    meta.update({"src_len": L, "num_layers": num_layers, "final_norm": final_norm, "is_causal": False})
+    return t, meta
+
+
+@layer_case
+def encoder_3_layers_final_norm():
+    return encoder_case("encoder_3_layers_final_norm",
+                        "TransformerEncoder: 3 layers, gelu, norm_first, final norm, [L, B, E], float mask + padding",
+                        num_layers=3, E=16, H=2, L=5, B=2, FF=32, activation="gelu", batch_first=False,
+                        norm_first=True, final_norm=True, src_mask="float", padding=[5, 3])
+
+
+@layer_case
+def encoder_6_layers_e256():
+    # 3.16 M parameters: 25 MB in float64, 12.6 MB in float32, 6.3 MB in float16 (stored so).
+    return encoder_case("encoder_6_layers_e256",
+                        "TransformerEncoder: 6 layers, d_model 256, nhead 8, dim_feedforward 512, L 128, B 2, "
+                        "gelu, post-norm, batch_first, key padding; parameters and src stored as float16",
+                        num_layers=6, E=256, H=8, L=128, B=2, FF=512, activation="gelu", batch_first=True,
+                        norm_first=False, final_norm=False, padding=[128, 97], store=torch.float16)
+
+
 # ---------------------------------------------------------------------------------------------
 
 def main(argv):
@@ -570,11 +969,17 @@ def main(argv):
     for name, fn in CASES.items():
         tensors, meta = fn()
         meta = {"case": name, "generator": "tools/gen_fixtures.py", "torch_version": torch.__version__, **meta}
-        path = os.path.join(out_dir, name + ".safetensors")
+        os.makedirs(os.path.join(out_dir, SUBDIR.get(name, "")), exist_ok=True)
+        path = os.path.join(out_dir, SUBDIR.get(name, ""), name + ".safetensors")
         write_safetensors(path, tensors, meta)
         total += os.path.getsize(path)
-    stale = sorted(f for f in os.listdir(out_dir)
-                   if f.endswith(".safetensors") and f[: -len(".safetensors")] not in CASES)
+    stale = []
+    for d in sorted({""} | set(SUBDIR.values())):
+        folder = os.path.join(out_dir, d)
+        for f in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+            name = f[: -len(".safetensors")]
+            if f.endswith(".safetensors") and (name not in CASES or SUBDIR.get(name, "") != d):
+                stale.append(os.path.join(d, f))
     for f in stale:
         print(f"warning: {os.path.join(out_dir, f)} is not a case of this script (stale?)", file=sys.stderr)
     print(f"wrote {len(CASES)} fixtures, {total} bytes, to {out_dir}")

@@ -57,7 +57,7 @@ TYPED_TEST(KernelTest, BlockedMatchesReference) {
 // blocks, on 1-3 threads.
 TYPED_TEST(KernelTest, FlashMatchesReference) {
   using T = TypeParam;
-  const attn::detail::FlashBlocks shapes[] = {{1, 1}, {7, 5}, {64, 64}, {16, 128}, {}};
+  const attn::detail::FlashBlocks shapes[] = {{1, 1}, {7, 5}, {64, 64}, {16, 128}, {}};  // [5]: flash_blocks
   for (int c = 0; c < cases(); ++c) {
     const std::uint64_t seed = base_seed() + 200000 + std::uint64_t(c);
     RandomProblem<T> r(seed);
@@ -67,8 +67,9 @@ TYPED_TEST(KernelTest, FlashMatchesReference) {
     attach_outputs(ref.p, ref_out, &ref_w);
     attn::detail::attention_reference(ref.p);
 
-    // Blocks and threads follow from the seed, so that a replay runs the failing configuration.
-    const auto& blocks = shapes[seed % 5];
+    // Blocks and threads follow from the seed, so that a replay runs the failing configuration;
+    // one in six takes the dispatch point's choice (flash_blocks).
+    const auto blocks = seed % 6 == 5 ? attn::detail::flash_blocks(r.p) : shapes[seed % 6];
     const int threads = 1 + int(seed % 3);
     attn::Matrix<T> out;
     attach_outputs(r.p, out);
@@ -95,6 +96,21 @@ TYPED_TEST(KernelTest, FlashIsBitwiseIdenticalForAnyThreadCount) {
       ASSERT_TRUE(one == many) << threads << " threads";
     }
   }
+}
+
+// Few (batch, head) pairs get smaller query blocks, so that two threads have several tasks each:
+// one head of 512 queries is 3 tasks of 192 rows, 6 of 96, 11 of 48 -> 48 (at least 8 tasks).
+TEST(FlashBlocks, SmallProblemsGetSmallerQueryBlocksSoThreadsShareThem) {
+  attn::detail::AttentionProblem<float> p;
+  p.batch = 1, p.heads = 1, p.L = 512, p.S = 512;
+  EXPECT_EQ(attn::detail::flash_blocks(p).rows, 48);
+  p.heads = 2;  // 2 x 3 = 6 tasks of 192; 2 x 6 = 12 of 96
+  EXPECT_EQ(attn::detail::flash_blocks(p).rows, 96);
+  p.heads = 12;  // 12 x 3 = 36 tasks of 192
+  EXPECT_EQ(attn::detail::flash_blocks(p).rows, 192);
+  p.heads = 1, p.L = 20;  // one task whatever the block: never below 48
+  EXPECT_EQ(attn::detail::flash_blocks(p).rows, 48);
+  EXPECT_EQ(attn::detail::flash_blocks(p).cols, 256);
 }
 
 // The reference in float against itself in double: a sanity bound on the oracle's own rounding.

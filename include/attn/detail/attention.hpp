@@ -18,7 +18,7 @@ void attention(const AttentionProblem<T>& p) {
   if (p.weights)
     attention_blocked(p);
   else
-    attention_flash(p);
+    attention_flash(p, flash_blocks(p));
 }
 
 }  // namespace attn::detail

@@ -37,6 +37,19 @@ struct FlashBlocks {
   Index cols = 256;  // Bc: keys per step
 };
 
+// The blocks for problem p: Br = 192 unless that leaves fewer than 8 tasks, as one head of 512
+// queries would (3 tasks: two threads finish 2 and 1, and one idles a third of the time); then
+// 96 or 48, which are whole row tiles of every micro-kernel width. A function of the shape only,
+// never of the thread count, so results stay the same bits on any number of threads.
+template <class T>
+FlashBlocks flash_blocks(const AttentionProblem<T>& p) {
+  constexpr Index kMinTasks = 8, kMinRows = 48;
+  FlashBlocks blocks;
+  while (blocks.rows > kMinRows && p.batch * p.heads * ((p.L + blocks.rows - 1) / blocks.rows) < kMinTasks)
+    blocks.rows /= 2;
+  return blocks;
+}
+
 // One past the last key that query rows [.., i1) may attend after causal masking and key
 // padding; keys at or past mask_keys (MHA's extra keys) always count.
 template <class T>

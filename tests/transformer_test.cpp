@@ -3,11 +3,13 @@
 // tools/gen_fixtures.py in float64), identities that need no fixture, and errors.
 //
 // Each fixture is a typed test, float and double: TransformerPyTorch/double.encoder_layer_causal.
-// Parameters are loaded by their state_dict names through the modules' setters; the 6-layer
+// Parameters are loaded by their state_dict names (attn::io::load_state_dict); the 6-layer
 // d_model-256 stack (encoder_6_layers_e256) stores them as float16, exact in float and double, so
 // it is held to the same tolerances as the rest: max |actual - expected| <= tol * max(1, max
 // |expected|), tol = 1e-5 in float, 1e-10 in double.
 #include <attn/transformer.hpp>
+
+#include <attn/io/state_dict.hpp>  // loads the fixtures' parameters by name
 
 #include <cstdint>
 #include <limits>
@@ -29,50 +31,15 @@ using attn_test::tolerance;
 
 // --- loading a state_dict by name -----------------------------------------------------------------
 
-template <class T>
-void load_mha(attn::MultiHeadAttention<T>& m, const Fixture& f, const std::string& prefix) {
-  m.set_in_proj_weight(f.tensor<T>(prefix + "in_proj_weight"));
-  m.out_proj().set_weight(f.tensor<T>(prefix + "out_proj.weight"));
-  ASSERT_EQ(m.options().bias, f.has(prefix + "in_proj_bias")) << prefix;
-  ASSERT_EQ(m.options().bias, f.has(prefix + "out_proj.bias")) << prefix;
-  if (m.options().bias) {
-    m.set_in_proj_bias(f.vec<T>(prefix + "in_proj_bias"));
-    m.out_proj().set_bias(f.vec<T>(prefix + "out_proj.bias"));
-  }
-}
-
-template <class T>
-void load_linear(attn::Linear<T>& l, const Fixture& f, const std::string& prefix) {
-  l.set_weight(f.tensor<T>(prefix + "weight"));
-  ASSERT_EQ(l.has_bias(), f.has(prefix + "bias")) << prefix;
-  if (l.has_bias()) l.set_bias(f.vec<T>(prefix + "bias"));
-}
-
-template <class T>
-void load_norm(attn::LayerNorm<T>& n, const Fixture& f, const std::string& prefix) {
-  n.set_weight(f.vec<T>(prefix + "weight"));
-  ASSERT_EQ(n.has_bias(), f.has(prefix + "bias")) << prefix;
-  if (n.has_bias()) n.set_bias(f.vec<T>(prefix + "bias"));
-}
-
-template <class T>
-void load_layer(attn::TransformerEncoderLayer<T>& layer, const Fixture& f, const std::string& prefix = "") {
-  load_mha(layer.self_attn(), f, prefix + "self_attn.");
-  load_linear(layer.linear1(), f, prefix + "linear1.");
-  load_linear(layer.linear2(), f, prefix + "linear2.");
-  load_norm(layer.norm1(), f, prefix + "norm1.");
-  load_norm(layer.norm2(), f, prefix + "norm2.");
-}
-
-template <class T>
-void load_layer(attn::TransformerDecoderLayer<T>& layer, const Fixture& f) {
-  load_mha(layer.self_attn(), f, "self_attn.");
-  load_mha(layer.multihead_attn(), f, "multihead_attn.");
-  load_linear(layer.linear1(), f, "linear1.");
-  load_linear(layer.linear2(), f, "linear2.");
-  load_norm(layer.norm1(), f, "norm1.");
-  load_norm(layer.norm2(), f, "norm2.");
-  load_norm(layer.norm3(), f, "norm3.");
+// Every parameter of the module from the fixture, by its state_dict name, through
+// the library's loader: not strict, since the fixture holds the inputs, masks and outputs beside
+// the parameters, but none of the module's may be missing. What it loads counts as read for
+// Fixture::unused(), so a parameter the module lacks (a bias with bias = false) is still caught.
+template <class Module>
+void load_params(Module& m, const Fixture& f) {
+  const attn::io::LoadResult r = attn::io::load_state_dict(m, f.file(), "", /*strict=*/false);
+  EXPECT_EQ(r.missing_keys, std::vector<std::string>{});
+  for (const auto& entry : attn::io::state_dict(m)) f.mark_used(entry.first);
 }
 
 attn::TransformerOptions options_of(const Fixture& f) {
@@ -132,7 +99,7 @@ attn::Causal causal_of(const std::string& s) {
 template <class T>
 void run_encoder_layer(const Fixture& f) {
   attn::TransformerEncoderLayer<T> layer(f.meta_int("d_model"), f.meta_int("nhead"), options_of(f));
-  load_layer(layer, f);
+  load_params(layer, f);  // self_attn.*, linear1.*, linear2.*, norm1.*, norm2.*
   const attn::Matrix<T> src = f.tensor<T>("src");
   const attn::Matrix<double> want = f.tensor<double>("output");
   attn::EncoderArgs<T> args;
@@ -164,7 +131,7 @@ void run_encoder_layer(const Fixture& f) {
 template <class T>
 void run_decoder_layer(const Fixture& f) {
   attn::TransformerDecoderLayer<T> layer(f.meta_int("d_model"), f.meta_int("nhead"), options_of(f));
-  load_layer(layer, f);
+  load_params(layer, f);  // the same and multihead_attn.*, norm3.*
   const attn::Matrix<T> tgt = f.tensor<T>("tgt"), memory = f.tensor<T>("memory");
   const attn::Matrix<double> want = f.tensor<double>("output");
   attn::DecoderArgs<T> args;
@@ -208,9 +175,8 @@ void run_encoder(const Fixture& f) {
   attn::TransformerEncoder<T> enc(attn::TransformerEncoderLayer<T>(E, f.meta_int("nhead"), options_of(f)), layers,
                                   final_norm);
   ASSERT_EQ(enc.num_layers(), layers);
-  for (Index i = 0; i < layers; ++i) load_layer(enc.layer(i), f, "layers." + std::to_string(i) + ".");
   ASSERT_EQ(enc.norm() != nullptr, f.has("norm.weight"));
-  if (enc.norm()) load_norm(*enc.norm(), f, "norm.");
+  load_params(enc, f);  // layers.{i}.*, norm.*
 
   const attn::Matrix<T> src = f.tensor<T>("src");
   attn::EncoderArgs<T> args;

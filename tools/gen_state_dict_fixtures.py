@@ -19,6 +19,22 @@ metadata, loads it by its keys with attn::io::load_state_dict and must reproduce
                   q/k/v_proj_weight; query [B*L, E], key [B*S, 10], value [B*S, 6].
   dtypes          F16, BF16 and F32 tensors [4, 8] (special values, then random ones) beside their
                   exact float64 values <name>_as_f64: torch's own bytes and conversions as the oracle.
+  transformer_encoder
+                  {encoder: TransformerEncoder(TransformerEncoderLayer(16, 4, 24, gelu, batch_first,
+                  norm_first), 2 layers, final LayerNorm), head: Linear(16, 3)}: keys encoder.* and
+                  head.*; src [B*L, E], encoder_output, head_output; metadata: the hyperparameters
+                  (export_state_dict.transformer_encoder_metadata) and PyTorch's key order of the
+                  encoder, its layer and its norm (encoder_keys, encoder_layer_keys, layer_norm_keys,
+                  comma-separated).
+  transformer_decoder_layer
+                  {layer: TransformerDecoderLayer(16, 2, 24)}: keys layer.*; tgt [L*B, E], memory
+                  [S*B, E], causal tgt_mask; output; PyTorch's key order in layer_keys.
+
+And, for examples/encoder_from_pytorch.cpp (run by ctest), the files its usage describes:
+  encoder_example       TransformerEncoder(TransformerEncoderLayer(16, 2, 32), 2 layers, final
+                        LayerNorm), saved with torch.save and exported by export_state_dict.py's
+                        command line (float32, hyperparameters in the metadata, no other tensor);
+  encoder_example_io    src [L, B, E] and PyTorch's float32 output.
 
 Deterministic: each case seeds torch from a CRC of its name.
 """
@@ -26,6 +42,7 @@ Deterministic: each case seeds torch from a CRC of its name.
 import copy
 import os
 import sys
+import tempfile
 import zlib
 
 import torch
@@ -126,6 +143,83 @@ def dtypes():
     return {}, tensors, {"description": "F16, BF16 and F32 tensors and their exact float64 values"}
 
 
+def key_list(module):
+    """PyTorch's own state_dict key order, for the C++ test to compare attn's with."""
+    return ",".join(module.state_dict().keys())
+
+
+@case
+def transformer_encoder():
+    E, H, FF, N, L, B = 16, 4, 24, 2, 5, 2
+    model = torch.nn.Module()
+    layer = torch.nn.TransformerEncoderLayer(E, H, FF, dropout=0.1, activation="gelu", batch_first=True,
+                                             norm_first=True)
+    model.encoder = torch.nn.TransformerEncoder(layer, N, norm=torch.nn.LayerNorm(E), enable_nested_tensor=False)
+    model.head = torch.nn.Linear(E, 3)
+    model.eval()
+    redraw_(model)
+    src = randn(B, L, E)
+    ref = copy.deepcopy(model).double()
+    out = ref.encoder(src)
+    tensors = {"src": src.reshape(-1, E), "encoder_output": out.reshape(-1, E),
+               "head_output": ref.head(out).reshape(-1, 3)}
+    meta = export_state_dict.transformer_encoder_metadata(model.encoder)
+    meta.update({"batch": B, "src_len": L, "encoder_keys": key_list(model.encoder),
+                 "encoder_layer_keys": key_list(model.encoder.layers[0]),
+                 "layer_norm_keys": key_list(model.encoder.norm),
+                 "description": "TransformerEncoder(TransformerEncoderLayer(16, 4, 24, gelu, batch_first, "
+                                "norm_first), 2 layers, final LayerNorm) at encoder., Linear(16, 3) at head., "
+                                "float32 state_dict; src [B, L, E]"})
+    return model.state_dict(), tensors, meta
+
+
+@case
+def transformer_decoder_layer():
+    E, H, FF, L, S, B = 16, 2, 24, 4, 6, 2
+    block = torch.nn.Module()
+    block.layer = torch.nn.TransformerDecoderLayer(E, H, FF, dropout=0.1).eval()  # relu, post-norm, [L, B, E]
+    redraw_(block)
+    tgt, memory = randn(L, B, E), randn(S, B, E)
+    causal = torch.triu(torch.full((L, L), float("-inf"), dtype=F64), diagonal=1)  # attn::Causal::TopLeft
+    ref = copy.deepcopy(block).double()
+    out = ref.layer(tgt, memory, tgt_mask=causal)
+    tensors = {"tgt": tgt.reshape(-1, E), "memory": memory.reshape(-1, E), "output": out.reshape(-1, E)}
+    meta = {"d_model": E, "nhead": H, "dim_feedforward": FF, "activation": "relu", "layer_norm_eps": 1e-5,
+            "batch_first": False, "norm_first": False, "batch": B, "tgt_len": L, "src_len": S,
+            "tgt_is_causal": True, "layer_keys": key_list(block.layer),
+            "description": "TransformerDecoderLayer(16, 2, 24) at layer., float32 state_dict; tgt [L, B, E], "
+                           "memory [S, B, E], causal tgt_mask"}
+    return block.state_dict(), tensors, meta
+
+
+def write_example(out_dir):
+    """encoder_example.safetensors, what the README's first step writes for an nn.TransformerEncoder
+    (torch.save, then tools/export_state_dict.py on the command line, float32, the hyperparameters in
+    the metadata); encoder_example_io.safetensors, src [L, B, E] and PyTorch's float32 output, for
+    examples/encoder_from_pytorch.cpp --check (a ctest). Returns the two paths."""
+    seed_for("state_dict/encoder_example")
+    E, H, FF, N, L, B = 16, 2, 32, 2, 7, 2
+    encoder = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(E, H, FF), N, norm=torch.nn.LayerNorm(E),
+                                          enable_nested_tensor=False).eval()
+    redraw_(encoder)
+    model_path = os.path.abspath(os.path.join(out_dir, "encoder_example.safetensors"))
+    io_path = os.path.abspath(os.path.join(out_dir, "encoder_example_io.safetensors"))
+    with tempfile.TemporaryDirectory() as tmp:
+        cwd = os.getcwd()
+        os.chdir(tmp)  # the metadata records the input's name: keep it the same on every run
+        try:
+            torch.save(encoder, "encoder.pt")
+            export_state_dict.main(["export_state_dict.py", "encoder.pt", model_path, "--dtype", "float32"])
+        finally:
+            os.chdir(cwd)
+    src = randn(L, B, E).to(torch.float32)
+    output = encoder(src).detach()
+    export_state_dict.save_file({"src": src, "output": output}, io_path, metadata={
+        "generator": "tools/gen_state_dict_fixtures.py", "torch_version": torch.__version__,
+        "description": "src [L, B, E] and PyTorch's float32 output of encoder_example.safetensors"})
+    return [model_path, io_path]
+
+
 def main(argv):
     if len(argv) > 2 or (len(argv) == 2 and argv[1] in ("-h", "--help")):
         print(__doc__)
@@ -144,7 +238,9 @@ def main(argv):
         export_state_dict.export_state_dict(state, path, metadata={k: meta_str(v) for k, v in meta.items()},
                                             extra=tensors)
         total += os.path.getsize(path)
-    print(f"wrote {len(CASES)} fixtures, {total} bytes, to {out_dir}")
+    example = write_example(out_dir)
+    total += sum(os.path.getsize(p) for p in example)
+    print(f"wrote {len(CASES) + len(example)} fixtures, {total} bytes, to {out_dir}")
     return 0
 
 

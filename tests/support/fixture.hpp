@@ -116,6 +116,12 @@ class Fixture {
     return st_.mask(name);
   }
 
+  // Counts a tensor read through file() (attn::io::load_state_dict) as read; throws when absent.
+  void mark_used(const std::string& name) const {
+    (void)st_.info(name);
+    used_.insert(name);
+  }
+
   // Tensors no accessor has read: a test that leaves one unread ignores part of the case.
   std::vector<std::string> unused() const {
     std::vector<std::string> n;

@@ -1,17 +1,24 @@
 // attn/io/state_dict.hpp - PyTorch's state_dict() and load_state_dict() for attn's modules, under
 // PyTorch's names, so a trained model's tensors load without reshuffling and attn's save back.
 //
-//   auto st = attn::io::SafeTensors::open("encoder.safetensors");       // torch's state_dict
-//   attn::io::load_state_dict(mha, st, "layers.0.self_attn");            // strict: every key, once
-//   attn::io::save_safetensors("mha.safetensors", attn::io::state_dict(mha));
+//   auto st = attn::io::SafeTensors::open("model.safetensors");         // torch's state_dict
+//   attn::io::load_state_dict(encoder, st, "encoder");                   // strict: every key, once
+//   attn::io::save_safetensors("encoder.safetensors", attn::io::state_dict(encoder));
 //
 // The keys, as in PyTorch:
-//   Linear:              weight [out, in], bias [out] (when it has one)
-//   MultiHeadAttention:  in_proj_weight [3E, E], or q_proj_weight [E, E], k_proj_weight [E, kdim],
-//                        v_proj_weight [E, vdim] when kdim or vdim != E; in_proj_bias [3E],
-//                        out_proj.weight [E, E], out_proj.bias [E] (with bias); bias_k, bias_v
-//                        [1, 1, E] (with add_bias_kv; [E] is accepted on load too).
-// In PyTorch's order (a module's own parameters, then out_proj's).
+//   Linear:                   weight [out, in], bias [out] (when it has one)
+//   MultiHeadAttention:       in_proj_weight [3E, E], or q_proj_weight [E, E], k_proj_weight [E, kdim],
+//                             v_proj_weight [E, vdim] when kdim or vdim != E; in_proj_bias [3E],
+//                             out_proj.weight [E, E], out_proj.bias [E] (with bias); bias_k, bias_v
+//                             [1, 1, E] (with add_bias_kv; [E] is accepted on load too).
+//   LayerNorm:                weight [E] (with elementwise_affine), bias [E] (and bias)
+//   FeedForward:              linear1.*, linear2.* (Linear's keys), as on PyTorch's transformer layers,
+//                             which have no feed-forward submodule of their own
+//   TransformerEncoderLayer:  self_attn.*, linear1.*, linear2.*, norm1.*, norm2.*
+//   TransformerDecoderLayer:  self_attn.*, multihead_attn.*, linear1.*, linear2.*, norm1.*, norm2.*, norm3.*
+//   TransformerEncoder:       layers.0.* ... layers.{num_layers-1}.*, norm.* (with a final norm)
+// In PyTorch's order: a module's own parameters, then its submodules' in the order PyTorch's
+// constructor registers them (the order above).
 //
 // A prefix names the module inside a larger one: "encoder.attn" or "encoder.attn." (a '.' is
 // added when missing). Keys outside the prefix are never looked at.
@@ -27,10 +34,13 @@
 #include <vector>
 
 #include "attn/error.hpp"
+#include "attn/feed_forward.hpp"
 #include "attn/io/safetensors.hpp"
 #include "attn/io/tensor.hpp"
+#include "attn/layer_norm.hpp"
 #include "attn/linear.hpp"
 #include "attn/multi_head_attention.hpp"
+#include "attn/transformer.hpp"
 #include "attn/types.hpp"
 
 namespace attn::io {
@@ -53,6 +63,34 @@ struct Param {
   std::function<Tensor<T>(const Module&)> get;
   std::function<void(Module&, const Tensor<T>&)> set;
 };
+
+// Every module's parameter list, declared first so that a composite's list can take its children's.
+template <class T>
+std::vector<Param<Linear<T>, T>> params(const Linear<T>& m);
+template <class T>
+std::vector<Param<MultiHeadAttention<T>, T>> params(const MultiHeadAttention<T>& m);
+template <class T>
+std::vector<Param<LayerNorm<T>, T>> params(const LayerNorm<T>& m);
+template <class T>
+std::vector<Param<FeedForward<T>, T>> params(const FeedForward<T>& m);
+template <class T>
+std::vector<Param<TransformerEncoderLayer<T>, T>> params(const TransformerEncoderLayer<T>& m);
+template <class T>
+std::vector<Param<TransformerDecoderLayer<T>, T>> params(const TransformerDecoderLayer<T>& m);
+template <class T>
+std::vector<Param<TransformerEncoder<T>, T>> params(const TransformerEncoder<T>& m);
+
+// Appends a child module's parameters to its parent's: keys under `name` ("self_attn.", or "" for
+// a child whose keys PyTorch puts on the parent itself), reached through `child`, which maps a
+// const parent to a const child and a parent to a child (a generic lambda returning auto&).
+template <class Parent, class T, class Child, class Access>
+void append_child(std::vector<Param<Parent, T>>& ps, const std::string& name, const Child& c, Access child) {
+  for (auto& p : params(c)) {
+    ps.push_back({name + p.key, std::move(p.shape), std::move(p.also_accepted),
+                  [get = std::move(p.get), child](const Parent& m) { return get(child(m)); },
+                  [set = std::move(p.set), child](Parent& m, const Tensor<T>& t) { set(child(m), t); }});
+  }
+}
 
 template <class T>
 std::vector<Param<Linear<T>, T>> params(const Linear<T>& m) {
@@ -122,13 +160,67 @@ std::vector<Param<MultiHeadAttention<T>, T>> params(const MultiHeadAttention<T>&
                   },
                   [](M& a, const Tensor<T>& t) { a.set_bias_v(t.vector()); }});
   }
-  for (auto& p : params(m.out_proj())) {
-    auto get = std::move(p.get);
-    auto set = std::move(p.set);
-    ps.push_back({"out_proj." + p.key, std::move(p.shape), std::move(p.also_accepted),
-                  [get](const M& a) { return get(a.out_proj()); },
-                  [set](M& a, const Tensor<T>& t) { set(a.out_proj(), t); }});
-  }
+  append_child(ps, "out_proj.", m.out_proj(), [](auto& a) -> auto& { return a.out_proj(); });
+  return ps;
+}
+
+template <class T>
+std::vector<Param<LayerNorm<T>, T>> params(const LayerNorm<T>& m) {
+  using N = LayerNorm<T>;
+  std::vector<Param<N, T>> ps;
+  if (m.elementwise_affine())
+    ps.push_back({"weight",
+                  {m.normalized_shape()},
+                  {},
+                  [](const N& n) { return Tensor<T>::from_vector(n.weight()); },
+                  [](N& n, const Tensor<T>& t) { n.set_weight(t.vector()); }});
+  if (m.has_bias())
+    ps.push_back({"bias",
+                  {m.normalized_shape()},
+                  {},
+                  [](const N& n) { return Tensor<T>::from_vector(n.bias()); },
+                  [](N& n, const Tensor<T>& t) { n.set_bias(t.vector()); }});
+  return ps;
+}
+
+template <class T>
+std::vector<Param<FeedForward<T>, T>> params(const FeedForward<T>& m) {
+  std::vector<Param<FeedForward<T>, T>> ps;
+  append_child(ps, "linear1.", m.linear1(), [](auto& f) -> auto& { return f.linear1(); });
+  append_child(ps, "linear2.", m.linear2(), [](auto& f) -> auto& { return f.linear2(); });
+  return ps;
+}
+
+// PyTorch's TransformerEncoderLayer registers self_attn, linear1, linear2, norm1, norm2 (and
+// dropouts, which hold nothing); the feed-forward block's keys sit on the layer itself.
+template <class T>
+std::vector<Param<TransformerEncoderLayer<T>, T>> params(const TransformerEncoderLayer<T>& m) {
+  std::vector<Param<TransformerEncoderLayer<T>, T>> ps;
+  append_child(ps, "self_attn.", m.self_attn(), [](auto& l) -> auto& { return l.self_attn(); });
+  append_child(ps, "", m.feed_forward(), [](auto& l) -> auto& { return l.feed_forward(); });
+  append_child(ps, "norm1.", m.norm1(), [](auto& l) -> auto& { return l.norm1(); });
+  append_child(ps, "norm2.", m.norm2(), [](auto& l) -> auto& { return l.norm2(); });
+  return ps;
+}
+
+template <class T>
+std::vector<Param<TransformerDecoderLayer<T>, T>> params(const TransformerDecoderLayer<T>& m) {
+  std::vector<Param<TransformerDecoderLayer<T>, T>> ps;
+  append_child(ps, "self_attn.", m.self_attn(), [](auto& l) -> auto& { return l.self_attn(); });
+  append_child(ps, "multihead_attn.", m.multihead_attn(), [](auto& l) -> auto& { return l.multihead_attn(); });
+  append_child(ps, "", m.feed_forward(), [](auto& l) -> auto& { return l.feed_forward(); });
+  append_child(ps, "norm1.", m.norm1(), [](auto& l) -> auto& { return l.norm1(); });
+  append_child(ps, "norm2.", m.norm2(), [](auto& l) -> auto& { return l.norm2(); });
+  append_child(ps, "norm3.", m.norm3(), [](auto& l) -> auto& { return l.norm3(); });
+  return ps;
+}
+
+template <class T>
+std::vector<Param<TransformerEncoder<T>, T>> params(const TransformerEncoder<T>& m) {
+  std::vector<Param<TransformerEncoder<T>, T>> ps;
+  for (Index i = 0; i < m.num_layers(); ++i)
+    append_child(ps, "layers." + std::to_string(i) + ".", m.layer(i), [i](auto& e) -> auto& { return e.layer(i); });
+  if (m.norm()) append_child(ps, "norm.", *m.norm(), [](auto& e) -> auto& { return *e.norm(); });
   return ps;
 }
 
@@ -217,6 +309,8 @@ StateDict<T> save(const Module& module, const std::string& raw_prefix) {
 }  // namespace detail
 
 // The module's parameters under PyTorch's keys (each prefixed), in PyTorch's order; owned copies.
+//   Linear, MultiHeadAttention, LayerNorm, FeedForward, TransformerEncoderLayer,
+//   TransformerDecoderLayer, TransformerEncoder: the keys in the table at the top of this file.
 template <class T>
 StateDict<T> state_dict(const Linear<T>& module, const std::string& prefix = "") {
   return detail::save<Linear<T>, T>(module, prefix);
@@ -225,14 +319,37 @@ template <class T>
 StateDict<T> state_dict(const MultiHeadAttention<T>& module, const std::string& prefix = "") {
   return detail::save<MultiHeadAttention<T>, T>(module, prefix);
 }
+template <class T>
+StateDict<T> state_dict(const LayerNorm<T>& module, const std::string& prefix = "") {
+  return detail::save<LayerNorm<T>, T>(module, prefix);
+}
+template <class T>
+StateDict<T> state_dict(const FeedForward<T>& module, const std::string& prefix = "") {
+  return detail::save<FeedForward<T>, T>(module, prefix);
+}
+template <class T>
+StateDict<T> state_dict(const TransformerEncoderLayer<T>& module, const std::string& prefix = "") {
+  return detail::save<TransformerEncoderLayer<T>, T>(module, prefix);
+}
+template <class T>
+StateDict<T> state_dict(const TransformerDecoderLayer<T>& module, const std::string& prefix = "") {
+  return detail::save<TransformerDecoderLayer<T>, T>(module, prefix);
+}
+template <class T>
+StateDict<T> state_dict(const TransformerEncoder<T>& module, const std::string& prefix = "") {
+  return detail::save<TransformerEncoder<T>, T>(module, prefix);
+}
 
 // Sets the module's parameters from the keys under `prefix`: from a file (any float dtype,
-// converted to T) or a StateDict<T>.
+// converted to T) or a StateDict<T>. For every module state_dict() saves (a composite such as
+// TransformerEncoder loads all of its layers' keys in one call).
 //   strict (the default): every parameter must be there and nothing else under the prefix, or a
 //     format_error lists the missing and the unexpected keys;
 //   strict = false: what matches is loaded, the rest is returned in the LoadResult.
 // A tensor whose shape is not the parameter's is a shape_error naming the key and both shapes;
-// a tensor that is not a float, a format_error. On any error the module is left unchanged.
+// a tensor that is not a float, a format_error. On any error the module is left unchanged, a
+// composite's every submodule included (the parameters are set on a copy that then replaces it,
+// so a load briefly holds the module twice).
 template <class T>
 LoadResult load_state_dict(Linear<T>& module, const SafeTensors& src, const std::string& prefix = "",
                            bool strict = true) {
@@ -252,6 +369,60 @@ template <class T>
 LoadResult load_state_dict(MultiHeadAttention<T>& module, const StateDict<T>& src, const std::string& prefix = "",
                            bool strict = true) {
   return detail::load(module, detail::source<T>(src), prefix, strict, "attn::io::load_state_dict(MultiHeadAttention)");
+}
+template <class T>
+LoadResult load_state_dict(LayerNorm<T>& module, const SafeTensors& src, const std::string& prefix = "",
+                           bool strict = true) {
+  return detail::load(module, detail::source<T>(src), prefix, strict, "attn::io::load_state_dict(LayerNorm)");
+}
+template <class T>
+LoadResult load_state_dict(LayerNorm<T>& module, const StateDict<T>& src, const std::string& prefix = "",
+                           bool strict = true) {
+  return detail::load(module, detail::source<T>(src), prefix, strict, "attn::io::load_state_dict(LayerNorm)");
+}
+template <class T>
+LoadResult load_state_dict(FeedForward<T>& module, const SafeTensors& src, const std::string& prefix = "",
+                           bool strict = true) {
+  return detail::load(module, detail::source<T>(src), prefix, strict, "attn::io::load_state_dict(FeedForward)");
+}
+template <class T>
+LoadResult load_state_dict(FeedForward<T>& module, const StateDict<T>& src, const std::string& prefix = "",
+                           bool strict = true) {
+  return detail::load(module, detail::source<T>(src), prefix, strict, "attn::io::load_state_dict(FeedForward)");
+}
+template <class T>
+LoadResult load_state_dict(TransformerEncoderLayer<T>& module, const SafeTensors& src, const std::string& prefix = "",
+                           bool strict = true) {
+  return detail::load(module, detail::source<T>(src), prefix, strict,
+                      "attn::io::load_state_dict(TransformerEncoderLayer)");
+}
+template <class T>
+LoadResult load_state_dict(TransformerEncoderLayer<T>& module, const StateDict<T>& src,
+                           const std::string& prefix = "", bool strict = true) {
+  return detail::load(module, detail::source<T>(src), prefix, strict,
+                      "attn::io::load_state_dict(TransformerEncoderLayer)");
+}
+template <class T>
+LoadResult load_state_dict(TransformerDecoderLayer<T>& module, const SafeTensors& src, const std::string& prefix = "",
+                           bool strict = true) {
+  return detail::load(module, detail::source<T>(src), prefix, strict,
+                      "attn::io::load_state_dict(TransformerDecoderLayer)");
+}
+template <class T>
+LoadResult load_state_dict(TransformerDecoderLayer<T>& module, const StateDict<T>& src,
+                           const std::string& prefix = "", bool strict = true) {
+  return detail::load(module, detail::source<T>(src), prefix, strict,
+                      "attn::io::load_state_dict(TransformerDecoderLayer)");
+}
+template <class T>
+LoadResult load_state_dict(TransformerEncoder<T>& module, const SafeTensors& src, const std::string& prefix = "",
+                           bool strict = true) {
+  return detail::load(module, detail::source<T>(src), prefix, strict, "attn::io::load_state_dict(TransformerEncoder)");
+}
+template <class T>
+LoadResult load_state_dict(TransformerEncoder<T>& module, const StateDict<T>& src, const std::string& prefix = "",
+                           bool strict = true) {
+  return detail::load(module, detail::source<T>(src), prefix, strict, "attn::io::load_state_dict(TransformerEncoder)");
 }
 
 }  // namespace attn::io

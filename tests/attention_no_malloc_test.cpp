@@ -1,9 +1,10 @@
-// The flash kernel allocates its scratch once per call, before its threads start, and nothing
-// while tasks run. Built with EIGEN_RUNTIME_NO_MALLOC, where Eigen checks every heap allocation
+// The flash kernel and the packed GEMM (detail::linear_packed) allocate their scratch once per
+// call, before their threads start, and nothing while tasks run. Built with EIGEN_RUNTIME_NO_MALLOC, where Eigen checks every heap allocation
 // of its own against is_malloc_allowed(); the kernel forbids them around its threaded section
 // (detail::NoEigenMalloc). eigen_assert is redefined to count failed checks instead of aborting,
 // so a forbidden allocation on any thread shows up as a count.
 #include <atomic>
+#include <tuple>
 
 namespace {
 std::atomic<int> eigen_assert_failures{0};
@@ -16,6 +17,8 @@ std::atomic<int> eigen_assert_failures{0};
   } while (false)
 
 #include <attn/detail/attention.hpp>
+#include <attn/detail/gemm.hpp>
+#include <attn/init.hpp>
 
 #include "support/random_problem.hpp"
 #include "support/test_util.hpp"
@@ -66,6 +69,28 @@ TYPED_TEST(NoMallocTest, FlashKernelAllocatesNothingWhileItRuns) {
     attn::detail::attention_flash(r.p, shapes[c % 2], 1 + c % 2);
     ASSERT_EQ(eigen_assert_failures.load(), 0);
     ASSERT_TRUE(attn_test::matrices_near(out, ref_out, attn_test::tolerance<T>()));
+  }
+}
+
+// The packed GEMM, on shapes with one tile and many, several K blocks, a narrower last panel and
+// remainder row tiles, on 1 and 2 threads: no Eigen allocation while its tiles run (its scratch
+// comes before), and the result is still right.
+TYPED_TEST(NoMallocTest, PackedGemmAllocatesNothingWhileItRuns) {
+  using T = TypeParam;
+  attn::Generator gen(17);
+  for (const auto& [n, in, out] : {std::tuple<Index, Index, Index>{7, 33, 21}, {130, 600, 777}, {1031, 97, 517}}) {
+    attn::Matrix<T> x(n, in), w(out, in), y(n, out);
+    attn::Vector<T> b(out);
+    attn::init::uniform(x, -1.0, 1.0, gen);
+    attn::init::uniform(w, -1.0, 1.0, gen);
+    attn::init::uniform(b, -1.0, 1.0, gen);
+    const attn::Matrix<double> want = (x.template cast<double>() * w.template cast<double>().transpose()).rowwise() +
+                                      b.template cast<double>().transpose();
+    for (int threads : {1, 2}) {
+      attn::detail::linear_packed<T>(x, w, b.data(), y, threads);
+      ASSERT_EQ(eigen_assert_failures.load(), 0) << n << " x " << in << " -> " << out << ", " << threads << " threads";
+      ASSERT_TRUE(attn_test::matrices_near(y, want, 1e-5));
+    }
   }
 }
 

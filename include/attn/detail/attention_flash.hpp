@@ -25,6 +25,7 @@
 #include "attn/detail/attention_problem.hpp"
 #include "attn/detail/microkernel.hpp"
 #include "attn/detail/parallel.hpp"
+#include "attn/detail/scratch.hpp"
 
 namespace attn::detail {
 
@@ -69,19 +70,6 @@ Index unpadded_end(const AttentionProblem<T>& p, Index b) {
   while (end > 0 && row[end - 1] != p.key_padding_attends) --end;
   return end;
 }
-
-// While alive, Eigen may not allocate (in builds that define EIGEN_RUNTIME_NO_MALLOC, where Eigen
-// asserts on any heap allocation of its own; elsewhere this is nothing). The flags is Eigen's one
-// process-wide switch, so it is set by the calling thread around the whole threaded section.
-struct NoEigenMalloc {
-#ifdef EIGEN_RUNTIME_NO_MALLOC
-  bool was_allowed = Eigen::internal::is_malloc_allowed();
-  NoEigenMalloc() { Eigen::internal::set_is_malloc_allowed(false); }
-  ~NoEigenMalloc() { Eigen::internal::set_is_malloc_allowed(was_allowed); }
-  NoEigenMalloc(const NoEigenMalloc&) = delete;
-  NoEigenMalloc& operator=(const NoEigenMalloc&) = delete;
-#endif
-};
 
 // Per-thread scratch of the flash kernel, carved from one allocation made before the threads
 // start: nothing is allocated while tasks run.

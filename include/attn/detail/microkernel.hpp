@@ -8,6 +8,8 @@
 // every query row of the task, queries are broadcast straight from their rows, values are read in
 // place, and the softmax's exponentials and row sum are one pass over the scores.
 //
+//   pack_panels<NP>  rows [c, d] -> panels of NP packets of rows, each stored d-major (also the
+//                    W^T panels of the GEMM micro-kernel, detail/gemm.hpp)
 //   pack_keys        K [c, d] -> panels of kPanel keys, each stored k-major ([d][kPanel])
 //   score_rows<MR>   s[MR, cpad] = scale * Q[MR, d] K^T, and each row's max
 //   exp_sum_row      s = exp(s - m) (masked keys exactly 0), returns the row's sum
@@ -43,19 +45,22 @@ inline constexpr int kPvPackets = 4;
 template <class T>
 inline constexpr Index kPanel = Index(kPanelPackets) * kLanes<T>;  // keys per packed panel
 
-// Keys [0, c) of a block, rows of `k` (row stride ks), packed for score_rows: panel p holds keys
-// [p*kPanel, (p+1)*kPanel) as d rows of kPanel values; keys past c are zero. Square tiles of
-// kLanes keys x kLanes dimensions are transposed in registers; the edges go one value at a time.
+// Rows [0, c) of a row-major matrix (row stride ks, d columns) packed into panels of NP packets
+// of rows, each panel stored column-major ([d][NP * kLanes]): panel p holds rows
+// [p*W, (p+1)*W) as d rows of W values, rows past c are zero. This is the layout of B panels
+// for a micro-kernel that broadcasts A: keys for score_rows, weight rows (columns of W^T) for the
+// GEMM. Square tiles of kLanes rows x kLanes columns are transposed in registers; the edges go
+// one value at a time. `packed` is aligned to a packet.
 // (PacketBlock<__m512, 16> makes GCC warn that the vector type's alignment attribute is dropped
 // from the template argument; Eigen silences the same warning inside its own headers.)
 #if defined(__GNUC__)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wignored-attributes"
 #endif
-template <class T>
-void pack_keys(const T* k, Index ks, Index c, Index d, T* packed) {
+template <int NP, class T>
+void pack_panels(const T* k, Index ks, Index c, Index d, T* packed) {
   using P = Packet<T>;
-  constexpr Index L = kLanes<T>, NR = kPanel<T>;
+  constexpr Index L = kLanes<T>, NR = Index(NP) * kLanes<T>;
   for (Index j0 = 0; j0 < c; j0 += NR) {
     T* panel = packed + j0 * d;
     const Index w = std::min(NR, c - j0);
@@ -80,6 +85,13 @@ void pack_keys(const T* k, Index ks, Index c, Index d, T* packed) {
 #if defined(__GNUC__)
 #pragma GCC diagnostic pop
 #endif
+
+// Keys [0, c) of a block, rows of `k` (row stride ks), packed for score_rows: panels of kPanel
+// keys, each stored k-major ([d][kPanel]).
+template <class T>
+void pack_keys(const T* k, Index ks, Index c, Index d, T* packed) {
+  pack_panels<kPanelPackets>(k, ks, c, d, packed);
+}
 
 // Scores of MR query rows (q, row stride qs) against the first `panels` packed panels, scaled, into
 // s (row stride ss, a multiple of kPanel). Each row's max over keys [0, c) goes to row_max; keys

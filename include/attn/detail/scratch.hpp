@@ -1,6 +1,8 @@
 // attn/detail/scratch.hpp - per-call scratch memory that is allocated once per thread and reused.
 //
 //   detail::Scratch<float> s(n);   // s.data(): n floats, valid until s goes out of scope
+//   detail::NoEigenMalloc guard;    // from here to the end of scope Eigen may not allocate
+//                                   // (checked in builds with EIGEN_RUNTIME_NO_MALLOC)
 //
 // MultiHeadAttention's intermediates (the q/k/v projections, the heads' outputs) are megabytes at
 // real shapes. Allocated fresh on every call they come from mmap above glibc's 32 MiB threshold
@@ -62,6 +64,19 @@ class Scratch {
   T* data_ = nullptr;
   bool shared_ = false;
   Vector<T> own_;
+};
+
+// While alive, Eigen may not allocate (in builds that define EIGEN_RUNTIME_NO_MALLOC, where Eigen
+// asserts on any heap allocation of its own; elsewhere this is nothing). The flag is Eigen's one
+// process-wide switch, so it is set by the calling thread around the whole threaded section.
+struct NoEigenMalloc {
+#ifdef EIGEN_RUNTIME_NO_MALLOC
+  bool was_allowed = Eigen::internal::is_malloc_allowed();
+  NoEigenMalloc() { Eigen::internal::set_is_malloc_allowed(false); }
+  ~NoEigenMalloc() { Eigen::internal::set_is_malloc_allowed(was_allowed); }
+  NoEigenMalloc(const NoEigenMalloc&) = delete;
+  NoEigenMalloc& operator=(const NoEigenMalloc&) = delete;
+#endif
 };
 
 }  // namespace attn::detail

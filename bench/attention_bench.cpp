@@ -13,7 +13,8 @@
 //   attention core  4*B*H*L*S*D  (Q K^T and P V: 2*L*S*D each, per head and batch entry)
 //   MHA             8*B*L*E^2    (q, k, v and out projections, [B*L, E] x [E, E] each)
 //                 + 4*B*L*S*E    (the core, with H*D = E; self-attention, so S = L)
-// Causal shapes count the full L*S: neither implementation skips the masked-out half.
+// Causal and windowed shapes count the full L*S (the baseline computes it all; attn skips the
+// key blocks that causal masking and the window remove).
 //
 // Threads: attn splits work over attn::num_threads() threads (all cores by default; set
 // ATTN_BENCH_THREADS to choose); the baseline is single-threaded Eigen. Times are wall clock.
@@ -41,12 +42,13 @@ using namespace attn_bench;
 struct CoreShape {
   Index B, H, L, S, D;
   bool causal;
-  int iterations;  // 0: run for a minimum time instead
+  int iterations;      // 0: run for a minimum time instead
+  Index window = 0;    // > 0: sliding window (Mistral's, with causal): key j visible if i - j < window
   double flops() const { return 4.0 * B * H * L * S * D; }
   std::string key(const char* type) const {
     return std::string("sdpa/") + type + " B=" + std::to_string(B) + " H=" + std::to_string(H) +
            " L=" + std::to_string(L) + " S=" + std::to_string(S) + " D=" + std::to_string(D) +
-           (causal ? " causal" : "");
+           (causal ? " causal" : "") + (window ? " window=" + std::to_string(window) : "");
   }
 };
 
@@ -55,18 +57,23 @@ void core_attn(const CoreShape& s, const Mat<T>& q, const Mat<T>& k, const Mat<T
   const attn::ScaledDotProductAttention<T> sdpa;
   attn::Masks<T> masks;
   masks.causal = s.causal ? attn::Causal::TopLeft : attn::Causal::None;
+  masks.window = s.window;
   for (Index b = 0; b < s.B; ++b)
     for (Index h = 0; h < s.H; ++h)
       sdpa.forward_into(q.block(b * s.L, h * s.D, s.L, s.D), k.block(b * s.S, h * s.D, s.S, s.D),
                         v.block(b * s.S, h * s.D, s.S, s.D), masks, out.block(b * s.L, h * s.D, s.L, s.D));
 }
 
-// softmax over each row of x; with `causal`, key j > query i is masked out first (top-left).
+// softmax over each row of x; with `causal`, key j > query i is masked out first (top-left), and
+// with a window, key j <= i - window too.
 template <class T>
-void softmax_rows(Mat<T>& x, bool causal) {
+void softmax_rows(Mat<T>& x, bool causal, Index window = 0) {
   if (causal)
     for (Index i = 0; i + 1 < x.cols() && i < x.rows(); ++i)
       x.row(i).tail(x.cols() - i - 1).setConstant(-std::numeric_limits<T>::infinity());
+  if (window > 0)
+    for (Index i = window; i < x.rows(); ++i)
+      x.row(i).head(std::min(i - window + 1, x.cols())).setConstant(-std::numeric_limits<T>::infinity());
   for (Index i = 0; i < x.rows(); ++i) {
     auto row = x.row(i).array();
     row = (row - row.maxCoeff()).exp();  // minus the max: exp <= 1, no overflow
@@ -85,7 +92,7 @@ void core_baseline(const CoreShape& s, const Mat<T>& q, const Mat<T>& k, const M
       const Mat<T> kh = k.block(b * s.S, h * s.D, s.S, s.D);
       const Mat<T> vh = v.block(b * s.S, h * s.D, s.S, s.D);
       Mat<T> scores = qh * kh.transpose() * scale;
-      softmax_rows(scores, s.causal);
+      softmax_rows(scores, s.causal, s.window);
       out.block(b * s.L, h * s.D, s.L, s.D) = scores * vh;
     }
   }
@@ -121,7 +128,11 @@ void register_core(const CoreShape& s) {
   for (const bool use_attn : {true, false}) {
     const std::string name = std::string("sdpa/") + type_name<T>() + (use_attn ? "/attn" : "/baseline");
     auto* b = benchmark::RegisterBenchmark(name.c_str(), BM_core<T>, s, use_attn);
-    b->Args({s.B, s.H, s.L, s.S, s.D, Index(s.causal)})->ArgNames({"B", "H", "L", "S", "D", "causal"});
+    if (s.window > 0)
+      b->Args({s.B, s.H, s.L, s.S, s.D, Index(s.causal), s.window})
+          ->ArgNames({"B", "H", "L", "S", "D", "causal", "window"});
+    else
+      b->Args({s.B, s.H, s.L, s.S, s.D, Index(s.causal)})->ArgNames({"B", "H", "L", "S", "D", "causal"});
     set_timing(b, s.flops(), s.iterations);
   }
 }
@@ -231,6 +242,10 @@ void register_all() {
   register_core<float>({1, 12, 2048, 2048, 64, false, 2});
   register_core<float>({1, 16, 4096, 4096, 64, false, 1});
   register_core<float>({1, 32, 1024, 1024, 128, false, 2});
+  // Mistral's sliding window: the same long shape causal, then with a window of 512 keys, whose
+  // key blocks left of the window are skipped (about S / window less work).
+  register_core<float>({1, 16, 4096, 4096, 64, true, 1});
+  register_core<float>({1, 16, 4096, 4096, 64, true, 1, 512});
   register_core<float>({1, 12, 1, 1024, 64, false, 0});
   register_core<float>({3, 3, 37, 37, 32, false, 0});
   register_core<double>({1, 12, 512, 512, 64, false, 0});

@@ -93,6 +93,54 @@ void run_sdpa(const Fixture& f) {
   EXPECT_EQ(zero_rows, f.meta_int("all_masked_rows"));
 }
 
+// --- grouped-query attention with the score options, and RoPE ----------------------------------
+
+attn::RopeStyle rope_style_of(const std::string& s) {
+  if (s == "neox") return attn::RopeStyle::NeoX;
+  if (s == "gptj") return attn::RopeStyle::GPTJ;
+  throw std::runtime_error("unknown rope style \"" + s + "\"");
+}
+
+template <class T>
+void run_gqa(const Fixture& f) {
+  const Index H = f.meta_int("heads"), Hkv = f.meta_int("kv_heads"), L = f.meta_int("L"), S = f.meta_int("S");
+  attn::Matrix<T> q = f.tensor<T>("query"), k = f.tensor<T>("key");
+  const attn::Matrix<T> v = f.tensor<T>("value");
+  if (f.meta("rope") != "none") {  // a decoding step: keys at 0..S-1, queries at S-L..S-1
+    const attn::RopeCache<T> rope(f.meta_int("d"), S,
+                                  {f.meta_int("rope_dim"), f.meta_double("rope_base"), rope_style_of(f.meta("rope"))});
+    rope.apply(q, H, S - L);
+    attn::apply_rope<T>(k, Hkv, 0, rope);
+  }
+  attn::GqaArgs<T> args;
+  args.causal = causal_of(f.meta("causal"));
+  args.window = f.meta_int("window");
+  args.softcap = static_cast<T>(f.meta_double("softcap"));
+  if (f.has("alibi_slopes")) {
+    args.alibi_slopes = f.vec<T>("alibi_slopes");
+    // The file's slopes are the ALiBi paper's get_slopes, computed in Python: attn's are the same.
+    EXPECT_TRUE(attn_test::matrices_near(attn::alibi_slopes<T>(H), f.vec<double>("alibi_slopes"), tolerance<T>()));
+  }
+  const attn::GroupedQueryAttention<T> gqa(H, Hkv);
+  EXPECT_TRUE(attn_test::matrices_near(gqa.forward(q, k, v, args), f.tensor<double>("output"), tolerance<T>()))
+      << "output";
+}
+
+template <class T>
+void run_rope(const Fixture& f) {
+  attn::Matrix<T> x = f.tensor<T>("x");
+  const attn::RopeCache<T> rope(f.meta_int("head_dim"), 64,
+                                {f.meta_int("rope_dim"), f.meta_double("rope_base"), rope_style_of(f.meta("style"))});
+  rope.apply(x, f.meta_int("heads"), f.meta_int("start"));
+  EXPECT_TRUE(attn_test::matrices_near(x, f.tensor<double>("output"), tolerance<T>())) << "start";
+  // The same positions given one by one.
+  attn::Matrix<T> y = f.tensor<T>("x");
+  const Eigen::Matrix<Index, Eigen::Dynamic, 1> positions =
+      Eigen::Matrix<Index, Eigen::Dynamic, 1>::LinSpaced(y.rows(), f.meta_int("start"), f.meta_int("start") + y.rows() - 1);
+  rope.apply(y, f.meta_int("heads"), positions);
+  EXPECT_TRUE(x == y) << "positions";
+}
+
 // --- multi-head attention ----------------------------------------------------------------------
 
 // PyTorch 1.13's nn.MultiheadAttention returns NaN for a query whose keys are all masked (the
@@ -213,6 +261,10 @@ void run_case(const std::string& name) {
     run_linear<T>(f);
   } else if (kind == "sdpa") {
     run_sdpa<T>(f);
+  } else if (kind == "gqa") {
+    run_gqa<T>(f);
+  } else if (kind == "rope") {
+    run_rope<T>(f);
   } else if (kind == "mha") {
     run_mha<T>(f);
   } else {
@@ -256,6 +308,17 @@ ATTN_PYTORCH_CASE(sdpa_key_padding)
 ATTN_PYTORCH_CASE(sdpa_combined)
 ATTN_PYTORCH_CASE(sdpa_all_masked_row)
 ATTN_PYTORCH_CASE(sdpa_large_logits)
+
+ATTN_PYTORCH_CASE(gqa_group2_causal)
+ATTN_PYTORCH_CASE(gqa_mqa)
+ATTN_PYTORCH_CASE(gqa_alibi_8_heads)
+ATTN_PYTORCH_CASE(gqa_window_causal)
+ATTN_PYTORCH_CASE(gqa_window_bidirectional)
+ATTN_PYTORCH_CASE(gqa_softcap)
+ATTN_PYTORCH_CASE(gqa_rope_neox_decode)
+ATTN_PYTORCH_CASE(rope_neox)
+ATTN_PYTORCH_CASE(rope_neox_partial)
+ATTN_PYTORCH_CASE(rope_gptj)
 
 ATTN_PYTORCH_CASE(mha_self_unbatched)
 ATTN_PYTORCH_CASE(mha_batch_first)

@@ -6,7 +6,7 @@ Usage (from the repository root, with Debian's python3-torch and python3-numpy):
     /usr/bin/python3 tools/gen_fixtures.py [OUTPUT_DIR]
 
 OUTPUT_DIR defaults to tests/data/. One file per case, named after the case
-(linear_*, sdpa_*, mha_*; and in OUTPUT_DIR/layers/: layer_norm_*, feed_forward_*, encoder_layer_*,
+(linear_*, sdpa_*, gqa_*, rope_*, mha_*; and in OUTPUT_DIR/layers/: layer_norm_*, feed_forward_*, encoder_layer_*,
 decoder_layer_*, encoder_*), in the safetensors format, written here with json + struct:
 
     u64 little-endian N | N bytes of JSON header (space padded to a multiple of 8) | raw data
@@ -14,7 +14,7 @@ decoder_layer_*, encoder_*), in the safetensors format, written here with json +
 The header maps each tensor name to {"dtype", "shape", "data_offsets"} ("F64" little-endian
 doubles, "F16" little-endian IEEE halves - only the large encoder stack's parameters and input, see
 encoder_case - or "BOOL" one byte 0/1), and "__metadata__" (string -> string) holds the case's
-configuration: kind (linear | sdpa | mha | layer_norm | feed_forward | encoder_layer |
+configuration: kind (linear | sdpa | gqa | rope | mha | layer_norm | feed_forward | encoder_layer |
 decoder_layer | encoder), its dimensions and options, and a description.
 tests/pytorch_fixture_test.cpp reads every file of OUTPUT_DIR through tests/support/fixture.hpp;
 layer_norm_test.cpp, feed_forward_test.cpp and transformer_test.cpp read layers/ (conventions
@@ -31,6 +31,8 @@ Conventions (those of attn, see include/attn/types.hpp and mask.hpp):
              attn_mask_ignore [L, S] (true = masked out), attn_bias [L, S] (added, -inf masks),
              key_padding_mask [1, S] (true = ignore), metadata causal = none | top_left |
              bottom_right (applied on top of the stored masks);
+  * gqa, rope: grouped-query attention with the score options, and rotary embeddings (conventions
+             above their cases below);
   * mha:     torch.nn.MultiheadAttention(...).double().eval(), every parameter redrawn so that
              no bias is zero, stored under its state_dict name (bias_k / bias_v as [E]).
              query/key/value/output are [B*L, *] in the layout's row order: (b, l) with
@@ -330,6 +332,166 @@ def sdpa_large_logits():
     return sdpa_case("sdpa_large_logits", 4, 6, 4, 3,
                      "logits about +-1e4 (exact in float): the softmax must subtract the row max",
                      qkv=qkv)
+
+
+# --- gqa: grouped-query attention with the score options, and rope ------------------------------
+# gqa:  query [L, H*d], key [S, H_kv*d], value [S, H_kv*dv] -> output [L, H*dv] (head h in columns
+#       [h*d, (h+1)*d)); metadata heads, kv_heads, causal, window (0 = none), softcap (0 = none),
+#       rope = none | neox | gptj (with rope_dim, rope_base: query and key are stored unrotated;
+#       keys sit at positions 0..S-1 and queries at S-L..S-1, a decoding step from a cache);
+#       alibi_slopes [H] when ALiBi is on. Written out by hand: K/V heads repeated with
+#       repeat_interleave, ALiBi as BLOOM adds it (slope * key position, which differs from attn's
+#       slope * (j - i_abs) by a constant per row: the softmax is the same).
+# rope: x [rows, H*D] -> output [rows, H*D], row r at position start + r; metadata heads,
+#       head_dim, rope_dim, rope_base, style, start.
+
+def alibi_get_slopes(n):
+    """The ALiBi paper's get_slopes (as in BLOOM's build_alibi_tensor), in plain Python."""
+    import math
+    def pow2(m):
+        start = 2 ** (-2 ** -(math.log2(m) - 3))
+        return [start * start ** i for i in range(m)]
+    if math.log2(n).is_integer():
+        return pow2(n)
+    closest = 2 ** math.floor(math.log2(n))
+    return pow2(closest) + alibi_get_slopes(2 * closest)[0::2][: n - closest]
+
+
+def rope_neox_torch(x, positions, rope_dim, base):
+    """HF LlamaRotaryEmbedding + rotate_half, on x [rows, D] with partial rotary (GPT-NeoX)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, rope_dim, 2, dtype=F64) / rope_dim))
+    freqs = torch.outer(positions.to(F64), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos(), emb.sin()
+    xr, xp = x[..., :rope_dim], x[..., rope_dim:]
+    x1, x2 = xr[..., : rope_dim // 2], xr[..., rope_dim // 2:]
+    rotate_half = torch.cat((-x2, x1), dim=-1)
+    return torch.cat((xr * cos + rotate_half * sin, xp), dim=-1)
+
+
+def rope_gptj_torch(x, positions, rope_dim, base):
+    """GPT-J's fixed_pos_embedding + rotate_every_two + duplicate_interleave, on x [rows, D]."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, rope_dim, 2, dtype=F64) / rope_dim))
+    sinusoid = torch.outer(positions.to(F64), inv_freq)
+    sin = sinusoid.sin().repeat_interleave(2, dim=-1)
+    cos = sinusoid.cos().repeat_interleave(2, dim=-1)
+    xr, xp = x[..., :rope_dim], x[..., rope_dim:]
+    x1, x2 = xr[..., ::2], xr[..., 1::2]
+    rotate_every_two = torch.stack((-x2, x1), dim=-1).flatten(-2)
+    return torch.cat((xr * cos + rotate_every_two * sin, xp), dim=-1)
+
+
+def rope_heads(x, heads, positions, style, rope_dim, base):
+    """x [rows, heads*D]: each head rotated alike."""
+    rows = x.shape[0]
+    xh = x.reshape(rows, heads, -1).transpose(0, 1)  # [heads, rows, D]
+    f = rope_neox_torch if style == "neox" else rope_gptj_torch
+    return f(xh, positions, rope_dim, base).transpose(0, 1).reshape(rows, -1)
+
+
+def gqa_case(name, description, L, S, H, Hkv, d, dv, causal="none", window=0, softcap=0.0, alibi=False,
+             q_scale=1.0, rope="none", rope_dim=None, rope_base=10000.0):
+    seed_for(name)
+    q, k, v = randn(L, H * d, scale=q_scale), randn(S, Hkv * d), randn(S, Hkv * dv)
+    t = {"query": q, "key": k, "value": v}
+    if rope != "none":
+        rope_dim = rope_dim or d
+        q = rope_heads(q, H, torch.arange(S - L, S), rope, rope_dim, rope_base)
+        k = rope_heads(k, Hkv, torch.arange(S), rope, rope_dim, rope_base)
+    qh = q.reshape(L, H, d).transpose(0, 1)                                         # [H, L, d]
+    kh = k.reshape(S, Hkv, d).transpose(0, 1).repeat_interleave(H // Hkv, dim=0)    # [H, S, d]
+    vh = v.reshape(S, Hkv, dv).transpose(0, 1).repeat_interleave(H // Hkv, dim=0)   # [H, S, dv]
+    s = (qh @ kh.transpose(1, 2)) / float(np.sqrt(d))
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)  # Gemma 2: cap, then mask
+    i = torch.arange(L).unsqueeze(1)
+    j = torch.arange(S).unsqueeze(0)
+    a = i if causal == "top_left" else i + (S - L)  # the query's absolute position
+    allowed = torch.ones(L, S, dtype=torch.bool)
+    if causal != "none":
+        allowed &= j <= a
+    if window > 0:
+        allowed &= (a - j).abs() < window
+    if alibi:
+        slopes = torch.tensor(alibi_get_slopes(H), dtype=F64)
+        t["alibi_slopes"] = slopes
+        s = s + slopes.view(H, 1, 1) * torch.arange(S, dtype=F64).view(1, 1, S)  # BLOOM: slope * key position
+    s = s.masked_fill(~allowed, NEG_INF)
+    dead = torch.isneginf(s.max(dim=-1, keepdim=True).values)
+    w = torch.where(dead, torch.zeros_like(s), torch.softmax(s, dim=-1))
+    t["output"] = (w @ vh).transpose(0, 1).reshape(L, H * dv)
+    meta = {"kind": "gqa", "L": L, "S": S, "heads": H, "kv_heads": Hkv, "d": d, "dv": dv, "causal": causal,
+            "window": window, "softcap": float(softcap), "rope": rope, "rope_dim": rope_dim or 0,
+            "rope_base": float(rope_base), "description": description}
+    return t, meta
+
+
+@case
+def gqa_group2_causal():
+    return gqa_case("gqa_group2_causal", "GQA: 4 query heads on 2 K/V heads, causal bottom-right, L < S",
+                    L=5, S=7, H=4, Hkv=2, d=8, dv=6, causal="bottom_right")
+
+
+@case
+def gqa_mqa():
+    return gqa_case("gqa_mqa", "MQA: 4 query heads on 1 K/V head, no mask", L=4, S=6, H=4, Hkv=1, d=8, dv=8)
+
+
+@case
+def gqa_alibi_8_heads():
+    return gqa_case("gqa_alibi_8_heads", "ALiBi, get_slopes(8), causal, BLOOM's slope * key position",
+                    L=6, S=6, H=8, Hkv=8, d=4, dv=4, causal="bottom_right", alibi=True)
+
+
+@case
+def gqa_window_causal():
+    return gqa_case("gqa_window_causal", "sliding window 3 + causal bottom-right (Mistral), MQA, L < S",
+                    L=8, S=12, H=2, Hkv=1, d=4, dv=4, causal="bottom_right", window=3)
+
+
+@case
+def gqa_window_bidirectional():
+    return gqa_case("gqa_window_bidirectional", "sliding window 3 without causal: |i - j| < 3",
+                    L=8, S=8, H=2, Hkv=2, d=4, dv=4, window=3)
+
+
+@case
+def gqa_softcap():
+    return gqa_case("gqa_softcap", "logit soft-capping 2.0 (Gemma 2: cap, then mask), causal top-left, large logits",
+                    L=5, S=6, H=2, Hkv=2, d=8, dv=8, causal="top_left", softcap=2.0, q_scale=4.0)
+
+
+@case
+def gqa_rope_neox_decode():
+    return gqa_case("gqa_rope_neox_decode", "RoPE NeoX (Llama) on q at positions 5, 6 and k at 0..6; GQA, causal",
+                    L=2, S=7, H=4, Hkv=2, d=8, dv=8, causal="bottom_right", rope="neox")
+
+
+def rope_case(name, description, rows, H, D, style, start, rope_dim=None, base=10000.0):
+    seed_for(name)
+    x = randn(rows, H * D)
+    rope_dim = rope_dim or D
+    out = rope_heads(x, H, torch.arange(start, start + rows), style, rope_dim, base)
+    meta = {"kind": "rope", "heads": H, "head_dim": D, "rope_dim": rope_dim, "rope_base": float(base),
+            "style": style, "start": start, "description": description}
+    return {"x": x, "output": out}, meta
+
+
+@case
+def rope_neox():
+    return rope_case("rope_neox", "RoPE rotate_half (HF Llama), positions 5..8", 4, 2, 8, "neox", 5)
+
+
+@case
+def rope_neox_partial():
+    return rope_case("rope_neox_partial", "RoPE rotate_half on the first 4 of 8 features (GPT-NeoX rotary_pct 0.5)",
+                     3, 2, 8, "neox", 11, rope_dim=4)
+
+
+@case
+def rope_gptj():
+    return rope_case("rope_gptj", "RoPE interleaved (GPT-J rotate_every_two), base 500, positions 3..5",
+                     3, 2, 8, "gptj", 3, base=500.0)
 
 
 # --- mha --------------------------------------------------------------------------------------

@@ -3,11 +3,13 @@
 
 #include "attn/error.hpp"
 #include "attn/feed_forward.hpp"
+#include "attn/grouped_query_attention.hpp"
 #include "attn/init.hpp"
 #include "attn/layer_norm.hpp"
 #include "attn/linear.hpp"
 #include "attn/mask.hpp"
 #include "attn/multi_head_attention.hpp"
+#include "attn/rope.hpp"
 #include "attn/scaled_dot_product_attention.hpp"
 #include "attn/threads.hpp"
 #include "attn/transformer.hpp"

@@ -11,6 +11,7 @@
 //   m.causal = attn::Causal::BottomRight;        // alignment is always spelled out
 #pragma once
 
+#include <cmath>
 #include <memory>
 #include <utility>
 
@@ -129,14 +130,53 @@ class AdditiveMask {
 };
 
 // Every way to restrict or bias what a query attends; all of them combine (a key is attended only
-// if every mask allows it, and the bias is added on top). Shapes for one sequence of L queries and
-// S keys (ScaledDotProductAttention); MultiHeadAttention's B sequences and H heads in brackets.
+// if every mask allows it, and the biases are added on top). Shapes for one sequence of L queries
+// and S keys (ScaledDotProductAttention); MultiHeadAttention's B sequences and H heads in brackets.
+//
+// Positions, for ALiBi and the window: key j is at j, query i at a = i + S - L (bottom-right, the
+// last query at the last key, as when decoding from a KV cache), or a = i under Causal::TopLeft.
+// The logit of query i and key j, in this order (Gemma 2 and flash-attn's order):
+//   s = scale * q_i . k_j
+//   s = softcap * tanh(s / softcap)                                   if softcap > 0
+//   s = -inf  unless causal, the window (|a - j| < window), attn_mask and key_padding_mask allow j
+//   s += alibi_slopes[h] * (j - a)                                     (-slope * distance when causal)
+//   s += attn_bias[i, j]
+//
+//   attn::Masks<float> m;                       // Mistral: causal + window 4096; Gemma 2: + softcap 50
+//   m.causal = attn::Causal::BottomRight;  m.window = 4096;  m.softcap = 50;
+//   m.alibi_slopes = attn::alibi_slopes<float>(1);            // BLOOM / MPT: [H], one slope per head
 template <class T>
 struct Masks {
   BoolMask attn_mask;         // [L, S]  (or [B*H*L, S]: PyTorch's [B*H, L, S], index b*H + h)
   AdditiveMask<T> attn_bias;  // [L, S]  (or [B*H*L, S])
   Causal causal = Causal::None;
   BoolMask key_padding_mask;  // [1, S]  ([B, S]): per sequence, broadcast over queries and heads
+  Index window = 0;           // > 0: sliding window, key j visible only if |a - j| < window
+                              // (with causal: the last `window` keys up to the query, Mistral's)
+  T softcap = T(0);           // > 0: logit soft-capping, softcap * tanh(s / softcap)
+  Vector<T> alibi_slopes;     // [1] ([H]): ALiBi, one slope per head; empty = none
 };
+
+// The standard ALiBi slopes for n heads (Press et al.; BLOOM's and MPT's build_alibi_tensor):
+// for n a power of two, 2^(-8 (h + 1) / n); otherwise those of the largest power of two below n,
+// followed by every other slope of twice that many.
+template <class T>
+Vector<T> alibi_slopes(Index n) {
+  const auto pow2_slopes = [](Index m) {
+    Vector<double> s(m);
+    for (Index h = 0; h < m; ++h) s[h] = std::pow(2.0, -8.0 * double(h + 1) / double(m));
+    return s;
+  };
+  detail::require_arg(n > 0, "attn::alibi_slopes", "the number of heads must be positive, got ", n);
+  Index closest = 1;
+  while (closest * 2 <= n) closest *= 2;
+  Vector<double> s(n);
+  s.head(closest) = pow2_slopes(closest);
+  if (closest < n) {
+    const Vector<double> extra = pow2_slopes(2 * closest);
+    for (Index h = 0; h < n - closest; ++h) s[closest + h] = extra[2 * h];
+  }
+  return s.template cast<T>();
+}
 
 }  // namespace attn

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <attn/detail/attention_problem.hpp>
+#include <attn/mask.hpp>
 
 #include <cstdint>
 #include <cstdlib>
@@ -21,7 +22,7 @@ using attn::detail::AttentionProblem;
 // One random problem: buffers owned here, described by the strided views the kernels take.
 template <class T>
 struct RandomProblem {
-  std::vector<T> q, k, v, bias;
+  std::vector<T> q, k, v, bias, slopes;
   std::vector<char> mask_store, pad_store;  // bool buffers (vector<bool> is not addressable)
   AttentionProblem<T> p;
   std::string description;
@@ -33,7 +34,12 @@ struct RandomProblem {
     // Sizes: mostly small, sometimes past one 64-row block, with primes and 1 along the way.
     auto size = [&] { return coin(0.3) ? pick(1, 3) : coin(0.6) ? pick(4, 40) : pick(41, 140); };
     p.batch = pick(1, 3);
-    p.heads = pick(1, 3);
+    // Grouped-query attention: heads = kv_heads * group, group 1 (plain MHA, kv_heads 0 or H), 2 or
+    // 4; kv_heads = 1 is multi-query.
+    const Index group = coin(0.5) ? 1 : coin(0.5) ? 2 : 4;
+    const Index kv_heads = group == 4 ? pick(1, 2) : pick(1, 3);
+    p.heads = kv_heads * group;
+    p.kv_heads = group == 1 && coin(0.5) ? 0 : kv_heads;
     p.L = size();
     p.S = size();
     // Head dims: mostly small; sometimes past the micro-kernels' register tiles (4 packets of
@@ -48,24 +54,24 @@ struct RandomProblem {
     // Heads interleaved in one row (MHA's [B*L, H*D] projections) or stacked (a [B, H, L, D]
     // tensor), with padding at the end of each row so row strides exceed the width.
     const bool interleaved = coin(0.5);
-    auto fill = [&](std::vector<T>& buf, attn::detail::Strided<const T>& view, Index rows, Index cols) {
+    auto fill = [&](std::vector<T>& buf, attn::detail::Strided<const T>& view, Index heads, Index rows, Index cols) {
       const Index pad = pick(0, 3);
       if (interleaved) {
-        view.row_stride = p.heads * cols + pad;
+        view.row_stride = heads * cols + pad;
         view.head_stride = cols;
         view.batch_stride = rows * view.row_stride;
       } else {
         view.row_stride = cols + pad;
         view.head_stride = rows * view.row_stride;
-        view.batch_stride = p.heads * view.head_stride;
+        view.batch_stride = heads * view.head_stride;
       }
       buf.assign(static_cast<std::size_t>(p.batch * view.batch_stride), T(0));
       for (auto& x : buf) x = T(normal(rng));
       view.data = buf.data();
     };
-    fill(q, p.q, p.L, p.d);
-    fill(k, p.k, p.S, p.d);
-    fill(v, p.v, p.S, p.dv);
+    fill(q, p.q, p.heads, p.L, p.d);
+    fill(k, p.k, kv_heads, p.S, p.d);
+    fill(v, p.v, kv_heads, p.S, p.dv);
 
     const Index mk = p.mask_keys;
     const int causal = int(pick(0, 2));
@@ -97,10 +103,21 @@ struct RandomProblem {
       p.key_padding = {reinterpret_cast<const bool*>(pad_store.data()), mk, 0, 0};
       p.key_padding_attends = false;
     }
+    // Score options: soft-capping, ALiBi (BLOOM's slopes or random ones), a sliding window.
+    if (coin(0.25)) p.softcap = T(std::uniform_real_distribution<double>(0.5, 5.0)(rng));
+    if (coin(0.25)) {
+      const bool standard = coin(0.5);
+      const attn::Vector<T> bloom = attn::alibi_slopes<T>(p.heads);
+      for (Index h = 0; h < p.heads; ++h)
+        slopes.push_back(standard ? bloom[h] : T(std::uniform_real_distribution<double>(0.0, 1.0)(rng)));
+      p.alibi_slopes = slopes.data();
+    }
+    if (coin(0.3)) p.window = pick(1, std::max<Index>(p.S, 1) + 2);
     std::ostringstream s;
-    s << "seed=" << seed << " B=" << p.batch << " H=" << p.heads << " L=" << p.L << " S=" << p.S << " d=" << p.d
+    s << "seed=" << seed << " B=" << p.batch << " H=" << p.heads << " H_kv=" << p.kv_heads << " L=" << p.L << " S=" << p.S << " d=" << p.d
       << " dv=" << p.dv << " mask_keys=" << mk << " scale=" << p.scale << " causal=" << causal << " mask=" << mask_kind
-      << " bias=" << bias_kind << " padding=" << bool(p.key_padding) << (interleaved ? " interleaved" : " stacked");
+      << " bias=" << bias_kind << " padding=" << bool(p.key_padding) << " softcap=" << p.softcap << " alibi=" << bool(p.alibi_slopes)
+      << " window=" << p.window << (interleaved ? " interleaved" : " stacked");
     description = s.str();
   }
 };
@@ -108,14 +125,18 @@ struct RandomProblem {
 // The same problem in double: same strides over converted copies of the buffers.
 template <class T>
 struct AsDouble {
-  std::vector<double> q, k, v, bias;
+  std::vector<double> q, k, v, bias, slopes;
   AttentionProblem<double> p;
   explicit AsDouble(const RandomProblem<T>& r) : q(r.q.begin(), r.q.end()), k(r.k.begin(), r.k.end()), v(r.v.begin(), r.v.end()),
-                                                 bias(r.bias.begin(), r.bias.end()) {
+                                                 bias(r.bias.begin(), r.bias.end()), slopes(r.slopes.begin(), r.slopes.end()) {
     const auto& s = r.p;
     p.batch = s.batch, p.heads = s.heads, p.L = s.L, p.S = s.S, p.d = s.d, p.dv = s.dv, p.mask_keys = s.mask_keys;
     p.scale = double(s.scale);
     p.causal = s.causal;
+    p.kv_heads = s.kv_heads;
+    p.softcap = double(s.softcap);
+    p.window = s.window;
+    if (s.alibi_slopes) p.alibi_slopes = slopes.data();
     p.q = {q.data(), s.q.batch_stride, s.q.head_stride, s.q.row_stride};
     p.k = {k.data(), s.k.batch_stride, s.k.head_stride, s.k.row_stride};
     p.v = {v.data(), s.v.batch_stride, s.v.head_stride, s.v.row_stride};

@@ -22,8 +22,8 @@ void attention_blocked(const AttentionProblem<T>& p, Index block_rows = 64) {
   Matrix<T> tile(std::min(block_rows, p.L), p.S);
   for (Index b = 0; b < p.batch; ++b) {
     for (Index h = 0; h < p.heads; ++h) {
-      const StridedMap<T> K(p.k.row(b, h, 0), p.S, p.d, Eigen::OuterStride<>(p.k.row_stride));
-      const StridedMap<T> V(p.v.row(b, h, 0), p.S, p.dv, Eigen::OuterStride<>(p.v.row_stride));
+      const StridedMap<T> K(p.k.row(b, kv_head(p, h), 0), p.S, p.d, Eigen::OuterStride<>(p.k.row_stride));
+      const StridedMap<T> V(p.v.row(b, kv_head(p, h), 0), p.S, p.dv, Eigen::OuterStride<>(p.v.row_stride));
       for (Index i0 = 0; i0 < p.L; i0 += block_rows) {
         const Index n = std::min(block_rows, p.L - i0);
         const StridedMap<T> Q(p.q.row(b, h, i0), n, p.d, Eigen::OuterStride<>(p.q.row_stride));

@@ -11,8 +11,12 @@
 // (exp(m - m') is never formed from -inf - -inf, so no NaN appears).
 //
 // Key blocks that the masks remove entirely are never computed: past the causal diagonal of the
-// query block, and past the last unpadded key of the sequence. Blocks wholly below the diagonal
-// skip the per-score mask pass too, when causal is the only mask. Work is split over
+// query block, left of its sliding window (so a window w costs O(L * w), not O(L * S)), and past
+// the last unpadded key of the sequence. Causal masking and the window leave each row one interval
+// of keys (positional_keys), so when they are the only masks a row needs no per-score pass: its
+// interval is exponentiated and the rest zeroed, and blocks wholly inside every row's interval are
+// not looked at twice. The per-score work (bool masks, biases, ALiBi) goes through mask_row;
+// soft-capping is one vectorized pass over the tile's scores. Work is split over
 // (batch, head, query block) tasks; each task owns its rows and reduces them in a fixed order,
 // so results are bitwise identical whatever the thread count.
 #pragma once
@@ -51,14 +55,19 @@ FlashBlocks flash_blocks(const AttentionProblem<T>& p) {
   return blocks;
 }
 
-// One past the last key that query rows [.., i1) may attend after causal masking and key
-// padding; keys at or past mask_keys (MHA's extra keys) always count.
+// One past the last key that query rows [.., i1) may attend after causal masking, the window and
+// key padding; keys at or past mask_keys (MHA's extra keys) always count. (The intervals of
+// positional_keys grow with the row: the last row's end is the rows' end.)
 template <class T>
 Index attended_key_end(const AttentionProblem<T>& p, Index i1, Index padded_end) {
-  Index end = p.mask_keys;
-  if (p.causal == Causal::TopLeft) end = std::min(end, i1);
-  if (p.causal == Causal::BottomRight) end = std::min(end, std::max<Index>(0, i1 + p.mask_keys - p.L));
-  return std::min(end, padded_end);
+  return std::min(positional_keys(p, i1 - 1).end, padded_end);
+}
+
+// The first key that query rows [i0, ..) may attend after causal masking and the window: the
+// first row's, whose window starts leftmost.
+template <class T>
+Index attended_key_begin(const AttentionProblem<T>& p, Index i0) {
+  return positional_keys(p, i0).begin;
 }
 
 // One past the last key of sequence b that the key padding mask lets through.
@@ -89,7 +98,8 @@ void attention_flash(const AttentionProblem<T>& p, FlashBlocks blocks = {}, int 
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
   constexpr int MR = mk::kScoreRows;
   constexpr Index NR = mk::kPanel<T>;
-  const bool elementwise = p.mask || p.bias || p.key_padding;  // masks that need every score looked at
+  const bool elementwise = p.mask || p.bias || p.key_padding || p.alibi_slopes;  // need every score looked at
+  const bool softcap = p.softcap > T(0);
   const Index Br = std::min(blocks.rows, p.L), Bc = std::min(blocks.cols, p.S);
   const Index q_blocks = (p.L + Br - 1) / Br;
   const Index tasks = p.batch * p.heads * q_blocks;
@@ -127,37 +137,47 @@ void attention_flash(const AttentionProblem<T>& p, FlashBlocks blocks = {}, int 
       std::fill(w.m, w.m + n, kNegInf);
       std::fill(w.l, w.l + n, T(0));
 
-      // Keys [0, key_end) may be attended by some row of this block; keys past mask_keys always are.
+      // Keys [key_begin, key_end) may be attended by some row of this block; keys past mask_keys
+      // always are. K and V are those of h's kv head (grouped-query attention).
       const Index padded_end = unpadded_end(p, b);
-      const Index key_end = attended_key_end(p, i0 + n, padded_end);
+      const Index key_begin = attended_key_begin(p, i0), key_end = attended_key_end(p, i0 + n, padded_end);
+      const Index hk = kv_head(p, h);
 
       // One key block [j0, j0 + c): masks apply to it when `maskable` (keys below mask_keys).
       auto visit = [&](Index j0, Index c, bool maskable) {
-        mk::pack_keys(p.k.row(b, h, j0), p.k.row_stride, c, p.d, w.packed);
-        const T* v = p.v.row(b, h, j0);
+        mk::pack_keys(p.k.row(b, hk, j0), p.k.row_stride, c, p.d, w.packed);
+        const T* v = p.v.row(b, hk, j0);
         mk::for_row_tiles<MR>(n, [&](Index r0, auto tile_rows) {
           constexpr int R = decltype(tile_rows)::value;
           const Index i = i0 + r0;  // first query row of the tile
-          // The keys of this block that some row of the tile may attend: causal masking and key
-          // padding end the tile's work early, a panel of keys at a time.
+          // The keys of this block that some row of the tile may attend: causal masking, the
+          // window and key padding end the tile's work early, a panel of keys at a time, and a
+          // block left of every row's window is skipped.
           const Index cr = maskable ? std::min(c, attended_key_end(p, i + R, padded_end) - j0) : c;
           if (cr <= 0) return;
-          const Index last_key = j0 + cr - 1;
-          const bool causal_cuts = (p.causal == Causal::TopLeft && last_key > i) ||
-                                   (p.causal == Causal::BottomRight && last_key > i + p.mask_keys - p.L);
-          const bool masked = maskable && (elementwise || causal_cuts);
+          const KeyRange first = maskable ? positional_keys(p, i) : KeyRange{0, p.S};
+          if (first.begin >= j0 + cr) return;
+          const bool cuts = maskable && (first.end < j0 + cr || positional_keys(p, i + R - 1).begin > j0);
+          const bool masked = maskable && (elementwise || cuts);
 
           T row_max[R];
           mk::score_rows<R>(q + r0 * p.q.row_stride, p.q.row_stride, w.packed, (cr + NR - 1) / NR, cr, p.d, p.scale,
                             w.scores, bc_pad, row_max);
           for (int r = 0; r < R; ++r) {
             T* s = w.scores + r * bc_pad;
-            Index valid = cr;  // keys [valid, cr) are causally hidden from this row
+            Index lo = 0, hi = cr;  // keys outside [lo, hi) are hidden from this row by causal or window
             if (masked && elementwise) {
               row_max[r] = mask_row(p, b, h, i + r, j0, s, cr);
-            } else if (masked) {  // causal alone: the row's keys end at its diagonal
-              valid = std::clamp<Index>(attended_key_end(p, i + r + 1, p.mask_keys) - j0, 0, cr);
-              row_max[r] = mk::max_of(s, valid);
+            } else {
+              if (softcap) softcap_row(s, cr, p.softcap);
+              if (masked) {  // causal and the window alone: the row's keys are one interval
+                const KeyRange keys = positional_keys(p, i + r);
+                lo = std::clamp<Index>(keys.begin - j0, 0, cr);
+                hi = std::clamp<Index>(keys.end - j0, lo, cr);
+                row_max[r] = mk::max_of(s + lo, hi - lo);
+              } else if (softcap) {
+                row_max[r] = mk::max_of(s, cr);
+              }
             }
             T& m = w.m[r0 + r];
             const T m_new = std::max(m, row_max[r]);
@@ -168,8 +188,9 @@ void attention_flash(const AttentionProblem<T>& p, FlashBlocks blocks = {}, int 
             }
             // exp(m - m_new) rescales what was summed against the old max; never -inf - -inf.
             w.alpha[r] = m == kNegInf ? T(0) : std::exp(m - m_new);
-            w.l[r0 + r] = w.l[r0 + r] * w.alpha[r] + mk::exp_sum_row(s, valid, m_new, masked && elementwise);
-            std::fill(s + valid, s + cr, T(0));
+            w.l[r0 + r] = w.l[r0 + r] * w.alpha[r] + mk::exp_sum_row(s + lo, hi - lo, m_new, masked && elementwise);
+            std::fill(s, s + lo, T(0));
+            std::fill(s + hi, s + cr, T(0));
             m = m_new;
           }
           mk::for_row_tiles<mk::kPvRows>(R, [&](Index r1, auto pv_rows) {
@@ -179,7 +200,7 @@ void attention_flash(const AttentionProblem<T>& p, FlashBlocks blocks = {}, int 
           });
         });
       };
-      for (Index j0 = 0; j0 < key_end; j0 += Bc) visit(j0, std::min(Bc, key_end - j0), true);
+      for (Index j0 = key_begin; j0 < key_end; j0 += Bc) visit(j0, std::min(Bc, key_end - j0), true);
       for (Index j0 = p.mask_keys; j0 < p.S; j0 += Bc) visit(j0, std::min(Bc, p.S - j0), false);
 
       for (Index r = 0; r < n; ++r) {

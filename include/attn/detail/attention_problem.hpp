@@ -42,11 +42,23 @@ struct AttentionProblem {
   Index d = 0;   // query/key head dimension
   Index dv = 0;  // value head dimension
 
+  // Grouped-query attention: K and V have kv_heads heads (0 means heads: plain multi-head), which
+  // must divide heads; query head h reads kv head h / (heads / kv_heads) (kv_head()). kv_heads = 1
+  // is multi-query attention. K and V are read in place, never repeated.
+  Index kv_heads = 0;
+
   Strided<const T> q;  // [B, H, L, d]
-  Strided<const T> k;  // [B, H, S, d]
-  Strided<const T> v;  // [B, H, S, dv]
+  Strided<const T> k;  // [B, H_kv, S, d]
+  Strided<const T> v;  // [B, H_kv, S, dv]
   Strided<T> out;      // [B, H, L, dv]
   T scale = T(1);
+
+  // Score options (masked_logit gives the exact order). Positions: query i sits at absolute
+  // position i + query_offset() (bottom-right, the KV-cache convention, unless causal is TopLeft),
+  // key j at position j.
+  T softcap = T(0);                 // > 0: logit = softcap * tanh(logit / softcap) (Gemma 2)
+  const T* alibi_slopes = nullptr;  // [H]: logit += slope_h * (j - i_abs), i.e. -slope * distance
+  Index window = 0;                 // > 0: key j visible only if |i_abs - j| < window
 
   // Masks cover keys [0, mask_keys); keys past them (MultiHeadAttention's add_bias_kv and
   // add_zero_attn columns) are never masked, as in PyTorch. Causal alignment counts mask_keys.
@@ -61,6 +73,38 @@ struct AttentionProblem {
   Strided<T> weights;  // [B, H, L, S] probabilities, written only when data is set
 };
 
+// Query head h reads K and V head kv_head(p, h): heads / kv_heads consecutive query heads share one.
+template <class T>
+Index kv_head(const AttentionProblem<T>& p, Index h) {
+  return p.kv_heads > 0 ? h / (p.heads / p.kv_heads) : h;
+}
+
+// Query i's absolute position is i + query_offset(p): the positions of ALiBi and the window align
+// with causal masking - top-left (offset 0) under Causal::TopLeft, otherwise bottom-right (offset
+// mask_keys - L: the last query sits at the last key, as when decoding from a KV cache).
+template <class T>
+Index query_offset(const AttentionProblem<T>& p) {
+  return p.causal == Causal::TopLeft ? 0 : p.mask_keys - p.L;
+}
+
+// The keys [begin, end) of [0, mask_keys) that causal masking and the window leave to query i
+// (begin == end when none). Both rules are intervals, and both bounds grow with i.
+struct KeyRange {
+  Index begin, end;
+};
+template <class T>
+KeyRange positional_keys(const AttentionProblem<T>& p, Index i) {
+  const Index a = i + query_offset(p);
+  Index begin = 0, end = p.mask_keys;
+  if (p.causal != Causal::None) end = std::min(end, a + 1);
+  if (p.window > 0) {
+    begin = std::max(begin, a - p.window + 1);
+    end = std::min(end, a + p.window);
+  }
+  begin = std::min(begin, p.mask_keys);
+  return {begin, std::max(begin, end)};
+}
+
 // Whether query i may see key j under causal masking with L queries and S keys.
 inline bool causal_allows(Causal c, Index i, Index j, Index L, Index S) {
   switch (c) {
@@ -74,41 +118,74 @@ inline bool causal_allows(Causal c, Index i, Index j, Index L, Index S) {
   return true;
 }
 
-// The logit of query i against key j in head (b, h) after every mask: `raw` is the scaled dot
-// product; the result is -inf where any mask removes the key. This one function defines the
-// mask semantics for every path.
+// logit soft-capping: cap * tanh(x / cap), which bounds the logit to (-cap, cap) (Gemma 2).
 template <class T>
-T masked_logit(const AttentionProblem<T>& p, Index b, Index h, Index i, Index j, T raw) {
-  if (j >= p.mask_keys) return raw;
-  constexpr T kMasked = -std::numeric_limits<T>::infinity();
-  if (!causal_allows(p.causal, i, j, p.L, p.mask_keys)) return kMasked;
-  if (p.mask && p.mask.row(b, h, i)[j] != p.mask_attends) return kMasked;
-  if (p.key_padding && p.key_padding.row(b, h, i)[j] != p.key_padding_attends) return kMasked;
-  if (p.bias) raw += p.bias.row(b, h, i)[j];
-  return raw;
+T softcapped(T cap, T x) {
+  return cap * std::tanh(x / cap);
 }
 
+// The logit of query i against key j in head (b, h) after every mask, from `capped`, the scaled
+// dot product already soft-capped (softcapped(); unchanged without softcap). The result is -inf
+// where any mask removes the key. With a = i + query_offset(p), in this order:
+//   -inf unless causal allows j (j <= a), |a - j| < window, the bool mask and key padding allow j
+//   + alibi_slope[h] * (j - a)      (<= 0 under causal: -slope * distance, as in BLOOM and MPT)
+//   + attn_bias[i, j]
+// Keys at or past mask_keys (MHA's extra keys) get none of this (softcap still applies to them).
+template <class T>
+T masked_capped_logit(const AttentionProblem<T>& p, Index b, Index h, Index i, Index j, T capped) {
+  if (j >= p.mask_keys) return capped;
+  constexpr T kMasked = -std::numeric_limits<T>::infinity();
+  if (!causal_allows(p.causal, i, j, p.L, p.mask_keys)) return kMasked;
+  const Index a = i + query_offset(p);
+  if (p.window > 0 && (a - j >= p.window || j - a >= p.window)) return kMasked;
+  if (p.mask && p.mask.row(b, h, i)[j] != p.mask_attends) return kMasked;
+  if (p.key_padding && p.key_padding.row(b, h, i)[j] != p.key_padding_attends) return kMasked;
+  if (p.alibi_slopes) capped += p.alibi_slopes[h] * static_cast<T>(j - a);
+  if (p.bias) capped += p.bias.row(b, h, i)[j];
+  return capped;
+}
+
+// The logit of query i against key j: `raw` is the scaled dot product. Soft-capping comes first,
+// then the masks and biases (Gemma 2 caps scale * q.k and then adds its causal mask; flash-attn
+// caps before ALiBi). This one function defines the semantics for every path.
+template <class T>
+T masked_logit(const AttentionProblem<T>& p, Index b, Index h, Index i, Index j, T raw) {
+  return masked_capped_logit(p, b, h, i, j, p.softcap > T(0) ? softcapped(p.softcap, raw) : raw);
+}
+
+// Whether any score needs masked_logit's per-score work (the kernels skip it otherwise).
 template <class T>
 bool has_masks(const AttentionProblem<T>& p) {
-  return p.causal != Causal::None || p.mask || p.bias || p.key_padding;
+  return p.causal != Causal::None || p.mask || p.bias || p.key_padding || p.alibi_slopes || p.window > 0 ||
+         p.softcap > T(0);
+}
+
+// softcapped() over s[0, c), vectorized through Eigen's tanh (a few ulp from std::tanh in float).
+template <class T>
+EIGEN_STRONG_INLINE void softcap_row(T* s, Index c, T cap) {
+  Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>> a(s, c);
+  a = (a / cap).tanh() * cap;
 }
 
 // The kernels' mask step on one row of scaled scores, for query i against keys
 // [j0, j0 + c): writes the masked logits in place and returns the row's max. (The exponentials
 // follow in mk::exp_sum_row, which gives masked keys exactly the zero weight of the reference.)
+// masked_logit, with its soft-capping done a row at a time.
 // Forced inline: run per row inside the kernels' loops, a call cost a 3x3x37 SDPA 17 %.
 template <class T>
 EIGEN_STRONG_INLINE T mask_row(const AttentionProblem<T>& p, Index b, Index h, Index i, Index j0, T* row, Index c) {
+  if (p.softcap > T(0)) softcap_row(row, c, p.softcap);
   T m = -std::numeric_limits<T>::infinity();
   for (Index j = 0; j < c; ++j) {
-    row[j] = masked_logit(p, b, h, i, j0 + j, row[j]);
+    row[j] = masked_capped_logit(p, b, h, i, j0 + j, row[j]);
     m = std::max(m, row[j]);
   }
   return m;
 }
 
-// Checks the masks against the problem's B, H, L and mask_keys and points the problem at them.
-// attn_mask / attn_bias: [L, S] shared, or [B*H*L, S] per batch entry and head.
+// Checks the masks and score options against the problem's B, H, L and mask_keys and points the
+// problem at them. attn_mask / attn_bias: [L, S] shared, or [B*H*L, S] per batch entry and head;
+// alibi_slopes: [H].
 template <class T>
 void bind_masks(AttentionProblem<T>& p, const Masks<T>& m, const char* where) {
   const Index L = p.L, S = p.mask_keys, BHL = p.batch * p.heads * p.L;
@@ -139,6 +216,16 @@ void bind_masks(AttentionProblem<T>& p, const Masks<T>& m, const char* where) {
     p.key_padding_attends = kp.attend_value();
   }
   p.causal = m.causal;
+  if (m.alibi_slopes.size() > 0) {
+    require_len(where, "alibi_slopes", m.alibi_slopes.size(), p.heads, "[H] = [", p.heads, "]");
+    require_arg(m.alibi_slopes.allFinite(), where, "alibi_slopes must be finite");
+    p.alibi_slopes = m.alibi_slopes.data();
+  }
+  require_arg(m.window >= 0, where, "window must be >= 0 (0: no window), got ", m.window);
+  p.window = m.window;
+  require_arg(std::isfinite(m.softcap) && m.softcap >= T(0), where,
+              "softcap must be finite and >= 0 (0: no soft-capping), got ", m.softcap);
+  p.softcap = m.softcap;
 }
 
 }  // namespace attn::detail

@@ -2,7 +2,8 @@
 // tested against, and the code to read to learn what attention computes.
 //
 // For each query row q_i (one batch entry, one head):
-//   s_j = masked_logit(scale * q_i . k_j)          (-inf where masked)
+//   s_j = masked_logit(scale * q_i . k_j)          (soft-capped, ALiBi and biases added; -inf where
+//                                                  masked; k, v: the kv head of h, kv_head())
 //   m   = max_j s_j
 //   p_j = exp(s_j - m) / sum_j' exp(s_j' - m)      (subtracting m keeps exp <= 1: no overflow,
 //                                                  and logits around 1e4 stay exact)
@@ -29,7 +30,7 @@ void attention_reference(const AttentionProblem<T>& p) {
         const T* qi = p.q.row(b, h, i);
         T m = -std::numeric_limits<T>::infinity();
         for (Index j = 0; j < p.S; ++j) {
-          const T* kj = p.k.row(b, h, j);
+          const T* kj = p.k.row(b, kv_head(p, h), j);
           T dot = 0;
           for (Index c = 0; c < p.d; ++c) dot += qi[c] * kj[c];
           s[j] = masked_logit(p, b, h, i, j, p.scale * dot);
@@ -48,7 +49,7 @@ void attention_reference(const AttentionProblem<T>& p) {
           sum += s[j];
         }
         for (Index j = 0; j < p.S; ++j) {
-          const T* vj = p.v.row(b, h, j);
+          const T* vj = p.v.row(b, kv_head(p, h), j);
           for (Index c = 0; c < p.dv; ++c) oi[c] += s[j] * vj[c];
         }
         for (Index c = 0; c < p.dv; ++c) oi[c] /= sum;

@@ -1,0 +1,129 @@
+// attn/rope.hpp - rotary position embeddings (RoPE), applied in place to the query and key rows.
+//
+//   attn::RopeCache<float> rope(/*head_dim=*/128, /*max_positions=*/4096, {/*rotary_dim=*/0, 10000.0,
+//                               attn::RopeStyle::NeoX});  // Llama; GPTJ for interleaved pairs
+//   rope.apply(q, /*heads=*/32, /*start=*/past);           // q: [L, 32*128], row r at position past + r
+//   rope.apply(k, /*heads=*/8, past);                      // keys too, then attention as usual
+//
+// For k = 0 .. R/2 - 1 (R = rotary_dim) the frequency is theta_k = base^(-2k / R), and position m
+// rotates one pair of each head's first R features by the angle m * theta_k:
+//   (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)
+// NeoX ("rotate half": GPT-NeoX, Llama, HF's rotate_half) pairs feature k with k + R/2;
+// GPTJ (interleaved: GPT-J, "rotate_every_two", the original RoFormer) pairs 2k with 2k + 1.
+// Features [R, head_dim) pass unchanged (partial rotary: GPT-NeoX, Phi).
+//
+// Why the rows are rotated once here and not inside the attention kernel: the rotation of a row
+// depends only on the row and its own position, so rotating Q and K once costs O((L + S) * d). In
+// the kernel every key block is read by every query block, so each K row would be rotated again
+// for each of them (L / Br times). It is also how llama.cpp and HF keep a KV cache: the cache
+// stores rotated keys, and a decoding step rotates only its new rows, at their absolute positions
+// (start = the number of cached tokens). Scores still see only relative positions: q_m . k_n
+// depends on m - n alone.
+#pragma once
+
+#include <cmath>
+
+#include "attn/detail/check.hpp"
+#include "attn/types.hpp"
+
+namespace attn {
+
+enum class RopeStyle {
+  NeoX,  // rotate half: feature k with k + R/2 (GPT-NeoX, Llama, Mistral, HF rotate_half)
+  GPTJ,  // interleaved: feature 2k with 2k + 1 (GPT-J, RoFormer, rotate_every_two)
+};
+
+struct Rope {
+  Index rotary_dim = 0;  // R: the rotated features of each head, even; 0 = all of head_dim
+  double base = 10000.0;
+  RopeStyle style = RopeStyle::NeoX;
+};
+
+// The cos and sin tables for positions [0, max_positions), computed once (in double, then
+// rounded to T); apply() allocates nothing.
+template <class T>
+class RopeCache {
+ public:
+  RopeCache(Index head_dim, Index max_positions, const Rope& rope = {})
+      : D_(head_dim), R_(rope.rotary_dim ? rope.rotary_dim : head_dim), style_(rope.style) {
+    const char* where = "attn::RopeCache";
+    detail::require_shape(head_dim > 0 && max_positions > 0, where, "head_dim = ", head_dim,
+                          " and max_positions = ", max_positions, " must be positive");
+    detail::require_arg(R_ > 0 && R_ % 2 == 0 && R_ <= head_dim, where, "rotary_dim = ", rope.rotary_dim,
+                        " must be even, positive and at most head_dim = ", head_dim, " (0: all of it)");
+    detail::require_arg(std::isfinite(rope.base) && rope.base > 0, where, "base must be finite and positive, got ",
+                        rope.base);
+    cos_.resize(max_positions, R_ / 2);
+    sin_.resize(max_positions, R_ / 2);
+    for (Index k = 0; k < R_ / 2; ++k) {
+      const double theta = std::pow(rope.base, -2.0 * double(k) / double(R_));
+      for (Index m = 0; m < max_positions; ++m) {
+        cos_(m, k) = static_cast<T>(std::cos(double(m) * theta));
+        sin_(m, k) = static_cast<T>(std::sin(double(m) * theta));
+      }
+    }
+  }
+
+  // x: [rows, heads*head_dim], in place; row r is at absolute position start + r.
+  void apply(MatrixRef<T> x, Index heads, Index start) const {
+    check(x, heads, "attn::RopeCache::apply");
+    detail::require_arg(start >= 0 && start + x.rows() <= max_positions(), "attn::RopeCache::apply",
+                        "positions [", start, ", ", start + x.rows(), ") are outside the table's [0, ",
+                        max_positions(), ")");
+    for (Index r = 0; r < x.rows(); ++r) rotate_row(x.row(r).data(), heads, start + r);
+  }
+
+  // x: [rows, heads*head_dim], in place; positions: [rows], row r at position positions[r]
+  // (a batch whose sequences start at different cache offsets).
+  void apply(MatrixRef<T> x, Index heads, const Eigen::Ref<const Eigen::Matrix<Index, Eigen::Dynamic, 1>>& positions) const {
+    const char* where = "attn::RopeCache::apply";
+    check(x, heads, where);
+    detail::require_len(where, "positions", positions.size(), x.rows(), "[rows] = [", x.rows(), "]");
+    for (Index r = 0; r < x.rows(); ++r) {
+      detail::require_arg(positions[r] >= 0 && positions[r] < max_positions(), where, "positions[", r, "] = ",
+                          positions[r], " is outside the table's [0, ", max_positions(), ")");
+      rotate_row(x.row(r).data(), heads, positions[r]);
+    }
+  }
+
+  Index head_dim() const { return D_; }
+  Index rotary_dim() const { return R_; }
+  Index max_positions() const { return cos_.rows(); }
+  RopeStyle style() const { return style_; }
+
+ private:
+  void check(const MatrixRef<T>& x, Index heads, const char* where) const {
+    detail::require_shape(heads > 0 && x.cols() == heads * D_, where, "x has shape ", detail::shape(x.rows(), x.cols()),
+                          ", expected [rows, heads*head_dim] = [rows, ", heads, "*", D_, "]");
+  }
+
+  void rotate_row(T* row, Index heads, Index m) const {
+    const T* c = cos_.row(m).data();
+    const T* s = sin_.row(m).data();
+    const Index half = R_ / 2;
+    for (Index h = 0; h < heads; ++h) {
+      T* x = row + h * D_;
+      // NeoX pairs (k, k + R/2); GPTJ pairs (2k, 2k + 1).
+      const Index stride = style_ == RopeStyle::NeoX ? 1 : 2, offset = style_ == RopeStyle::NeoX ? half : 1;
+      for (Index k = 0; k < half; ++k) {
+        T& x1 = x[k * stride];
+        T& x2 = x[k * stride + offset];
+        const T a = x1, b = x2;
+        x1 = a * c[k] - b * s[k];
+        x2 = b * c[k] + a * s[k];
+      }
+    }
+  }
+
+  Index D_, R_;
+  RopeStyle style_;
+  Matrix<T> cos_, sin_;  // [max_positions, R/2]: cos and sin of m * theta_k
+};
+
+// The same, as a free function: x [rows, heads*head_dim] rotated in place, row r at start + r.
+template <class T>
+void apply_rope(MatrixRef<T> x, Index heads, Index start, const RopeCache<T>& cache) {
+  cache.apply(x, heads, start);
+}
+
+}  // namespace attn

@@ -72,6 +72,28 @@ TYPED_TEST(NoMallocTest, FlashKernelAllocatesNothingWhileItRuns) {
   }
 }
 
+// The decode kernel (read in place, Eigen GEMVs over each chunk): random problems with at most
+// kDecodeRows queries, chunks of 7 keys and the default, 1 and 2 threads.
+TYPED_TEST(NoMallocTest, DecodeKernelAllocatesNothingWhileItRuns) {
+  using T = TypeParam;
+  for (int c = 0, tested = 0; tested < 40; ++c) {
+    attn_test::RandomProblem<T> r(attn_test::base_seed() + 450000 + std::uint64_t(c));
+    if (r.p.L > attn::detail::kDecodeRows) continue;
+    ++tested;
+    SCOPED_TRACE(r.description);
+    attn_test::AsDouble<T> ref(r);
+    attn::Matrix<double> ref_out;
+    attn_test::attach_outputs(ref.p, ref_out);
+    attn::detail::attention_reference(ref.p);
+
+    attn::Matrix<T> out;
+    attn_test::attach_outputs(r.p, out);
+    attn::detail::attention_decode(r.p, tested % 2 ? 7 : attn::detail::kDecodeChunk, 1 + tested % 2);
+    ASSERT_EQ(eigen_assert_failures.load(), 0);
+    ASSERT_TRUE(attn_test::matrices_near(out, ref_out, attn_test::tolerance<T>()));
+  }
+}
+
 // The packed GEMM, on shapes with one tile and many, several K blocks, a narrower last panel and
 // remainder row tiles, on 1 and 2 threads: no Eigen allocation while its tiles run (its scratch
 // comes before), and the result is still right.

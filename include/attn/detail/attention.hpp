@@ -5,6 +5,7 @@
 #pragma once
 
 #include "attn/detail/attention_blocked.hpp"
+#include "attn/detail/attention_decode.hpp"
 #include "attn/detail/attention_flash.hpp"
 #include "attn/detail/attention_problem.hpp"
 #include "attn/detail/attention_reference.hpp"
@@ -12,11 +13,15 @@
 namespace attn::detail {
 
 // The flash kernel computes every output without the [L, S] probabilities; when the caller asks
-// for them they are written a query block at a time by the blocked kernel instead.
+// for them they are written a query block at a time by the blocked kernel instead. A decoding
+// step (at most kDecodeRows queries per head) is memory-bound: the decode kernel reads K and V in
+// place and splits the keys over the threads.
 template <class T>
 void attention(const AttentionProblem<T>& p) {
   if (p.weights)
     attention_blocked(p);
+  else if (p.L <= kDecodeRows)
+    attention_decode(p);
   else
     attention_flash(p, flash_blocks(p));
 }

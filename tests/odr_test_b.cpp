@@ -30,6 +30,10 @@ template class attn::LayerNorm<float>;
 template class attn::LayerNorm<double>;
 template class attn::FeedForward<float>;
 template class attn::FeedForward<double>;
+template class attn::RMSNorm<float>;
+template class attn::RMSNorm<double>;
+template class attn::SwiGLU<float>;
+template class attn::SwiGLU<double>;
 template class attn::TransformerEncoderLayer<float>;
 template class attn::TransformerEncoderLayer<double>;
 template class attn::TransformerDecoderLayer<float>;
@@ -58,6 +62,9 @@ template attn::io::LoadResult attn::io::load_state_dict<float>(attn::MultiHeadAt
                                                                const attn::io::SafeTensors&, const std::string&, bool);
 template attn::io::StateDict<double> attn::io::state_dict<double>(const attn::MultiHeadAttention<double>&,
                                                                   const std::string&);
+template attn::io::LoadResult attn::io::load_state_dict<double>(attn::RMSNorm<double>&, const attn::io::SafeTensors&,
+                                                                const std::string&, bool);
+template attn::io::StateDict<float> attn::io::state_dict<float>(const attn::SwiGLU<float>&, const std::string&);
 template void attn::io::save_safetensors<float>(const std::filesystem::path&, const attn::io::StateDict<float>&,
                                                 const attn::io::Metadata&);
 

@@ -17,6 +17,9 @@
 //   TransformerEncoderLayer:  self_attn.*, linear1.*, linear2.*, norm1.*, norm2.*
 //   TransformerDecoderLayer:  self_attn.*, multihead_attn.*, linear1.*, linear2.*, norm1.*, norm2.*, norm3.*
 //   TransformerEncoder:       layers.0.* ... layers.{num_layers-1}.*, norm.* (with a final norm)
+//   RMSNorm:                  weight [E], as Hugging Face's LlamaRMSNorm (input_layernorm, norm)
+//   SwiGLU:                   gate_proj.*, up_proj.*, down_proj.* (Linear's keys), as Hugging Face's
+//                             LlamaMLP (a Llama layer's mlp.*)
 // In PyTorch's order: a module's own parameters, then its submodules' in the order PyTorch's
 // constructor registers them (the order above).
 //
@@ -40,6 +43,8 @@
 #include "attn/layer_norm.hpp"
 #include "attn/linear.hpp"
 #include "attn/multi_head_attention.hpp"
+#include "attn/rms_norm.hpp"
+#include "attn/swiglu.hpp"
 #include "attn/transformer.hpp"
 #include "attn/types.hpp"
 
@@ -79,6 +84,10 @@ template <class T>
 std::vector<Param<TransformerDecoderLayer<T>, T>> params(const TransformerDecoderLayer<T>& m);
 template <class T>
 std::vector<Param<TransformerEncoder<T>, T>> params(const TransformerEncoder<T>& m);
+template <class T>
+std::vector<Param<RMSNorm<T>, T>> params(const RMSNorm<T>& m);
+template <class T>
+std::vector<Param<SwiGLU<T>, T>> params(const SwiGLU<T>& m);
 
 // Appends a child module's parameters to its parent's: keys under `name` ("self_attn.", or "" for
 // a child whose keys PyTorch puts on the parent itself), reached through `child`, which maps a
@@ -188,6 +197,28 @@ std::vector<Param<FeedForward<T>, T>> params(const FeedForward<T>& m) {
   std::vector<Param<FeedForward<T>, T>> ps;
   append_child(ps, "linear1.", m.linear1(), [](auto& f) -> auto& { return f.linear1(); });
   append_child(ps, "linear2.", m.linear2(), [](auto& f) -> auto& { return f.linear2(); });
+  return ps;
+}
+
+template <class T>
+std::vector<Param<RMSNorm<T>, T>> params(const RMSNorm<T>& m) {
+  using N = RMSNorm<T>;
+  std::vector<Param<N, T>> ps;
+  ps.push_back({"weight",
+                {m.dim()},
+                {},
+                [](const N& n) { return Tensor<T>::from_vector(n.weight()); },
+                [](N& n, const Tensor<T>& t) { n.set_weight(t.vector()); }});
+  return ps;
+}
+
+// LlamaMLP registers gate_proj, up_proj, down_proj, in that order.
+template <class T>
+std::vector<Param<SwiGLU<T>, T>> params(const SwiGLU<T>& m) {
+  std::vector<Param<SwiGLU<T>, T>> ps;
+  append_child(ps, "gate_proj.", m.gate_proj(), [](auto& f) -> auto& { return f.gate_proj(); });
+  append_child(ps, "up_proj.", m.up_proj(), [](auto& f) -> auto& { return f.up_proj(); });
+  append_child(ps, "down_proj.", m.down_proj(), [](auto& f) -> auto& { return f.down_proj(); });
   return ps;
 }
 
@@ -310,7 +341,8 @@ StateDict<T> save(const Module& module, const std::string& raw_prefix) {
 
 // The module's parameters under PyTorch's keys (each prefixed), in PyTorch's order; owned copies.
 //   Linear, MultiHeadAttention, LayerNorm, FeedForward, TransformerEncoderLayer,
-//   TransformerDecoderLayer, TransformerEncoder: the keys in the table at the top of this file.
+//   TransformerDecoderLayer, TransformerEncoder, RMSNorm, SwiGLU: the keys in the table at the top
+//   of this file.
 template <class T>
 StateDict<T> state_dict(const Linear<T>& module, const std::string& prefix = "") {
   return detail::save<Linear<T>, T>(module, prefix);
@@ -423,6 +455,35 @@ template <class T>
 LoadResult load_state_dict(TransformerEncoder<T>& module, const StateDict<T>& src, const std::string& prefix = "",
                            bool strict = true) {
   return detail::load(module, detail::source<T>(src), prefix, strict, "attn::io::load_state_dict(TransformerEncoder)");
+}
+
+template <class T>
+StateDict<T> state_dict(const RMSNorm<T>& module, const std::string& prefix = "") {
+  return detail::save<RMSNorm<T>, T>(module, prefix);
+}
+template <class T>
+StateDict<T> state_dict(const SwiGLU<T>& module, const std::string& prefix = "") {
+  return detail::save<SwiGLU<T>, T>(module, prefix);
+}
+template <class T>
+LoadResult load_state_dict(RMSNorm<T>& module, const SafeTensors& src, const std::string& prefix = "",
+                           bool strict = true) {
+  return detail::load(module, detail::source<T>(src), prefix, strict, "attn::io::load_state_dict(RMSNorm)");
+}
+template <class T>
+LoadResult load_state_dict(RMSNorm<T>& module, const StateDict<T>& src, const std::string& prefix = "",
+                           bool strict = true) {
+  return detail::load(module, detail::source<T>(src), prefix, strict, "attn::io::load_state_dict(RMSNorm)");
+}
+template <class T>
+LoadResult load_state_dict(SwiGLU<T>& module, const SafeTensors& src, const std::string& prefix = "",
+                           bool strict = true) {
+  return detail::load(module, detail::source<T>(src), prefix, strict, "attn::io::load_state_dict(SwiGLU)");
+}
+template <class T>
+LoadResult load_state_dict(SwiGLU<T>& module, const StateDict<T>& src, const std::string& prefix = "",
+                           bool strict = true) {
+  return detail::load(module, detail::source<T>(src), prefix, strict, "attn::io::load_state_dict(SwiGLU)");
 }
 
 }  // namespace attn::io

@@ -70,9 +70,12 @@ void attention_decode(const AttentionProblem<T>& p, Index chunk = kDecodeChunk, 
         } else if (lo < p.mask_keys) {  // the chunk holds MHA's extra keys: mask_row decides
           lo = std::max(lo, r.begin);
         }
-        if (hi <= lo) {
+        const auto no_keys = [&] {  // an empty partial: it takes no part in the merge
           out[0] = kNegInf, out[1] = T(0);
           std::fill(out + 2, out + part, T(0));
+        };
+        if (hi <= lo) {
+          no_keys();
           continue;
         }
         const Index n = hi - lo;
@@ -85,8 +88,7 @@ void attention_decode(const AttentionProblem<T>& p, Index chunk = kDecodeChunk, 
         const bool masked = elementwise || hi > p.mask_keys;
         const T m = masked ? mask_row(p, b, h, i, lo, s, n) : mk::max_of(s, n);
         if (m == kNegInf) {
-          out[0] = kNegInf, out[1] = T(0);
-          std::fill(out + 2, out + part, T(0));
+          no_keys();
           continue;
         }
         out[0] = m;

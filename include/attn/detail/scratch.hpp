@@ -10,8 +10,8 @@
 //
 // Thread-safety: the buffer is thread_local, not a member of the module. forward() is const and
 // may run on one module from several threads at once; each calling thread gets its own buffer, so
-// there is nothing to lock and nothing to race on. (The worker threads of parallel_tasks write
-// into their caller's buffer, which outlives them.)
+// there is nothing to lock and nothing to race on. (The pool's workers write into their caller's
+// buffer only during the caller's parallel_tasks call, which returns before the buffer is freed.)
 //
 // Memory kept: per thread that has called, and per scalar type, the largest size it asked for,
 // until the thread exits. MultiHeadAttention self-attention asks for 4 * B*L * E scalars (packed

@@ -1,10 +1,12 @@
 // attn/attn.hpp - everything attn offers, in one include.
 #pragma once
 
+#include "attn/decoder_attention.hpp"
 #include "attn/error.hpp"
 #include "attn/feed_forward.hpp"
 #include "attn/grouped_query_attention.hpp"
 #include "attn/init.hpp"
+#include "attn/kv_cache.hpp"
 #include "attn/layer_norm.hpp"
 #include "attn/linear.hpp"
 #include "attn/mask.hpp"

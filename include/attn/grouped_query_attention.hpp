@@ -6,13 +6,20 @@
 //   attn::GroupedQueryAttention<float> gqa(/*num_heads=*/32, /*num_kv_heads=*/8);  // scale 1/sqrt(d)
 //   attn::GqaArgs<float> args;  args.causal = attn::Causal::BottomRight;  args.window = 4096;
 //   attn::Matrix<float> out = gqa.forward(q, k, v, args);  // q [B*L, H*d], k/v [B*S, H_kv*d] -> [B*L, H*d]
+//
+// Against a KV cache (attn/kv_cache.hpp): the queries are the newest positions of each sequence,
+// whose keys and values were appended first; causal masking is bottom-right.
+//   cache.append(b, k_new, v_new);                       // [L, H_kv*d]
+//   attn::Matrix<float> out = gqa.forward(q_new, cache, b);  // q_new [L, H*d] -> [L, H*d]
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 
 #include "attn/detail/attention.hpp"
 #include "attn/detail/check.hpp"
+#include "attn/kv_cache.hpp"
 #include "attn/mask.hpp"
 #include "attn/types.hpp"
 
@@ -23,6 +30,16 @@ namespace attn {
 template <class T>
 struct GqaArgs : Masks<T> {
   Index batch = 1;  // B: rows are (b, l), a contiguous [B, L, H*d] tensor (batch first)
+};
+
+// The masks and score options for attention against a KVCache: the same as GqaArgs's, with causal
+// masking bottom-right by default (the queries are the newest positions: the last one sees every
+// kept key). Causal::None attends every kept key (a cross-attention cache); TopLeft is refused.
+// attn_mask, attn_bias and key_padding_mask cover the kept keys, S = cache.kept(b), in position
+// order. A sliding-window cache applies its window; `window` may narrow it, not widen it.
+template <class T>
+struct CacheArgs : Masks<T> {
+  CacheArgs() { this->causal = Causal::BottomRight; }
 };
 
 template <class T>
@@ -43,7 +60,9 @@ class GroupedQueryAttention {
   // q: [B*L, H*d]  k: [B*S, H_kv*d]  v: [B*S, H_kv*dv]  ->  [B*L, H*dv]; head h in columns [h*d, (h+1)*d)
   Matrix<T> forward(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v,
                     const GqaArgs<T>& args = {}) const {
-    Matrix<T> out(q.rows(), H_ * (Hkv_ > 0 ? v.cols() / Hkv_ : 0));
+    // Sized before run() checks the shapes: num_heads * dv must not wrap around.
+    Matrix<T> out(q.rows(), detail::checked_mul("attn::GroupedQueryAttention::forward", "num_heads * dv", H_,
+                                                v.cols() / Hkv_));
     run(q, k, v, args, out, "attn::GroupedQueryAttention::forward");
     return out;
   }
@@ -52,6 +71,27 @@ class GroupedQueryAttention {
   void forward_into(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v,
                     const GqaArgs<T>& args, MatrixRef<T> out) const {
     run(q, k, v, args, out, "attn::GroupedQueryAttention::forward_into");
+  }
+
+  // Against a cache, every sequence at once: q [B*L, H*d], the queries of each sequence's newest L
+  // positions (rows of sequence b in [b*L, (b+1)*L)), already appended to the cache, every
+  // sequence of the same size  ->  [B*L, H*dv].
+  Matrix<T> forward(const ConstMatrixRef<T>& q, const KVCache<T>& cache, const CacheArgs<T>& args = {}) const {
+    Matrix<T> out(q.rows(), H_ * cache.value_dim());
+    run_cached(q, cache, 0, cache.batch(), args, out, "attn::GroupedQueryAttention::forward");
+    return out;
+  }
+  // Against sequence b of a cache: q [L, H*d], its newest L positions  ->  [L, H*dv].
+  Matrix<T> forward(const ConstMatrixRef<T>& q, const KVCache<T>& cache, Index b, const CacheArgs<T>& args = {}) const {
+    Matrix<T> out(q.rows(), H_ * cache.value_dim());
+    run_cached(q, cache, b, 1, args, out, "attn::GroupedQueryAttention::forward");
+    return out;
+  }
+  // The same into out [rows of q, H*dv], sized by the caller; b < 0: every sequence.
+  void forward_into(const ConstMatrixRef<T>& q, const KVCache<T>& cache, Index b, const CacheArgs<T>& args,
+                    MatrixRef<T> out) const {
+    run_cached(q, cache, b < 0 ? 0 : b, b < 0 ? cache.batch() : 1, args, out,
+               "attn::GroupedQueryAttention::forward_into");
   }
 
   Index num_heads() const { return H_; }
@@ -75,6 +115,16 @@ class GroupedQueryAttention {
                           shape(v.rows(), v.cols()), ", expected [B*S, H_kv*dv] = [", B * S, ", ", Hkv_, "*dv]");
     detail::require_dims(where, "out", out.rows(), out.cols(), B * L, H_ * dv, "[B*L, H*dv] = ", shape(B * L, H_ * dv));
 
+    detail::AttentionProblem<T> p = problem(B, L, S, d, dv, q, out);
+    p.k = {k.data(), S * k.outerStride(), d, k.outerStride()};
+    p.v = {v.data(), S * v.outerStride(), dv, v.outerStride()};
+    detail::bind_masks(p, args, where);
+    detail::attention(p);
+  }
+
+  // The problem without K and V: q [B*L, H*d] and out [B*L, H*dv], head h in columns [h*d, (h+1)*d).
+  detail::AttentionProblem<T> problem(Index B, Index L, Index S, Index d, Index dv, const ConstMatrixRef<T>& q,
+                                      MatrixRef<T>& out) const {
     detail::AttentionProblem<T> p;
     p.batch = B;
     p.heads = H_;
@@ -84,11 +134,47 @@ class GroupedQueryAttention {
     p.d = d;
     p.dv = dv;
     p.q = {q.data(), L * q.outerStride(), d, q.outerStride()};
-    p.k = {k.data(), S * k.outerStride(), d, k.outerStride()};
-    p.v = {v.data(), S * v.outerStride(), dv, v.outerStride()};
     p.out = {out.data(), L * out.outerStride(), dv, out.outerStride()};
     p.scale = scale_ ? *scale_ : T(1) / std::sqrt(static_cast<T>(d));
-    detail::bind_masks(p, args, where);
+    return p;
+  }
+
+  // Sequences [b0, b0 + B) of the cache.
+  void run_cached(const ConstMatrixRef<T>& q, const KVCache<T>& cache, Index b0, Index B, const CacheArgs<T>& args,
+                  MatrixRef<T> out, const char* where) const {
+    using detail::shape;
+    detail::require_arg(b0 >= 0 && b0 + B <= cache.batch(), where, "sequence ", b0, " is outside the cache's batch [0, ",
+                        cache.batch(), ")");
+    detail::require_shape(cache.kv_heads() == Hkv_, where, "the cache has ", cache.kv_heads(),
+                          " kv heads, this attention ", Hkv_);
+    const Index d = cache.head_dim(), dv = cache.value_dim(), L = q.rows() / B;
+    detail::require_shape(q.rows() == B * L && L > 0 && q.cols() == H_ * d, where, "query has shape ",
+                          shape(q.rows(), q.cols()), ", expected [B*L, H*d] = [", B, "*L, ", H_, "*", d,
+                          "] with L > 0 (B and d from the cache)");
+    detail::require_dims(where, "out", out.rows(), out.cols(), B * L, H_ * dv, "[B*L, H*dv] = ", shape(B * L, H_ * dv));
+    const Index n = cache.size(b0), S = cache.kept(b0);
+    for (Index b = b0 + 1; b < b0 + B; ++b)
+      detail::require_arg(cache.size(b) == n, where, "sequences ", b0, " and ", b, " hold ", n, " and ", cache.size(b),
+                          " positions; attend sequences of different lengths one at a time (forward(q, cache, b))");
+    detail::require_arg(L <= n, where, "the ", L, " queries must be the newest positions of the cache, which holds ", n,
+                        ": append their keys and values first");
+    detail::require_arg(args.causal != Causal::TopLeft, where,
+                        "causal must be BottomRight or None against a cache (the queries are its newest positions)");
+    const Index W = cache.window();
+    detail::require_arg(W == 0 || (args.window >= 0 && args.window <= W), where, "window = ", args.window,
+                        " cannot exceed the cache's window ", W);
+    // A ring keeps the last `capacity` positions: the first query needs the window - 1 before it.
+    detail::require_arg(W == 0 || cache.first_kept(b0) <= std::max<Index>(0, n - L - W + 1), where, "the ", L,
+                        " queries need the ", W - 1, " positions before them, but the cache keeps only the last ", S,
+                        " (attend after each append of at most max_append() rows)");
+
+    detail::AttentionProblem<T> p = problem(B, L, S, d, dv, q, out);
+    const Index rows = cache.rows_per_head();  // [B, H_kv, rows, d]: each head's positions contiguous
+    p.k = {cache.key_data(b0), Hkv_ * rows * d, rows * d, d};
+    p.v = {cache.value_data(b0), Hkv_ * rows * dv, rows * dv, dv};
+    Masks<T> masks = args;
+    if (W > 0 && masks.window == 0) masks.window = W;
+    detail::bind_masks(p, masks, where);
     detail::attention(p);
   }
 

@@ -20,6 +20,8 @@
 //   RMSNorm:                  weight [E], as Hugging Face's LlamaRMSNorm (input_layernorm, norm)
 //   SwiGLU:                   gate_proj.*, up_proj.*, down_proj.* (Linear's keys), as Hugging Face's
 //                             LlamaMLP (a Llama layer's mlp.*)
+//   DecoderAttention:         q_proj.*, k_proj.*, v_proj.*, o_proj.* (Linear's keys), as Hugging Face's
+//                             LlamaAttention (a Llama layer's self_attn.*)
 // In PyTorch's order: a module's own parameters, then its submodules' in the order PyTorch's
 // constructor registers them (the order above).
 //
@@ -36,6 +38,7 @@
 #include <utility>
 #include <vector>
 
+#include "attn/decoder_attention.hpp"
 #include "attn/error.hpp"
 #include "attn/feed_forward.hpp"
 #include "attn/io/safetensors.hpp"
@@ -88,6 +91,8 @@ template <class T>
 std::vector<Param<RMSNorm<T>, T>> params(const RMSNorm<T>& m);
 template <class T>
 std::vector<Param<SwiGLU<T>, T>> params(const SwiGLU<T>& m);
+template <class T>
+std::vector<Param<DecoderAttention<T>, T>> params(const DecoderAttention<T>& m);
 
 // Appends a child module's parameters to its parent's: keys under `name` ("self_attn.", or "" for
 // a child whose keys PyTorch puts on the parent itself), reached through `child`, which maps a
@@ -219,6 +224,17 @@ std::vector<Param<SwiGLU<T>, T>> params(const SwiGLU<T>& m) {
   append_child(ps, "gate_proj.", m.gate_proj(), [](auto& f) -> auto& { return f.gate_proj(); });
   append_child(ps, "up_proj.", m.up_proj(), [](auto& f) -> auto& { return f.up_proj(); });
   append_child(ps, "down_proj.", m.down_proj(), [](auto& f) -> auto& { return f.down_proj(); });
+  return ps;
+}
+
+// LlamaAttention registers q_proj, k_proj, v_proj, o_proj, in that order.
+template <class T>
+std::vector<Param<DecoderAttention<T>, T>> params(const DecoderAttention<T>& m) {
+  std::vector<Param<DecoderAttention<T>, T>> ps;
+  append_child(ps, "q_proj.", m.q_proj(), [](auto& a) -> auto& { return a.q_proj(); });
+  append_child(ps, "k_proj.", m.k_proj(), [](auto& a) -> auto& { return a.k_proj(); });
+  append_child(ps, "v_proj.", m.v_proj(), [](auto& a) -> auto& { return a.v_proj(); });
+  append_child(ps, "o_proj.", m.o_proj(), [](auto& a) -> auto& { return a.o_proj(); });
   return ps;
 }
 
@@ -484,6 +500,21 @@ template <class T>
 LoadResult load_state_dict(SwiGLU<T>& module, const StateDict<T>& src, const std::string& prefix = "",
                            bool strict = true) {
   return detail::load(module, detail::source<T>(src), prefix, strict, "attn::io::load_state_dict(SwiGLU)");
+}
+
+template <class T>
+StateDict<T> state_dict(const DecoderAttention<T>& module, const std::string& prefix = "") {
+  return detail::save<DecoderAttention<T>, T>(module, prefix);
+}
+template <class T>
+LoadResult load_state_dict(DecoderAttention<T>& module, const SafeTensors& src, const std::string& prefix = "",
+                           bool strict = true) {
+  return detail::load(module, detail::source<T>(src), prefix, strict, "attn::io::load_state_dict(DecoderAttention)");
+}
+template <class T>
+LoadResult load_state_dict(DecoderAttention<T>& module, const StateDict<T>& src, const std::string& prefix = "",
+                           bool strict = true) {
+  return detail::load(module, detail::source<T>(src), prefix, strict, "attn::io::load_state_dict(DecoderAttention)");
 }
 
 }  // namespace attn::io

@@ -1,0 +1,209 @@
+// attn/decoder_attention.hpp - the self-attention block of a decoder-only model (Llama, Mistral,
+// Qwen, Gemma): separate q/k/v/o projections in Hugging Face's LlamaAttention layout, grouped-query
+// attention, rotary embeddings, and decoding from a KV cache.
+//
+//   attn::DecoderAttentionOptions o;  o.num_kv_heads = 8;  o.max_positions = 8192;   // Llama 3 8B
+//   attn::DecoderAttention<float> attn_block(/*embed_dim=*/4096, /*num_heads=*/32, o);
+//   attn::KVCache<float> cache = attn_block.make_cache(/*batch=*/1, /*capacity=*/8192);
+//   attn::Matrix<float> y = attn_block.forward(prompt, cache, 0);  // prefill: prompt [L, 4096]
+//   attn::Matrix<float> t = attn_block.forward(token, cache, 0);   // then one row per step
+//
+// Parameters (names as LlamaAttention's state dict; D = head_dim, H = num_heads, Hkv = num_kv_heads):
+//   q_proj [H*D, E]   k_proj [Hkv*D, E]   v_proj [Hkv*D, E]   o_proj [E, H*D]   (biases optional)
+// For rows x of one sequence at positions n, n+1, ... (n = 0 without a cache, the cache's size with one):
+//   q = rope(x q_proj^T, n),  k = rope(x k_proj^T, n),  v = x v_proj^T
+//   y = attention(q, k, v) o_proj^T,   causal, scale 1/sqrt(D), query head h reading kv head
+//       h / (H / Hkv); plus the options' window, soft-capping and ALiBi
+// RoPE rotates the keys before they are cached, so the cache holds rotated keys and a step only
+// rotates its own rows (rope.hpp explains why).
+#pragma once
+
+#include <cmath>
+#include <optional>
+
+#include "attn/detail/check.hpp"
+#include "attn/grouped_query_attention.hpp"
+#include "attn/init.hpp"
+#include "attn/kv_cache.hpp"
+#include "attn/linear.hpp"
+#include "attn/mask.hpp"
+#include "attn/rope.hpp"
+#include "attn/types.hpp"
+
+namespace attn {
+
+struct DecoderAttentionOptions {
+  Index num_kv_heads = 0;       // 0: num_heads (multi-head); 1: multi-query; must divide num_heads
+  Index head_dim = 0;           // 0: embed_dim / num_heads
+  bool qkv_bias = false;        // q/k/v_proj biases (Qwen 2: true; Llama, Mistral: false)
+  bool o_bias = false;          // o_proj bias
+  std::optional<Rope> rope = Rope{};  // rotary embeddings (NeoX style, base 10000); nullopt: none
+  Index max_positions = 4096;   // positions the RoPE table covers
+  Index window = 0;             // > 0: sliding-window attention over the last `window` positions
+  double softcap = 0;           // > 0: logit soft-capping (Gemma 2: 50)
+  bool alibi = false;           // ALiBi with the standard slopes (attn::alibi_slopes)
+  double scale = 0;             // 0: 1 / sqrt(head_dim) (Gemma: query_pre_attn_scalar^-0.5)
+};
+
+template <class T>
+class DecoderAttention {
+ public:
+  // The projections get nn.Linear's initialisation, drawn in the order q, k, v, o.
+  DecoderAttention(Index embed_dim, Index num_heads, const DecoderAttentionOptions& opt, Generator& gen)
+      : opt_(checked(embed_dim, num_heads, opt)),
+        E_(embed_dim),
+        H_(num_heads),
+        Hkv_(opt_.num_kv_heads),
+        D_(opt_.head_dim),
+        q_proj_(E_, H_ * D_, opt_.qkv_bias, gen),
+        k_proj_(E_, Hkv_ * D_, opt_.qkv_bias, gen),
+        v_proj_(E_, Hkv_ * D_, opt_.qkv_bias, gen),
+        o_proj_(H_ * D_, E_, opt_.o_bias, gen),
+        core_(opt_.scale > 0 ? GroupedQueryAttention<T>(H_, Hkv_, static_cast<T>(opt_.scale))
+                             : GroupedQueryAttention<T>(H_, Hkv_)) {
+    if (opt_.rope) rope_.emplace(D_, opt_.max_positions, *opt_.rope);
+    if (opt_.alibi) alibi_ = alibi_slopes<T>(H_);
+  }
+  DecoderAttention(Index embed_dim, Index num_heads, const DecoderAttentionOptions& opt = {})
+      : DecoderAttention(embed_dim, num_heads, opt, default_gen()) {}
+
+  // Without a cache: x [B*L, E], B sequences of L tokens at positions 0 .. L-1 (rows of sequence b
+  // in [b*L, (b+1)*L))  ->  [B*L, E]. Causal.
+  Matrix<T> forward(const ConstMatrixRef<T>& x, Index batch = 1) const {
+    const char* where = "attn::DecoderAttention::forward";
+    detail::require_arg(batch > 0, where, "batch must be positive, got ", batch);
+    const Index L = check_x(x, batch, where);
+    detail::require_arg(!rope_ || L <= rope_->max_positions(), where, "positions [0, ", L,
+                        ") exceed max_positions = ", opt_.max_positions);
+    Matrix<T> q = q_proj_.forward(x), k = k_proj_.forward(x), v = v_proj_.forward(x);
+    rotate(q, k, batch, L, 0);
+    GqaArgs<T> args;
+    args.batch = batch;
+    args.causal = Causal::BottomRight;  // L == S: the same as TopLeft
+    set_options(args);
+    return o_proj_.forward(core_.forward(q, k, v, args));
+  }
+
+  // Against a cache, every sequence at once: x [B*L, E], the next L tokens of each of the cache's
+  // B sequences (which must all hold the same number of positions). Appends their keys and values
+  // to the cache, then attends  ->  [B*L, E]. On an error the cache is unchanged.
+  Matrix<T> forward(const ConstMatrixRef<T>& x, KVCache<T>& cache) const {
+    return run_cached(x, cache, 0, cache.batch(), "attn::DecoderAttention::forward");
+  }
+  // Against sequence b of a cache: x [L, E], its next L tokens  ->  [L, E].
+  Matrix<T> forward(const ConstMatrixRef<T>& x, KVCache<T>& cache, Index b) const {
+    return run_cached(x, cache, b, 1, "attn::DecoderAttention::forward");
+  }
+
+  // A cache that fits this block: batch sequences of `capacity` positions each; a sliding-window
+  // ring when the options set a window (capacity >= window; max_append() = capacity - window + 1).
+  KVCache<T> make_cache(Index batch, Index capacity) const {
+    return KVCache<T>(batch, Hkv_, D_, capacity, opt_.window);
+  }
+
+  Index embed_dim() const { return E_; }
+  Index num_heads() const { return H_; }
+  Index num_kv_heads() const { return Hkv_; }
+  Index head_dim() const { return D_; }
+  const DecoderAttentionOptions& options() const { return opt_; }
+
+  // The parameters, by LlamaAttention's names.
+  const Linear<T>& q_proj() const { return q_proj_; }
+  const Linear<T>& k_proj() const { return k_proj_; }
+  const Linear<T>& v_proj() const { return v_proj_; }
+  const Linear<T>& o_proj() const { return o_proj_; }
+  Linear<T>& q_proj() { return q_proj_; }
+  Linear<T>& k_proj() { return k_proj_; }
+  Linear<T>& v_proj() { return v_proj_; }
+  Linear<T>& o_proj() { return o_proj_; }
+
+ private:
+  static DecoderAttentionOptions checked(Index E, Index H, DecoderAttentionOptions opt) {
+    const char* where = "attn::DecoderAttention";
+    detail::require_shape(E > 0 && H > 0, where, "embed_dim = ", E, " and num_heads = ", H, " must be positive");
+    if (opt.num_kv_heads == 0) opt.num_kv_heads = H;
+    detail::require_shape(opt.num_kv_heads > 0 && H % opt.num_kv_heads == 0, where,
+                          "num_kv_heads = ", opt.num_kv_heads, " must be positive and divide num_heads = ", H);
+    if (opt.head_dim == 0) {
+      detail::require_shape(E % H == 0, where, "embed_dim = ", E, " is not divisible by num_heads = ", H,
+                            "; set head_dim");
+      opt.head_dim = E / H;
+    }
+    detail::require_shape(opt.head_dim > 0, where, "head_dim must be positive, got ", opt.head_dim);
+    detail::require_arg(opt.window >= 0, where, "window must be >= 0 (0: none), got ", opt.window);
+    detail::require_arg(std::isfinite(opt.softcap) && opt.softcap >= 0, where,
+                        "softcap must be finite and >= 0 (0: none), got ", opt.softcap);
+    detail::require_arg(std::isfinite(opt.scale) && opt.scale >= 0, where,
+                        "scale must be finite and >= 0 (0: 1/sqrt(head_dim)), got ", opt.scale);
+    return opt;
+  }
+
+  static Generator& default_gen() {
+    thread_local Generator gen;
+    return gen;
+  }
+
+  // L, the rows per sequence of x [B*L, E].
+  Index check_x(const ConstMatrixRef<T>& x, Index B, const char* where) const {
+    const Index L = x.rows() / B;
+    detail::require_shape(x.rows() == B * L && L > 0 && x.cols() == E_, where, "x has shape ",
+                          detail::shape(x.rows(), x.cols()), ", expected [B*L, embed_dim] = [", B, "*L, ", E_,
+                          "] with L > 0");
+    return L;
+  }
+
+  // Rotates q and k in place: rows of sequence b at positions start, start + 1, ...
+  void rotate(Matrix<T>& q, Matrix<T>& k, Index B, Index L, Index start) const {
+    if (!rope_) return;
+    for (Index b = 0; b < B; ++b) {
+      rope_->apply(q.middleRows(b * L, L), H_, start);
+      rope_->apply(k.middleRows(b * L, L), Hkv_, start);
+    }
+  }
+
+  void set_options(Masks<T>& m) const {
+    m.window = opt_.window;
+    m.softcap = static_cast<T>(opt_.softcap);
+    m.alibi_slopes = alibi_;
+  }
+
+  Matrix<T> run_cached(const ConstMatrixRef<T>& x, KVCache<T>& cache, Index b0, Index B, const char* where) const {
+    // Every check that could fail comes before the cache is touched.
+    detail::require_arg(b0 >= 0 && b0 + B <= cache.batch(), where, "sequence ", b0, " is outside the cache's batch [0, ",
+                        cache.batch(), ")");
+    detail::require_shape(cache.kv_heads() == Hkv_ && cache.head_dim() == D_ && cache.value_dim() == D_, where,
+                          "the cache holds ", cache.kv_heads(), " kv heads of ", cache.head_dim(), " (keys) and ",
+                          cache.value_dim(), " (values), this block ", Hkv_, " of ", D_, " (make_cache() fits)");
+    detail::require_arg(cache.window() == 0 || cache.window() == opt_.window, where, "the cache's window ",
+                        cache.window(), " differs from this block's ", opt_.window);
+    const Index L = check_x(x, B, where), n = cache.size(b0);
+    for (Index b = b0 + 1; b < b0 + B; ++b)
+      detail::require_arg(cache.size(b) == n, where, "sequences ", b0, " and ", b, " hold ", n, " and ", cache.size(b),
+                          " positions; run sequences of different lengths one at a time (forward(x, cache, b))");
+    detail::require_arg(L <= cache.max_append(b0), where, "appending ", L, " positions to a cache that takes ",
+                        cache.max_append(b0), " more", cache.window() > 0 ? " per step (split the prompt)" : "");
+    detail::require_arg(!rope_ || n + L <= rope_->max_positions(), where, "positions [", n, ", ", n + L,
+                        ") exceed max_positions = ", opt_.max_positions);
+
+    Matrix<T> q = q_proj_.forward(x), k = k_proj_.forward(x), v = v_proj_.forward(x);
+    rotate(q, k, B, L, n);
+    if (B == 1)
+      cache.append(b0, k, v);
+    else
+      cache.append(k, v);
+    CacheArgs<T> args;  // causal, bottom-right
+    set_options(args);
+    Matrix<T> out(x.rows(), H_ * D_);
+    core_.forward_into(q, cache, B == 1 ? b0 : -1, args, out);
+    return o_proj_.forward(out);
+  }
+
+  DecoderAttentionOptions opt_;
+  Index E_, H_, Hkv_, D_;
+  Linear<T> q_proj_, k_proj_, v_proj_, o_proj_;
+  GroupedQueryAttention<T> core_;
+  std::optional<RopeCache<T>> rope_;
+  Vector<T> alibi_;  // [H], empty without ALiBi
+};
+
+}  // namespace attn

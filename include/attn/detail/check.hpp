@@ -51,6 +51,16 @@ void require_dims(const char* where, const char* name, Eigen::Index rows, Eigen:
   require_shape(ok, where, name, " has shape ", shape(rows, cols), ", expected ", expected...);
 }
 
+// a * b for dimensions a, b >= 0, or a shape_error "<where>: <what> = a * b overflows the index
+// type" when the product does not fit in Eigen::Index: a size computed from a caller's dimensions
+// (heads * head_dim, rows * cols of a buffer) must never wrap around into a small or negative one.
+inline Eigen::Index checked_mul(const char* where, const char* what, Eigen::Index a, Eigen::Index b) {
+  ATTN_ASSERT(a >= 0 && b >= 0);
+  require_shape(a == 0 || b <= Eigen::NumTraits<Eigen::Index>::highest() / a, where, what, " = ", a, " * ", b,
+                " overflows the index type");
+  return a * b;
+}
+
 // The same for a vector: `name` must have `want` elements.
 template <class... Expected>
 void require_len(const char* where, const char* name, Eigen::Index n, Eigen::Index want, const Expected&... expected) {

@@ -5,6 +5,12 @@
 #include <attn/init.hpp>
 
 #include <cmath>
+#include <cstdint>
+#include <limits>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
 
 #include "support/random_problem.hpp"
 #include "support/test_util.hpp"
@@ -47,6 +53,155 @@ TYPED_TEST(DecodeTest, MatchesReference) {
         << "chunk " << chunk << ", threads " << threads;
   }
   EXPECT_GT(tested, 300);  // about 35 % of the random problems have L <= 4
+}
+
+// One decoding step against a long cache, drawn from a seed: L = 1..4 queries per head at the
+// end of S keys (up to ~4 chunks of 512), K and V stacked [B, H_kv, S, d] with padded rows, GQA,
+// head dims at the packet edges and past the P.V kernel's 8-packet tiles (up to 260), and a random
+// mix of causal alignment, window, softcap, ALiBi, key padding, a bool mask and an additive bias.
+// Built in a RandomProblem's buffers so that AsDouble makes the reference's copy.
+template <class T>
+RandomProblem<T> decoding_step(std::uint64_t seed) {
+  RandomProblem<T> r(seed);  // only its buffers are kept: everything is redrawn below
+  std::mt19937_64 rng(seed * 7919 + 17);
+  const auto pick = [&](Index lo, Index hi) { return std::uniform_int_distribution<Index>(lo, hi)(rng); };
+  const auto coin = [&](double prob) { return std::bernoulli_distribution(prob)(rng); };
+  std::normal_distribution<double> normal(0.0, 1.0);
+  const auto dim = [&] {
+    switch (pick(0, 3)) {
+      case 0: return pick(1, 20);
+      case 1: return pick(60, 70);
+      case 2: return pick(120, 136);
+      default: return pick(250, 260);
+    }
+  };
+  auto& p = r.p;
+  p = {};
+  p.batch = pick(1, 2);
+  const Index group = coin(0.5) ? 1 : coin(0.5) ? 2 : 4, kv_heads = pick(1, 2);
+  p.heads = kv_heads * group;
+  p.kv_heads = group == 1 && coin(0.5) ? 0 : kv_heads;
+  p.L = pick(1, attn::detail::kDecodeRows);
+  p.S = p.mask_keys = coin(0.3) ? pick(1, 40) : coin(0.7) ? pick(500, 1100) : pick(2000, 2100);
+  p.d = dim();
+  p.dv = coin(0.5) ? p.d : dim();
+  p.scale = T(1) / std::sqrt(T(p.d));
+  const auto fill = [&](std::vector<T>& buf, auto& view, Index heads, Index rows, Index cols) {
+    view.row_stride = cols + pick(0, 3);
+    view.head_stride = rows * view.row_stride;
+    view.batch_stride = heads * view.head_stride;
+    buf.resize(static_cast<std::size_t>(p.batch * view.batch_stride));
+    for (auto& x : buf) x = T(normal(rng));
+    view.data = buf.data();
+  };
+  fill(r.q, p.q, p.heads, p.L, p.d);
+  fill(r.k, p.k, kv_heads, p.S, p.d);
+  fill(r.v, p.v, kv_heads, p.S, p.dv);
+  const int causal = coin(0.6) ? 2 : int(pick(0, 1));
+  p.causal = causal == 0 ? attn::Causal::None : causal == 1 ? attn::Causal::TopLeft : attn::Causal::BottomRight;
+  if (coin(0.3)) p.window = pick(1, p.S + 2);
+  if (coin(0.25)) p.softcap = T(std::uniform_real_distribution<double>(0.5, 5.0)(rng));
+  r.slopes.clear();
+  if (coin(0.25)) {
+    for (Index h = 0; h < p.heads; ++h) r.slopes.push_back(T(std::uniform_real_distribution<double>(0.0, 0.1)(rng)));
+    p.alibi_slopes = r.slopes.data();
+  }
+  const Index S = p.S, rows = p.batch * p.heads * p.L;
+  if (coin(0.3)) {  // padding at the end of each sequence, sometimes all of it
+    r.pad_store.assign(static_cast<std::size_t>(p.batch * S), 0);
+    for (Index b = 0; b < p.batch; ++b)
+      for (Index j = pick(0, S); j < S; ++j) r.pad_store[std::size_t(b * S + j)] = 1;
+    p.key_padding = {reinterpret_cast<const bool*>(r.pad_store.data()), S, 0, 0};
+    p.key_padding_attends = false;
+  }
+  if (coin(0.2)) {  // per (batch, head, row), true = may attend
+    r.mask_store.resize(static_cast<std::size_t>(rows * S));
+    for (auto& x : r.mask_store) x = coin(0.9);
+    p.mask = {reinterpret_cast<const bool*>(r.mask_store.data()), p.heads * p.L * S, p.L * S, S};
+  }
+  r.bias.clear();
+  if (coin(0.2)) {
+    r.bias.resize(static_cast<std::size_t>(rows * S));
+    for (auto& x : r.bias) x = coin(0.05) ? -std::numeric_limits<T>::infinity() : T(normal(rng));
+    p.bias = {r.bias.data(), p.heads * p.L * S, p.L * S, S};
+  }
+  std::ostringstream s;
+  s << "seed=" << seed << " B=" << p.batch << " H=" << p.heads << " H_kv=" << p.kv_heads << " L=" << p.L
+    << " S=" << S << " d=" << p.d << " dv=" << p.dv << " causal=" << causal << " window=" << p.window
+    << " softcap=" << p.softcap << " alibi=" << bool(p.alibi_slopes) << " padding=" << bool(p.key_padding)
+    << " mask=" << bool(p.mask) << " bias=" << bool(p.bias);
+  r.description = s.str();
+  return r;
+}
+
+// Decoding steps against long caches, in the default chunks and in small odd ones, on 1 and 2
+// threads: the reference's result, and the same bits on both thread counts.
+TYPED_TEST(DecodeTest, LongCachesMatchReferenceOnAnyThreadCount) {
+  using T = TypeParam;
+  const Index chunks[] = {attn::detail::kDecodeChunk, 100, 16};
+  for (int c = 0; c < (std::getenv("ATTN_TEST_SEED") ? 1 : 60); ++c) {
+    const std::uint64_t seed = base_seed() + 600000 + std::uint64_t(c);
+    RandomProblem<T> r = decoding_step<T>(seed);
+    SCOPED_TRACE(r.description + "  (replay: ATTN_TEST_SEED=" + std::to_string(seed - 600000) + ")");
+    AsDouble<T> ref(r);
+    attn::Matrix<double> ref_out;
+    attach_outputs(ref.p, ref_out);
+    attn::detail::attention_reference(ref.p);
+
+    const Index chunk = chunks[seed % 3];
+    attn::Matrix<T> one, two;
+    attach_outputs(r.p, one);
+    attn::detail::attention_decode(r.p, chunk, 1);
+    ASSERT_TRUE(attn_test::matrices_near(one, ref_out, attn_test::tolerance<T>())) << "chunk " << chunk;
+    attach_outputs(r.p, two);
+    attn::detail::attention_decode(r.p, chunk, 2);
+    ASSERT_TRUE(one == two) << "chunk " << chunk << ": 2 threads differ from 1";
+  }
+}
+
+// Non-finite logits follow the reference (attention_reference.hpp): a NaN query, or a NaN in the K
+// of a key the row attends, makes that row NaN, in whichever chunk the key lies and on any thread
+// count; a NaN in the K of a key causal masking removes from the row changes nothing. Two rows,
+// bottom-right causal over 40 keys in chunks of 16: row 0 sees keys 0..38, row 1 keys 0..39.
+TYPED_TEST(DecodeTest, NaNLogitsMakeTheirRowNaN) {
+  using T = TypeParam;
+  const Index S = 40, d = 3;
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  attn::Generator gen(3);
+  attn::Matrix<T> q(2, d), k(S, d), v(S, d);
+  attn::init::uniform(q, -1.0, 1.0, gen);
+  attn::init::uniform(k, -1.0, 1.0, gen);
+  attn::init::uniform(v, -1.0, 1.0, gen);
+  attn::detail::AttentionProblem<T> p;
+  p.L = 2, p.S = p.mask_keys = S, p.d = p.dv = d, p.scale = T(0.5), p.causal = attn::Causal::BottomRight;
+  const auto run = [&](const attn::Matrix<T>& qq, const attn::Matrix<T>& kk, int threads) {
+    attn::Matrix<T> out(2, d);
+    p.q = {qq.data(), 0, 0, d};
+    p.k = {kk.data(), 0, 0, d};
+    p.v = {v.data(), 0, 0, d};
+    p.out = {out.data(), 0, 0, d};
+    attn::detail::attention_decode(p, 16, threads);
+    return out;
+  };
+  const attn::Matrix<T> clean = run(q, k, 1);
+  ASSERT_TRUE(clean.allFinite());
+  for (int threads : {1, 2}) {
+    attn::Matrix<T> q_nan = q;
+    q_nan(0, 1) = nan;
+    const attn::Matrix<T> a = run(q_nan, k, threads);
+    EXPECT_TRUE(a.row(0).array().isNaN().all());
+    EXPECT_TRUE(a.row(1) == clean.row(1));
+
+    attn::Matrix<T> k_nan = k;
+    k_nan(20, 2) = nan;  // key 20, in the middle chunk: both rows attend it
+    EXPECT_TRUE(run(q, k_nan, threads).array().isNaN().all());
+
+    k_nan = k;
+    k_nan(39, 0) = nan;  // key 39: row 1 attends it, row 0 may not
+    const attn::Matrix<T> c = run(q, k_nan, threads);
+    EXPECT_TRUE(c.row(0) == clean.row(0));
+    EXPECT_TRUE(c.row(1).array().isNaN().all());
+  }
 }
 
 // Chunks are fixed and merged in order: the thread count changes nothing, to the bit.

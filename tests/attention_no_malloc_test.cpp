@@ -72,8 +72,9 @@ TYPED_TEST(NoMallocTest, FlashKernelAllocatesNothingWhileItRuns) {
   }
 }
 
-// The decode kernel (read in place, Eigen GEMVs over each chunk): random problems with at most
-// kDecodeRows queries, chunks of 7 keys and the default, 1 and 2 threads.
+// The decode kernel (K and V read in place, the scores in one allocation made before the threads
+// start): random problems with at most kDecodeRows queries, chunks of 7 keys and the default, 1
+// and 2 threads.
 TYPED_TEST(NoMallocTest, DecodeKernelAllocatesNothingWhileItRuns) {
   using T = TypeParam;
   for (int c = 0, tested = 0; tested < 40; ++c) {

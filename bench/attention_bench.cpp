@@ -44,7 +44,7 @@ struct CoreShape {
   bool causal;
   int iterations;      // 0: run for a minimum time instead
   Index window = 0;    // > 0: sliding window (Mistral's, with causal): key j visible if i - j < window
-  double flops() const { return 4.0 * B * H * L * S * D; }
+  double flops() const { return 4.0 * double(B) * double(H) * double(L) * double(S) * double(D); }
   std::string key(const char* type) const {
     return std::string("sdpa/") + type + " B=" + std::to_string(B) + " H=" + std::to_string(H) +
            " L=" + std::to_string(L) + " S=" + std::to_string(S) + " D=" + std::to_string(D) +
@@ -146,7 +146,9 @@ struct MhaShape {
   Index B, L, E, H;
   bool causal;
   int iterations;  // 0: run for a minimum time instead
-  double flops() const { return 8.0 * B * L * E * E + 4.0 * B * L * L * E; }
+  double flops() const {
+    return 8.0 * double(B) * double(L) * double(E) * double(E) + 4.0 * double(B) * double(L) * double(L) * double(E);
+  }
   std::string key(const char* type) const {
     return std::string("mha/") + type + " B=" + std::to_string(B) + " L=" + std::to_string(L) +
            " E=" + std::to_string(E) + " H=" + std::to_string(H) + (causal ? " causal" : "");

@@ -28,7 +28,7 @@ using namespace attn_bench;
 struct LinearShape {
   Index N, in, out;  // x [N, in] -> y [N, out]
   int iterations;    // 0: run for a minimum time instead
-  double flops() const { return 2.0 * N * in * out; }
+  double flops() const { return 2.0 * double(N) * double(in) * double(out); }
 };
 
 template <class T>

@@ -94,7 +94,7 @@ TEST(KVCache, RejectsBadArgumentsAndStaysUnchanged) {
   EXPECT_THROW(KVCache<float>(1, 1, 2, 0), attn::argument_error);
   EXPECT_THROW(KVCache<float>(1, 1, 2, 3, /*window=*/4), attn::argument_error);
   EXPECT_THROW(KVCache<float>(1, 1, 2, 3, /*window=*/-1), attn::argument_error);
-  EXPECT_THROW(KVCache<float>(Index(1) << 40, 1 << 20, 1 << 20, 2), attn::argument_error);
+  EXPECT_THROW(KVCache<float>(Index(1) << 40, 1 << 20, 1 << 20, 2), attn::shape_error);  // overflows Index
 
   KVCache<float> cache(2, 2, 3, 4);
   const Matrix<float> k = numbered(3, 6, 0);

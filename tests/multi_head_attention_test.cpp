@@ -17,7 +17,7 @@ using attn_test::matrices_near;
 using attn_test::throws_with;
 using attn_test::vec;
 
-const double ln2 = std::log(2.0), ln3 = std::log(3.0), r2 = std::sqrt(2.0);
+const double ln2 = std::log(2.0), ln3 = std::log(3.0), sqrt2 = std::sqrt(2.0);
 
 // E = 4, H = 2, head_dim D = 2, scale 1/sqrt(2). Projections chosen so the arithmetic is short:
 //   W_q = sqrt(2) I (cancels the scale), W_k = W_v = I, in_proj_bias = 0, out_proj = I, b_o = [1, 0, 0, -1].
@@ -35,10 +35,10 @@ class MhaTest : public ::testing::Test {
     const attn::Matrix<T> I = attn::Matrix<T>::Identity(4, 4);
     if (m.packed()) {
       attn::Matrix<T> w(12, 4);
-      w << T(r2) * I, I, I;
+      w << T(sqrt2) * I, I, I;
       m.set_in_proj_weight(w);
     } else {
-      m.set_q_proj_weight(T(r2) * I);
+      m.set_q_proj_weight(T(sqrt2) * I);
     }
     if (o.bias) {
       m.set_in_proj_bias(attn::Vector<T>::Zero(12));
@@ -340,7 +340,7 @@ attn::MhaArgs<T> some_masks(attn::Index L, attn::Index S) {
 TYPED_TEST(MhaTest, FusedSelfAttentionMatchesUnfused) {
   using T = TypeParam;
   const attn::Index B = 2, L = 5, E = 8, H = 2;
-  for (int c = 0; c < 8; ++c) {
+  for (unsigned c = 0; c < 8; ++c) {
     attn::MhaOptions o;
     o.batch_first = c & 1;
     o.add_bias_kv = c & 2;
@@ -369,7 +369,7 @@ TYPED_TEST(MhaTest, FusedSelfAttentionMatchesUnfused) {
 TYPED_TEST(MhaTest, FusedKeyValueMatchesUnfused) {
   using T = TypeParam;
   const attn::Index B = 2, L = 3, S = 6, E = 8, H = 2;
-  for (int c = 0; c < 8; ++c) {
+  for (unsigned c = 0; c < 8; ++c) {
     attn::MhaOptions o;
     o.batch_first = c & 1;
     o.add_bias_kv = c & 2;
@@ -417,8 +417,9 @@ TYPED_TEST(MhaTest, BitwiseIdenticalForAnyThreadCount) {
     got[3].push_back(m.forward(x, mem, mem, plain).output);
   }
   const char* what[] = {"causal self-attention", "self-attention with weights", "weights", "cross-attention"};
-  for (int w = 0; w < 4; ++w)
-    for (int i : {1, 2}) EXPECT_TRUE(got[w][0] == got[w][i]) << what[w] << ", " << i + 1 << " threads";
+  for (std::size_t w = 0; w < 4; ++w)
+    for (std::size_t i = 1; i < got[w].size(); ++i)
+      EXPECT_TRUE(got[w][0] == got[w][i]) << what[w] << ", " << i + 1 << " threads";
 }
 
 // Two threads calling forward() on one const module at once (each with its own scratch buffer)

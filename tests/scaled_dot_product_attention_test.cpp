@@ -44,17 +44,17 @@ TYPED_TEST(SdpaTest, PlainByHand) {
 // out = 2/3 * 3 + 1/3 * 6 = 4. L != S and d != dv (dv = 1).
 TYPED_TEST(SdpaTest, DefaultScaleIsOneOverSqrtD) {
   using T = TypeParam;
-  attn::ScaledDotProductAttention<T> sdpa;
-  EXPECT_FALSE(sdpa.scale().has_value());
-  const auto out = sdpa.forward(mat<T>({{std::log(4.0), 0, 0, 0}}), mat<T>({{1, 0, 0, 0}, {0, 0, 0, 0}}), mat<T>({{3}, {6}}));
+  attn::ScaledDotProductAttention<T> default_scale;
+  EXPECT_FALSE(default_scale.scale().has_value());
+  const auto out = default_scale.forward(mat<T>({{std::log(4.0), 0, 0, 0}}), mat<T>({{1, 0, 0, 0}, {0, 0, 0, 0}}), mat<T>({{3}, {6}}));
   EXPECT_TRUE(matrices_near(out, mat<T>({{4}}), this->tol));
 }
 
 // Scale 0: every logit 0, uniform weights: out = mean of the values = [4, 4] for both rows.
 TYPED_TEST(SdpaTest, ScaleZeroAveragesValues) {
   using T = TypeParam;
-  attn::ScaledDotProductAttention<T> sdpa{T(0)};
-  EXPECT_TRUE(matrices_near(sdpa.forward(this->q, this->k, this->v), mat<T>({{4, 4}, {4, 4}}), this->tol));
+  attn::ScaledDotProductAttention<T> zero_scale{T(0)};
+  EXPECT_TRUE(matrices_near(zero_scale.forward(this->q, this->k, this->v), mat<T>({{4, 4}, {4, 4}}), this->tol));
 }
 
 // AttendMask [[1, 0, 1], [1, 1, 1]]: row 0 keeps keys 0 and 2: exp [2, -, 1] -> [2/3, 0, 1/3],
@@ -103,12 +103,12 @@ TYPED_TEST(SdpaTest, CausalBothAlignmentsFewerQueries) {
 //                          row 2: both -> [6, 2].
 TYPED_TEST(SdpaTest, CausalBothAlignmentsMoreQueries) {
   using T = TypeParam;
-  const auto q = mat<T>({{ln2, 0}, {0, ln3}, {0, 0}}), k = mat<T>({{1, 0}, {0, 1}}), v = mat<T>({{4, 0}, {8, 4}});
+  const auto query = mat<T>({{ln2, 0}, {0, ln3}, {0, 0}}), keys = mat<T>({{1, 0}, {0, 1}}), values = mat<T>({{4, 0}, {8, 4}});
   attn::Masks<T> m;
   m.causal = attn::Causal::TopLeft;
-  EXPECT_TRUE(matrices_near(this->sdpa.forward(q, k, v, m), mat<T>({{4, 0}, {7, 3}, {6, 2}}), this->tol));
+  EXPECT_TRUE(matrices_near(this->sdpa.forward(query, keys, values, m), mat<T>({{4, 0}, {7, 3}, {6, 2}}), this->tol));
   m.causal = attn::Causal::BottomRight;
-  const auto [out, w] = this->sdpa.forward_with_weights(q, k, v, m);
+  const auto [out, w] = this->sdpa.forward_with_weights(query, keys, values, m);
   EXPECT_TRUE(matrices_near(out, mat<T>({{0, 0}, {4, 0}, {6, 2}}), this->tol));
   EXPECT_TRUE(matrices_near(w, mat<T>({{0, 0}, {1, 0}, {0.5, 0.5}}), this->tol));
 }
@@ -144,14 +144,14 @@ TYPED_TEST(SdpaTest, MaskedKeysWeighExactlyZero) {
   using T = TypeParam;
   const attn::Index S = 18;
   const T huge = T(std::is_same_v<T, float> ? 1e30 : 1e300);
-  attn::Matrix<T> k = attn::Matrix<T>::Zero(S, 2), v = attn::Matrix<T>::Constant(S, 2, huge);
-  k.topRows(2) = this->k.topRows(2);
-  v.topRows(2) = this->v.topRows(2);
+  attn::Matrix<T> keys = attn::Matrix<T>::Zero(S, 2), values = attn::Matrix<T>::Constant(S, 2, huge);
+  keys.topRows(2) = this->k.topRows(2);
+  values.topRows(2) = this->v.topRows(2);
   attn::BoolMatrix ignore = attn::BoolMatrix::Ones(2, S);
   ignore.leftCols(2).setZero();
   attn::Masks<T> m;
   m.attn_mask = attn::IgnoreMask(ignore);
-  const auto [out, w] = this->sdpa.forward_with_weights(this->q, k, v, m);
+  const auto [out, w] = this->sdpa.forward_with_weights(this->q, keys, values, m);
   EXPECT_EQ(w.rightCols(S - 2).cwiseAbs().maxCoeff(), T(0));
   EXPECT_TRUE(matrices_near(out, mat<T>({{16.0 / 3, 4.0 / 3}, {7, 3}}), this->tol));
 }
@@ -178,9 +178,9 @@ TYPED_TEST(SdpaTest, StableAtLargeLogits) {
   const double x = std::exp(-1.220703125);
   const auto expected = mat<T>({{(6 + 100 * x) / (2 + x)}});
   const double k3 = 1 - std::ldexp(1.0, -13);
-  const auto v = mat<T>({{2}, {4}, {100}});
-  EXPECT_TRUE(matrices_near(this->sdpa.forward(mat<T>({{1e4}}), mat<T>({{1}, {1}, {k3}}), v), expected, this->tol));
-  EXPECT_TRUE(matrices_near(this->sdpa.forward(mat<T>({{-1e4}}), mat<T>({{-1}, {-1}, {-k3}}), v), expected, this->tol));
+  const auto values = mat<T>({{2}, {4}, {100}});
+  EXPECT_TRUE(matrices_near(this->sdpa.forward(mat<T>({{1e4}}), mat<T>({{1}, {1}, {k3}}), values), expected, this->tol));
+  EXPECT_TRUE(matrices_near(this->sdpa.forward(mat<T>({{-1e4}}), mat<T>({{-1}, {-1}, {-k3}}), values), expected, this->tol));
 }
 
 // Inputs as Maps over caller buffers and a strided output block: no copies, same numbers.
@@ -202,24 +202,24 @@ TYPED_TEST(SdpaTest, MapsAndStridedOutput) {
 TYPED_TEST(SdpaTest, RejectsBadArguments) {
   using T = TypeParam;
   const auto& s = this->sdpa;
-  const attn::Matrix<T> q(2, 2), k(3, 2), v(3, 2);
+  const attn::Matrix<T> query(2, 2), keys(3, 2), values(3, 2);
   using attn::shape_error;
-  EXPECT_TRUE(throws_with<shape_error>([&] { (void)s.forward(q, attn::Matrix<T>(3, 5), v); }, {"key", "[3, 5]", "[S, 2]"}));
-  EXPECT_TRUE(throws_with<shape_error>([&] { (void)s.forward(q, k, attn::Matrix<T>(4, 2)); }, {"value", "[4, 2]", "[3, dv]"}));
-  EXPECT_TRUE(throws_with<shape_error>([&] { (void)s.forward(attn::Matrix<T>(0, 2), k, v); }, {"query", "[0, 2]"}));
-  EXPECT_TRUE(throws_with<shape_error>([&] { (void)s.forward(q, attn::Matrix<T>(0, 2), attn::Matrix<T>(0, 2)); }, {"key", "[0, 2]"}));
-  EXPECT_TRUE(throws_with<shape_error>([&] { (void)s.forward(q, k, attn::Matrix<T>(3, 0)); }, {"value", "[3, 0]"}));
+  EXPECT_TRUE(throws_with<shape_error>([&] { (void)s.forward(query, attn::Matrix<T>(3, 5), values); }, {"key", "[3, 5]", "[S, 2]"}));
+  EXPECT_TRUE(throws_with<shape_error>([&] { (void)s.forward(query, keys, attn::Matrix<T>(4, 2)); }, {"value", "[4, 2]", "[3, dv]"}));
+  EXPECT_TRUE(throws_with<shape_error>([&] { (void)s.forward(attn::Matrix<T>(0, 2), keys, values); }, {"query", "[0, 2]"}));
+  EXPECT_TRUE(throws_with<shape_error>([&] { (void)s.forward(query, attn::Matrix<T>(0, 2), attn::Matrix<T>(0, 2)); }, {"key", "[0, 2]"}));
+  EXPECT_TRUE(throws_with<shape_error>([&] { (void)s.forward(query, keys, attn::Matrix<T>(3, 0)); }, {"value", "[3, 0]"}));
   attn::Matrix<T> out(2, 3);
-  EXPECT_TRUE(throws_with<shape_error>([&] { s.forward_into(q, k, v, {}, out); }, {"out", "[2, 3]", "[2, 2]"}));
+  EXPECT_TRUE(throws_with<shape_error>([&] { s.forward_into(query, keys, values, {}, out); }, {"out", "[2, 3]", "[2, 2]"}));
   attn::Masks<T> m;
   m.attn_mask = attn::AttendMask(attn::BoolMatrix::Ones(2, 4));
-  EXPECT_TRUE(throws_with<shape_error>([&] { (void)s.forward(q, k, v, m); }, {"attn_mask", "[2, 4]", "[L, S] = [2, 3]"}));
+  EXPECT_TRUE(throws_with<shape_error>([&] { (void)s.forward(query, keys, values, m); }, {"attn_mask", "[2, 4]", "[L, S] = [2, 3]"}));
   m = {};
   m.attn_bias = attn::AdditiveMask<T>(attn::Matrix<T>::Zero(3, 3));
-  EXPECT_TRUE(throws_with<shape_error>([&] { (void)s.forward(q, k, v, m); }, {"attn_bias", "[3, 3]", "[2, 3]"}));
+  EXPECT_TRUE(throws_with<shape_error>([&] { (void)s.forward(query, keys, values, m); }, {"attn_bias", "[3, 3]", "[2, 3]"}));
   m = {};
   m.key_padding_mask = attn::IgnoreMask(attn::BoolMatrix::Zero(2, 3));
-  EXPECT_TRUE(throws_with<shape_error>([&] { (void)s.forward(q, k, v, m); }, {"key_padding_mask", "[2, 3]", "[B, S] = [1, 3]"}));
+  EXPECT_TRUE(throws_with<shape_error>([&] { (void)s.forward(query, keys, values, m); }, {"key_padding_mask", "[2, 3]", "[B, S] = [1, 3]"}));
   EXPECT_TRUE(throws_with<attn::argument_error>([] { attn::ScaledDotProductAttention<T>{std::numeric_limits<T>::quiet_NaN()}; },
                                                 {"scale must be finite"}));
 }

@@ -139,7 +139,7 @@ TYPED_TEST(StateDictTest, RoundTripThroughAFileIsBitExact) {
   attn::MhaArgs<T> args;
   args.batch = 2;
   const attn::Matrix<T> a = src.forward(x, x, x, args).output, b = dst.forward(x, x, x, args).output;
-  EXPECT_EQ(std::memcmp(a.data(), b.data(), sizeof(T) * a.size()), 0);
+  EXPECT_EQ(std::memcmp(a.data(), b.data(), sizeof(T) * static_cast<std::size_t>(a.size())), 0);
 
   // The same from a StateDict, and from the file's own (mapped) StateDict.
   auto dst2 = make_mha<T>(13, o);

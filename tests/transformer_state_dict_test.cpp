@@ -19,6 +19,7 @@
 #include "attn/io/state_dict.hpp"
 #include "support/fixture.hpp"
 #include "support/temp_files.hpp"
+#include "support/state_dict_compare.hpp"
 #include "support/test_util.hpp"
 
 namespace {
@@ -34,18 +35,7 @@ using attn_test::throws_with;
 using attn_test::tolerance;
 using Keys = std::vector<std::string>;
 
-// Same names in the same order, same shapes, same bytes.
-template <class T>
-::testing::AssertionResult identical(const StateDict<T>& a, const StateDict<T>& b) {
-  if (a.names() != b.names()) return ::testing::AssertionFailure() << "different keys";
-  for (const auto& [name, t] : a) {
-    const Tensor<T>& u = b.at(name);
-    if (t.shape() != u.shape()) return ::testing::AssertionFailure() << name << ": different shapes";
-    if (t.numel() && std::memcmp(t.data(), u.data(), sizeof(T) * static_cast<std::size_t>(t.numel())) != 0)
-      return ::testing::AssertionFailure() << name << ": different bytes";
-  }
-  return ::testing::AssertionSuccess();
-}
+using attn_test::identical;
 
 template <class A, class B>
 ::testing::AssertionResult same_bytes(const A& a, const B& b) {

@@ -71,7 +71,7 @@ class DecoderAttention {
   // in [b*L, (b+1)*L))  ->  [B*L, E]. Causal.
   Matrix<T> forward(const ConstMatrixRef<T>& x, Index batch = 1) const {
     const char* where = "attn::DecoderAttention::forward";
-    detail::require_arg(batch > 0, where, "batch must be positive, got ", batch);
+    detail::require_shape(batch > 0, where, "batch must be positive, got ", batch);
     const Index L = check_x(x, batch, where);
     detail::require_arg(!rope_ || L <= rope_->max_positions(), where, "positions [0, ", L,
                         ") exceed max_positions = ", opt_.max_positions);
@@ -130,6 +130,7 @@ class DecoderAttention {
       opt.head_dim = E / H;
     }
     detail::require_shape(opt.head_dim > 0, where, "head_dim must be positive, got ", opt.head_dim);
+    detail::checked_mul(where, "num_heads * head_dim", H, opt.head_dim);  // q_proj's out_features
     detail::require_arg(opt.window >= 0, where, "window must be >= 0 (0: none), got ", opt.window);
     detail::require_arg(std::isfinite(opt.softcap) && opt.softcap >= 0, where,
                         "softcap must be finite and >= 0 (0: none), got ", opt.softcap);
@@ -199,7 +200,7 @@ class DecoderAttention {
   }
 
   DecoderAttentionOptions opt_;
-  Index E_, H_, Hkv_, D_;
+  Index E_ = 0, H_ = 0, Hkv_ = 0, D_ = 0;
   Linear<T> q_proj_, k_proj_, v_proj_, o_proj_;
   GroupedQueryAttention<T> core_;
   std::optional<RopeCache<T>> rope_;

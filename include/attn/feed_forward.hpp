@@ -100,7 +100,7 @@ class FeedForward {
   }
 
   Linear<T> linear1_, linear2_;
-  Activation activation_;
+  Activation activation_ = Activation::ReLU;
 };
 
 }  // namespace attn

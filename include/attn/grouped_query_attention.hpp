@@ -77,13 +77,13 @@ class GroupedQueryAttention {
   // positions (rows of sequence b in [b*L, (b+1)*L)), already appended to the cache, every
   // sequence of the same size  ->  [B*L, H*dv].
   Matrix<T> forward(const ConstMatrixRef<T>& q, const KVCache<T>& cache, const CacheArgs<T>& args = {}) const {
-    Matrix<T> out(q.rows(), H_ * cache.value_dim());
+    Matrix<T> out(q.rows(), out_cols(cache));
     run_cached(q, cache, 0, cache.batch(), args, out, "attn::GroupedQueryAttention::forward");
     return out;
   }
   // Against sequence b of a cache: q [L, H*d], its newest L positions  ->  [L, H*dv].
   Matrix<T> forward(const ConstMatrixRef<T>& q, const KVCache<T>& cache, Index b, const CacheArgs<T>& args = {}) const {
-    Matrix<T> out(q.rows(), H_ * cache.value_dim());
+    Matrix<T> out(q.rows(), out_cols(cache));
     run_cached(q, cache, b, 1, args, out, "attn::GroupedQueryAttention::forward");
     return out;
   }
@@ -103,7 +103,7 @@ class GroupedQueryAttention {
            MatrixRef<T> out, const char* where) const {
     using detail::shape;
     const Index B = args.batch;
-    detail::require_arg(B > 0, where, "batch must be positive, got ", B);
+    detail::require_shape(B > 0, where, "batch must be positive, got ", B);
     const Index d = q.cols() / H_, L = q.rows() / B, S = k.rows() / B;
     detail::require_shape(q.rows() == B * L && L > 0 && q.cols() == H_ * d && d > 0, where, "query has shape ",
                           shape(q.rows(), q.cols()), ", expected [B*L, H*d] = [", B, "*L, ", H_, "*d] with L, d > 0");
@@ -137,6 +137,10 @@ class GroupedQueryAttention {
     p.out = {out.data(), L * out.outerStride(), dv, out.outerStride()};
     p.scale = scale_ ? *scale_ : T(1) / std::sqrt(static_cast<T>(d));
     return p;
+  }
+
+  Index out_cols(const KVCache<T>& cache) const {
+    return detail::checked_mul("attn::GroupedQueryAttention::forward", "num_heads * value_dim", H_, cache.value_dim());
   }
 
   // Sequences [b0, b0 + B) of the cache.
@@ -178,7 +182,7 @@ class GroupedQueryAttention {
     detail::attention(p);
   }
 
-  Index H_, Hkv_;
+  Index H_ = 0, Hkv_ = 0;
   std::optional<T> scale_;
 };
 

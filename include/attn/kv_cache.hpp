@@ -51,12 +51,12 @@ class KVCache {
     detail::require_arg(capacity > 0, where, "capacity must be positive, got ", capacity);
     detail::require_arg(window >= 0 && window <= capacity, where, "window = ", window,
                         " must be >= 0 (0: keep every position) and at most capacity = ", capacity);
-    rows_ = W_ > 0 ? 2 * C_ : C_;
-    const Index per_row = Hkv_ * std::max(D_, Dv_);
-    detail::require_arg(per_row / Hkv_ == std::max(D_, Dv_) && rows_ <= kMaxElements / B_ / per_row, where,
-                        "batch * kv_heads * capacity * head_dim = ", B_, " * ", Hkv_, " * ", C_, " * ",
-                        std::max(D_, Dv_), " elements", W_ > 0 ? " (twice, for the ring)" : "",
-                        " overflow the index type");
+    // [B, Hkv, rows, max(D, Dv)] elements, each product checked: never a wrapped-around size.
+    rows_ = detail::checked_mul(where, "rows per head (2 * capacity for a ring)", W_ > 0 ? 2 : 1, C_);
+    detail::checked_mul(where, "batch * kv_heads * rows * dim",
+                        detail::checked_mul(where, "batch * kv_heads * rows",
+                                            detail::checked_mul(where, "batch * kv_heads", B_, Hkv_), rows_),
+                        std::max(D_, Dv_));
     k_.assign(static_cast<std::size_t>(B_ * Hkv_ * rows_ * D_), T(0));
     v_.assign(static_cast<std::size_t>(B_ * Hkv_ * rows_ * Dv_), T(0));
     size_.assign(static_cast<std::size_t>(B_), 0);
@@ -130,8 +130,6 @@ class KVCache {
   Index rows_per_head() const { return rows_; }
 
  private:
-  static constexpr Index kMaxElements = Eigen::NumTraits<Index>::highest();
-
   void check_b(const char* where, Index b) const {
     detail::require_arg(b >= 0 && b < B_, where, "sequence ", b, " is outside the batch [0, ", B_, ")");
   }

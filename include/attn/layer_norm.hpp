@@ -71,12 +71,12 @@ class LayerNorm {
     detail::require_dims(where, "x", x.rows(), x.cols(), -1, E_, "[N, normalized_shape] = [N, ", E_, "]");
     detail::require_dims(where, "y", y.rows(), y.cols(), x.rows(), E_,
                          "[N, normalized_shape] = ", detail::shape(x.rows(), E_));
-    const T n = static_cast<T>(E_), eps = static_cast<T>(eps_);
+    const T n = static_cast<T>(E_), epsilon = static_cast<T>(eps_);
     for (Index r = 0; r < x.rows(); ++r) {
       // Both statistics are read from x before y's row is written, so y may be x.
       const T mean = x.row(r).sum() / n;
       const T var = (x.row(r).array() - mean).square().sum() / n;
-      const T rstd = T(1) / std::sqrt(var + eps);
+      const T rstd = T(1) / std::sqrt(var + epsilon);
       if (has_bias())
         y.row(r).array() = (x.row(r).array() - mean) * rstd * weight_.transpose().array() + bias_.transpose().array();
       else if (elementwise_affine())

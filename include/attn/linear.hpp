@@ -23,6 +23,7 @@ class Linear {
     detail::require_shape(in_features > 0 && out_features > 0, "attn::Linear",
                           "in_features and out_features must be positive, got ", "in_features = ", in_features,
                           ", out_features = ", out_features);
+    detail::checked_mul("attn::Linear", "out_features * in_features", out_features, in_features);
     weight_.resize(out_, in_);
     init::linear_weight(weight_, gen);
     if (bias) {
@@ -74,7 +75,7 @@ class Linear {
     thread_local Generator gen;  // the default stream: reproducible per thread, no shared state
     return gen;
   }
-  Index in_, out_;
+  Index in_ = 0, out_ = 0;
   Matrix<T> weight_;
   Vector<T> bias_;
 };

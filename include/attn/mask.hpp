@@ -50,7 +50,8 @@ class MaskData {
   // Views a contiguous row-major buffer of rows x cols elements (a torch or numpy tensor).
   MaskData(const Scalar* data, Index rows, Index cols) : data_(data), rows_(rows), cols_(cols), present_(true) {
     require_shape(rows >= 0 && cols >= 0, "attn mask", "negative shape ", shape(rows, cols));
-    require_arg(data != nullptr || rows * cols == 0, "attn mask", "null data for shape ", shape(rows, cols));
+    checked_mul("attn mask", "rows * cols", rows, cols);
+    require_arg(data != nullptr || rows == 0 || cols == 0, "attn mask", "null data for shape ", shape(rows, cols));
   }
 
   bool present() const { return present_; }

@@ -152,6 +152,11 @@ class MultiHeadAttention {
     detail::require_shape(o.kdim >= 0 && o.vdim >= 0, where,
                           "kdim and vdim must be positive (or 0 for embed_dim), got kdim = ", o.kdim,
                           ", vdim = ", o.vdim);
+    // The projection weights' sizes: in_proj_weight [3E, E], or k_proj_weight [E, kdim] and
+    // v_proj_weight [E, vdim].
+    detail::checked_mul(where, "3 * embed_dim * embed_dim", detail::checked_mul(where, "3 * embed_dim", 3, E), E);
+    detail::checked_mul(where, "embed_dim * kdim", E, o.kdim);
+    detail::checked_mul(where, "embed_dim * vdim", E, o.vdim);
     return E;
   }
 
@@ -254,7 +259,7 @@ class MultiHeadAttention {
     detail::Scratch<T> scratch(fuse_qkv ? 4 * N * E_ + extra : 2 * N * E_ + 2 * M * E_ + extra);
     T* const heads_out = scratch.data();  // every head's output side by side, as PyTorch concatenates
     T* const proj = heads_out + N * E_;
-    const T *q = proj, *k, *v;
+    const T *q = proj, *k = nullptr, *v = nullptr;
     Index q_width = E_, kv_width = E_;
     if (fuse_qkv) {
       project(query, 0, 3, proj);
@@ -318,7 +323,7 @@ class MultiHeadAttention {
     }
   }
 
-  Index E_, H_, kdim_, vdim_;
+  Index E_ = 0, H_ = 0, kdim_ = 0, vdim_ = 0;
   MhaOptions opt_;
   Matrix<T> in_proj_weight_;                                 // [3E, E] when packed()
   Matrix<T> q_proj_weight_, k_proj_weight_, v_proj_weight_;  // otherwise

@@ -57,10 +57,10 @@ class RMSNorm {
     const Index E = dim();
     detail::require_dims(where, "x", x.rows(), x.cols(), -1, E, "[N, dim] = [N, ", E, "]");
     detail::require_dims(where, "y", y.rows(), y.cols(), x.rows(), E, "[N, dim] = ", detail::shape(x.rows(), E));
-    const T n = static_cast<T>(E), eps = static_cast<T>(eps_);
+    const T n = static_cast<T>(E), epsilon = static_cast<T>(eps_);
     for (Index r = 0; r < x.rows(); ++r) {
       // The scale is read from x before y's row is written, so y may be x.
-      const T rrms = T(1) / std::sqrt(x.row(r).squaredNorm() / n + eps);
+      const T rrms = T(1) / std::sqrt(x.row(r).squaredNorm() / n + epsilon);
       y.row(r).array() = x.row(r).array() * rrms * weight_.transpose().array();
     }
   }

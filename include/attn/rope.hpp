@@ -53,6 +53,7 @@ class RopeCache {
                         " must be even, positive and at most head_dim = ", head_dim, " (0: all of it)");
     detail::require_arg(std::isfinite(rope.base) && rope.base > 0, where, "base must be finite and positive, got ",
                         rope.base);
+    detail::checked_mul(where, "max_positions * rotary_dim / 2", max_positions, R_ / 2);
     cos_.resize(max_positions, R_ / 2);
     sin_.resize(max_positions, R_ / 2);
     for (Index k = 0; k < R_ / 2; ++k) {
@@ -67,9 +68,11 @@ class RopeCache {
   // x: [rows, heads*head_dim], in place; row r is at absolute position start + r.
   void apply(MatrixRef<T> x, Index heads, Index start) const {
     check(x, heads, "attn::RopeCache::apply");
-    detail::require_arg(start >= 0 && start + x.rows() <= max_positions(), "attn::RopeCache::apply",
-                        "positions [", start, ", ", start + x.rows(), ") are outside the table's [0, ",
-                        max_positions(), ")");
+    // start first, so that start + rows cannot wrap around for a huge start.
+    detail::require_arg(start >= 0 && start <= max_positions(), "attn::RopeCache::apply", "start = ", start,
+                        " is outside the table's [0, ", max_positions(), ")");
+    detail::require_arg(x.rows() <= max_positions() - start, "attn::RopeCache::apply", "positions [", start, ", ",
+                        start + x.rows(), ") are outside the table's [0, ", max_positions(), ")");
     for (Index r = 0; r < x.rows(); ++r) rotate_row(x.row(r).data(), heads, start + r);
   }
 
@@ -93,7 +96,9 @@ class RopeCache {
 
  private:
   void check(const MatrixRef<T>& x, Index heads, const char* where) const {
-    detail::require_shape(heads > 0 && x.cols() == heads * D_, where, "x has shape ", detail::shape(x.rows(), x.cols()),
+    // x.cols() / D_ == heads, not x.cols() == heads * D_: a huge heads must not wrap around.
+    detail::require_shape(heads > 0 && x.cols() % D_ == 0 && x.cols() / D_ == heads, where, "x has shape ",
+                          detail::shape(x.rows(), x.cols()),
                           ", expected [rows, heads*head_dim] = [rows, ", heads, "*", D_, "]");
   }
 

@@ -396,7 +396,7 @@ class TransformerEncoder {
     if (out.data() != src.data()) out = src;
     const MhaArgs<T> a = detail::mha_args<T>(args, args.batch);
     Matrix<T> t(src.rows(), d_model_), u(src.rows(), d_model_);
-    for (const auto& layer : layers_) layer.apply(a, out, t, u);
+    for (const auto& encoder_layer : layers_) encoder_layer.apply(a, out, t, u);
     if (norm_) norm_->forward_into(out, out);
   }
 

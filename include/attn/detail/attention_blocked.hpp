@@ -33,8 +33,11 @@ void attention_blocked(const AttentionProblem<T>& p, Index block_rows = 64) {
         for (Index r = 0; r < n; ++r) {
           T* row = P.row(r).data();
           const T m = masked ? mask_row(p, b, h, i0 + r, 0, row, p.S) : P.row(r).maxCoeff();
-          if (m == kNegInf) {  // every key masked: zeros, as in the reference
-            P.row(r).setZero();
+          if (m == kNegInf) {  // every key masked: zeros, as in the reference; NaN if NaN logits were left
+            if (any_nan(row, p.S))
+              P.row(r).setConstant(std::numeric_limits<T>::quiet_NaN());
+            else
+              P.row(r).setZero();
             continue;
           }
           P.row(r) /= mk::exp_sum_row(row, p.S, m, masked);

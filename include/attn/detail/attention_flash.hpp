@@ -116,7 +116,7 @@ void attention_flash(const AttentionProblem<T>& p, FlashBlocks blocks = {}, int 
   const auto scratch_of = [&](Index t) {
     T* at = arena.data() + t * slice;
     const auto take = [&at, &lines](Index n) { return std::exchange(at, at + lines(n)); };
-    FlashScratch<T> w;
+    FlashScratch<T> w{};
     w.packed = take(bc_pad * p.d);
     w.scores = take(MR * bc_pad);
     w.out = take(Br * p.dv);
@@ -155,9 +155,9 @@ void attention_flash(const AttentionProblem<T>& p, FlashBlocks blocks = {}, int 
           // block left of every row's window is skipped.
           const Index cr = maskable ? std::min(c, attended_key_end(p, i + R, padded_end) - j0) : c;
           if (cr <= 0) return;
-          const KeyRange first = maskable ? positional_keys(p, i) : KeyRange{0, p.S};
-          if (first.begin >= j0 + cr) return;
-          const bool cuts = maskable && (first.end < j0 + cr || positional_keys(p, i + R - 1).begin > j0);
+          const KeyRange top = maskable ? positional_keys(p, i) : KeyRange{0, p.S};  // the tile's first row's
+          if (top.begin >= j0 + cr) return;
+          const bool cuts = maskable && (top.end < j0 + cr || positional_keys(p, i + R - 1).begin > j0);
           const bool masked = maskable && (elementwise || cuts);
 
           T row_max[R];
@@ -181,7 +181,8 @@ void attention_flash(const AttentionProblem<T>& p, FlashBlocks blocks = {}, int 
             }
             T& m = w.m[r0 + r];
             const T m_new = std::max(m, row_max[r]);
-            if (m_new == kNegInf) {  // nothing attended yet in this row
+            if (m_new == kNegInf) {  // nothing attended yet in this row, or only NaN logits: those
+              if (any_nan(s + lo, hi - lo)) w.l[r0 + r] = std::numeric_limits<T>::quiet_NaN();  // poison it
               std::fill(s, s + cr, T(0));
               w.alpha[r] = T(1);
               continue;
@@ -207,7 +208,8 @@ void attention_flash(const AttentionProblem<T>& p, FlashBlocks blocks = {}, int 
         T* out = p.out.row(b, h, i0 + r);
         const T* o = w.out + r * p.dv;
         const T l = w.l[r];
-        if (l > T(0))
+        // l >= 1 once a key is attended (its exp(s - m) is 1 at the max), NaN after a NaN logit.
+        if (l != T(0))
           for (Index j = 0; j < p.dv; ++j) out[j] = o[j] / l;
         else
           std::fill(out, out + p.dv, T(0));  // every key masked

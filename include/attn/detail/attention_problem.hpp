@@ -183,6 +183,16 @@ EIGEN_STRONG_INLINE T mask_row(const AttentionProblem<T>& p, Index b, Index h, I
   return m;
 }
 
+// Whether s[0, c) holds a NaN. The kernels' row max skips NaN logits (std::max, Eigen's pmax), so a
+// row whose every attended logit is NaN (a NaN query) has max -inf like a fully masked row; this
+// tells the two apart, and such a row is NaN, not zeros.
+template <class T>
+bool any_nan(const T* s, Index c) {
+  for (Index j = 0; j < c; ++j)
+    if (std::isnan(s[j])) return true;
+  return false;
+}
+
 // Checks the masks and score options against the problem's B, H, L and mask_keys and points the
 // problem at them. attn_mask / attn_bias: [L, S] shared, or [B*H*L, S] per batch entry and head;
 // alibi_slopes: [H].
@@ -222,7 +232,9 @@ void bind_masks(AttentionProblem<T>& p, const Masks<T>& m, const char* where) {
     p.alibi_slopes = m.alibi_slopes.data();
   }
   require_arg(m.window >= 0, where, "window must be >= 0 (0: no window), got ", m.window);
-  p.window = m.window;
+  // |a - j| < L + S for every query and key, so a wider window is no window; clamping it keeps
+  // a + window (positional_keys) from overflowing for a window such as Index's max.
+  p.window = std::min(m.window, L + S);
   require_arg(std::isfinite(m.softcap) && m.softcap >= T(0), where,
               "softcap must be finite and >= 0 (0: no soft-capping), got ", m.softcap);
   p.softcap = m.softcap;

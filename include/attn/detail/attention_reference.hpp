@@ -10,6 +10,14 @@
 //   o_i = sum_j p_j v_j
 // A row whose keys are all masked has m = -inf; it returns zeros (as PyTorch's SDPA and ONNX do),
 // never the NaN that exp(-inf - -inf) would give.
+//
+// Non-finite inputs, on every path (tests/edge_cases_test.cpp): a NaN logit - a NaN in q_i, or in a
+// k_j that q_i attends - makes row i NaN (output and weights), as IEEE arithmetic and PyTorch do; a
+// +inf logit too (exp(inf - inf)). A masked key's k_j never reaches a logit (the mask gives -inf
+// whatever q_i . k_j is), so NaN or inf there changes nothing. A masked key's v_j is multiplied by
+// its weight 0 here: NaN or inf there gives NaN (0 * NaN, as in PyTorch), while the fast kernels
+// never read the key blocks that causal masking, the window or trailing padding remove - so the
+// result for non-finite values in masked keys' v_j is unspecified: keep them finite.
 #pragma once
 
 #include <algorithm>
@@ -23,23 +31,26 @@ namespace attn::detail {
 
 template <class T>
 void attention_reference(const AttentionProblem<T>& p) {
-  std::vector<T> s(static_cast<std::size_t>(p.S));
+  std::vector<T> scores(static_cast<std::size_t>(p.S));
+  T* const s = scores.data();  // one query row's logits, then its exponentials
   for (Index b = 0; b < p.batch; ++b) {
     for (Index h = 0; h < p.heads; ++h) {
       for (Index i = 0; i < p.L; ++i) {
         const T* qi = p.q.row(b, h, i);
         T m = -std::numeric_limits<T>::infinity();
+        bool nan = false;  // a NaN logit (NaN in q_i or in an attended k_j) makes the row NaN
         for (Index j = 0; j < p.S; ++j) {
           const T* kj = p.k.row(b, kv_head(p, h), j);
           T dot = 0;
           for (Index c = 0; c < p.d; ++c) dot += qi[c] * kj[c];
           s[j] = masked_logit(p, b, h, i, j, p.scale * dot);
           m = std::max(m, s[j]);
+          nan = nan || std::isnan(s[j]);
         }
         T* oi = p.out.row(b, h, i);
         T* wi = p.weights ? p.weights.row(b, h, i) : nullptr;
         std::fill(oi, oi + p.dv, T(0));
-        if (m == -std::numeric_limits<T>::infinity()) {  // every key masked
+        if (m == -std::numeric_limits<T>::infinity() && !nan) {  // every key masked
           if (wi) std::fill(wi, wi + p.S, T(0));
           continue;
         }

@@ -156,17 +156,20 @@ class ThreadPool {
   // Stops and joins the workers at static destruction; in a forked child it leaves everything
   // alone (no threads to join, and the mutex may have been copied locked).
   struct Reaper {
+    explicit Reaper(ThreadPool* p) : pool(p) {}
+    Reaper(const Reaper&) = delete;  // one per process: a copy would stop and join the workers twice
+    Reaper& operator=(const Reaper&) = delete;
     ThreadPool* pool;
     ~Reaper() {
       if (forked_child().load(std::memory_order_relaxed)) return;
-      std::vector<std::thread> workers;
+      std::vector<std::thread> running;
       {
         const std::lock_guard<std::mutex> lock(pool->mutex_);
         pool->stop_ = true;  // later calls start threads of their own
-        workers.swap(pool->workers_);
+        running.swap(pool->workers_);
       }
       pool->wake_.notify_all();
-      for (std::thread& t : workers) {
+      for (std::thread& t : running) {
         if (t.get_id() == std::this_thread::get_id()) {
           t.detach();  // exit() called from a task: a thread cannot join itself
         } else {

@@ -19,14 +19,16 @@
 // Every malformed file is an attn::format_error naming the file, the tensor and the problem; a
 // check runs before every read and every allocation, so no file, however crafted, reads out of
 // bounds or allocates more than its own size: a short file, a header length past the end, JSON
-// that does not parse or is not an object, duplicate keys, an unknown dtype, a missing or
-// ill-typed field, offsets outside the data or ending before they begin, tensors that overlap,
-// a shape whose element count overflows or does not match the bytes, non-string metadata.
+// that does not parse, is not an object or nests arrays and objects deeper than 64 levels (a
+// valid header needs 3), duplicate keys, an unknown dtype, a missing or ill-typed field, offsets
+// outside the data or ending before they begin, tensors that overlap, a shape whose element
+// count overflows or does not match the bytes, non-string metadata.
 // Unknown fields in a tensor's entry are ignored, and so are gaps between tensors (the reference
 // Rust reader rejects gaps; nothing here depends on their absence).
 //
 // On POSIX systems the file is memory-mapped (read-only, private); elsewhere, or with
-// ATTN_IO_NO_MMAP defined, it is read into memory. A SafeTensors and everything handed out by
+// ATTN_IO_NO_MMAP defined, it is read into memory; SafeTensors::from_bytes parses a copy of bytes
+// already in memory, with the same checks. A SafeTensors and everything handed out by
 // tensor() keep the mapping alive; a Map from map() is valid while some SafeTensors copy of the
 // file lives. As with every mapped file, do not truncate it while it is open (save_safetensors
 // replaces files by renaming, which is safe).
@@ -48,6 +50,7 @@
 #include <tuple>
 #include <type_traits>
 #include <unordered_map>
+#include <unordered_set>
 #include <utility>
 #include <vector>
 
@@ -119,10 +122,14 @@ namespace detail {
 
 // The largest header accepted, as the reference implementation: 100 MB.
 constexpr std::uint64_t max_header_bytes = 100'000'000;
+// The deepest nesting of arrays and objects accepted in a header. A valid one needs 3 levels (the
+// header, an entry, its shape); unknown fields may nest further, up to this. nlohmann_json copies
+// and prints values recursively, so a header of a few hundred thousand '[' would overflow the stack.
+constexpr int max_header_depth = 64;
 
 inline bool host_is_little_endian() {
   const std::uint16_t one = 1;
-  unsigned char first;
+  unsigned char first = 0;
   std::memcpy(&first, &one, 1);
   return first == 1;
 }
@@ -148,13 +155,9 @@ F bit_cast(U u) {
 //   otherwise:   (1024 + mantissa) * 2^(exponent - 25).
 inline float half_to_float(std::uint16_t h) {
   const int e = (h >> 10) & 0x1f, m = h & 0x3ff;
-  float x;
-  if (e == 0)
-    x = std::ldexp(static_cast<float>(m), -24);
-  else if (e == 31)
-    x = m ? std::numeric_limits<float>::quiet_NaN() : std::numeric_limits<float>::infinity();
-  else
-    x = std::ldexp(static_cast<float>(1024 + m), e - 25);
+  const float x = e == 0    ? std::ldexp(static_cast<float>(m), -24)
+                  : e == 31 ? (m ? std::numeric_limits<float>::quiet_NaN() : std::numeric_limits<float>::infinity())
+                            : std::ldexp(static_cast<float>(1024 + m), e - 25);
   return (h & 0x8000) ? -x : x;
 }
 
@@ -168,24 +171,24 @@ inline float f8_e5m2_to_float(std::uint8_t b) { return half_to_float(static_cast
 // infinities, S.1111.111 is NaN; exponent 0: mantissa * 2^-9, else (8 + mantissa) * 2^(e - 10).
 inline float f8_e4m3_to_float(std::uint8_t b) {
   const int e = (b >> 3) & 0xf, m = b & 0x7;
-  float x;
-  if (e == 15 && m == 7)
-    x = std::numeric_limits<float>::quiet_NaN();
-  else if (e == 0)
-    x = std::ldexp(static_cast<float>(m), -9);
-  else
-    x = std::ldexp(static_cast<float>(8 + m), e - 10);
+  const float x = e == 15 && m == 7 ? std::numeric_limits<float>::quiet_NaN()
+                  : e == 0          ? std::ldexp(static_cast<float>(m), -9)
+                                    : std::ldexp(static_cast<float>(8 + m), e - 10);
   return (b & 0x80) ? -x : x;
 }
 
-// The bytes of a file: mapped read-only, or read into memory. Immutable once open.
+// The bytes of a file: mapped read-only, or read into memory; or a copy of bytes the caller
+// already holds (SafeTensors::from_bytes). Immutable once open.
 class FileBytes {
  public:
+  // Exactly `size` bytes, unpadded, so a read past the end is a bug that AddressSanitizer sees.
+  // operator new aligns them for any scalar, as a mapping is.
+  FileBytes(const unsigned char* data, std::size_t size) : copy_(data, data + size), copied_(true), size_(size) {}
   explicit FileBytes(const std::string& path) {
 #if ATTN_IO_MMAP
     const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
     if (fd < 0) fail(path, "cannot open the file: ");
-    struct stat st;
+    struct stat st = {};
     if (::fstat(fd, &st) != 0) {
       const int err = errno;
       ::close(fd);
@@ -229,6 +232,7 @@ class FileBytes {
   }
 
   const unsigned char* data() const {
+    if (copied_) return copy_.data();
 #if ATTN_IO_MMAP
     return static_cast<const unsigned char*>(map_);
 #else
@@ -246,7 +250,64 @@ class FileBytes {
 #else
   std::vector<std::uint64_t> words_;
 #endif
+  std::vector<unsigned char> copy_;
+  bool copied_ = false;
   std::size_t size_ = 0;
+};
+
+// The first pass over a header, through nlohmann's SAX interface (no value is built): the
+// header's keys in the file's order, the first key an object holds twice, nesting deeper than
+// max_header_depth (the scan stops there), and the parse error of invalid JSON.
+class HeaderScan final : public nlohmann::json_sax<nlohmann::json> {
+ public:
+  std::vector<std::string> order;  // the top-level object's keys
+  std::string duplicate;           // the first key seen twice in one object
+  std::string duplicate_in;        // the top-level key whose entry holds it; "" for the top level
+  bool too_deep = false;
+  std::string error;  // the parse error, when the JSON is invalid
+
+  bool null() override { return true; }
+  bool boolean(bool /*value*/) override { return true; }
+  bool number_integer(number_integer_t /*value*/) override { return true; }
+  bool number_unsigned(number_unsigned_t /*value*/) override { return true; }
+  bool number_float(number_float_t /*value*/, const string_t& /*text*/) override { return true; }
+  bool string(string_t& /*value*/) override { return true; }
+  bool binary(binary_t& /*value*/) override { return true; }
+  bool start_object(std::size_t /*elements*/) override {
+    objects_.emplace_back();
+    return enter();
+  }
+  bool key(string_t& name) override {
+    if (duplicate.empty() && !objects_.back().insert(name).second) {
+      duplicate = name;
+      duplicate_in = depth_ >= 2 && !order.empty() ? order.back() : "";
+    }
+    if (depth_ == 1) order.push_back(name);
+    return true;
+  }
+  bool end_object() override {
+    objects_.pop_back();
+    --depth_;
+    return true;
+  }
+  bool start_array(std::size_t /*elements*/) override { return enter(); }
+  bool end_array() override {
+    --depth_;
+    return true;
+  }
+  bool parse_error(std::size_t /*position*/, const std::string& /*last_token*/,
+                   const nlohmann::detail::exception& e) override {
+    error = e.what();
+    return false;
+  }
+
+ private:
+  bool enter() {
+    too_deep = ++depth_ > max_header_depth;
+    return !too_deep;
+  }
+  int depth_ = 0;                                         // arrays and objects open
+  std::vector<std::unordered_set<std::string>> objects_;  // the keys of each open object
 };
 
 }  // namespace detail
@@ -263,6 +324,20 @@ class SafeTensors {
     SafeTensors f;
     f.path_ = path.string();
     f.file_ = std::make_shared<const detail::FileBytes>(f.path_);
+    f.parse();
+    return f;
+  }
+
+  // The same for a file already in memory: a copy of the `size` bytes at `data` (the caller's
+  // buffer may go away at once), checked as open() checks a file; `name` stands for the path in
+  // messages and in path().
+  //   auto st = attn::io::SafeTensors::from_bytes(buf.data(), buf.size(), "download");
+  static SafeTensors from_bytes(const void* data, std::size_t size, const std::string& name = "<memory>") {
+    attn::detail::require_arg(data != nullptr || size == 0, "attn::io::SafeTensors::from_bytes", "null data for ",
+                              size, " bytes");
+    SafeTensors f;
+    f.path_ = name;
+    f.file_ = std::make_shared<const detail::FileBytes>(static_cast<const unsigned char*>(data), size);
     f.parse();
     return f;
   }
@@ -422,52 +497,42 @@ class SafeTensors {
 
   void parse() {
     const std::size_t size = file_->size();
-    const unsigned char* bytes = file_->data();
+    const unsigned char* file = file_->data();
     if (size < 8) fail_file("is ", size, " bytes long, shorter than the 8-byte header length");
-    const std::uint64_t n = detail::load_le<std::uint64_t>(bytes);
+    const std::uint64_t n = detail::load_le<std::uint64_t>(file);
     if (n > size - 8)
       fail_file("header length ", n, " is larger than the file (", size - 8, " bytes follow the length)");
     if (n > detail::max_header_bytes)
       fail_file("header length ", n, " exceeds the limit of ", detail::max_header_bytes, " bytes");
-    const char* header = reinterpret_cast<const char*>(bytes + 8);
-    data_ = bytes + 8 + n;
+    const char* header = reinterpret_cast<const char*>(file + 8);
+    data_ = file + 8 + n;
     data_size_ = size - 8 - static_cast<std::size_t>(n);
 
-    // nlohmann keeps the last of two equal keys silently: a parser callback sees every key and
-    // keeps the set of keys of each open object.
-    std::vector<std::vector<std::string>> open_objects;
-    std::string duplicate, duplicate_in;
-    const nlohmann::ordered_json::parser_callback_t watch = [&](int, nlohmann::ordered_json::parse_event_t event,
-                                                                nlohmann::ordered_json& parsed) {
-      using E = nlohmann::ordered_json::parse_event_t;
-      if (event == E::object_start) {
-        open_objects.emplace_back();
-      } else if (event == E::object_end) {
-        if (!open_objects.empty()) open_objects.pop_back();
-      } else if (event == E::key && !open_objects.empty()) {
-        auto& keys = open_objects.back();
-        const std::string key = parsed.get<std::string>();
-        if (duplicate.empty() && std::find(keys.begin(), keys.end(), key) != keys.end()) {
-          duplicate = key;
-          duplicate_in = open_objects.size() >= 2 && !open_objects.front().empty() ? open_objects.front().back() : "";
-        }
-        keys.push_back(key);
-      }
-      return true;
-    };
-    nlohmann::ordered_json h;
-    try {
-      h = nlohmann::ordered_json::parse(header, header + n, watch);
-    } catch (const nlohmann::json::exception& e) {
-      fail_file("header is not valid JSON: ", e.what());
+    // Two passes over the header, each linear in its size. The scan (detail::HeaderScan) checks
+    // what nlohmann's parser lets through or would choke on: duplicate keys (it keeps the last
+    // silently) and nesting deep enough to overflow the stack where nlohmann recurses (printing,
+    // copying); and it records the header's order, that of names(). Then the header is parsed
+    // into a nlohmann::json, whose objects are std::maps: ordered_json's insertion searches its
+    // keys linearly, and its parser callbacks rescan the open object at each end of a value, both
+    // quadratic - hours for a header of millions of keys.
+    detail::HeaderScan scan;
+    const bool valid = nlohmann::json::sax_parse(header, header + n, &scan);
+    if (scan.too_deep) fail_file("header nests arrays and objects deeper than ", detail::max_header_depth, " levels");
+    if (!valid) fail_file("header is not valid JSON: ", scan.error);
+    if (!scan.duplicate.empty()) {
+      if (scan.duplicate_in.empty()) fail_file("header names \"", scan.duplicate, "\" twice");
+      fail_file("header entry \"", scan.duplicate_in, "\" has the key \"", scan.duplicate, "\" twice");
     }
-    if (!duplicate.empty()) {
-      if (duplicate_in.empty()) fail_file("header names \"", duplicate, "\" twice");
-      fail_file("header entry \"", duplicate_in, "\" has the key \"", duplicate, "\" twice");
+    nlohmann::json h;
+    try {
+      h = nlohmann::json::parse(header, header + n);
+    } catch (const nlohmann::json::exception& e) {  // not after the scan, but never unchecked
+      fail_file("header is not valid JSON: ", e.what());
     }
     if (!h.is_object()) fail_file("header is not a JSON object but ", h.type_name());
 
-    for (const auto& [name, entry] : h.items()) {
+    for (const std::string& name : scan.order) {
+      const nlohmann::json& entry = h.at(name);  // each key once: a duplicate failed above
       if (name == "__metadata__") {
         if (!entry.is_object()) fail_file("__metadata__ is not an object but ", entry.type_name());
         for (const auto& [key, value] : entry.items()) {
@@ -495,7 +560,7 @@ class SafeTensors {
     }
   }
 
-  TensorInfo parse_entry(const std::string& name, const nlohmann::ordered_json& e) const {
+  TensorInfo parse_entry(const std::string& name, const nlohmann::json& e) const {
     if (!e.is_object()) fail(name, "entry is not an object but ", e.type_name());
     for (const char* field : {"dtype", "shape", "data_offsets"})
       if (!e.contains(field)) fail(name, "has no \"", field, "\"");
@@ -535,8 +600,12 @@ class SafeTensors {
   }
 
   static bool parse_dtype(const std::string& s, DType& out) {
-    for (int i = 0; i <= static_cast<int>(DType::F64); ++i)
-      if (s == dtype_name(static_cast<DType>(i))) return out = static_cast<DType>(i), true;
+    for (int i = 0; i <= static_cast<int>(DType::F64); ++i) {
+      if (s == dtype_name(static_cast<DType>(i))) {
+        out = static_cast<DType>(i);
+        return true;
+      }
+    }
     return false;
   }
 

@@ -98,15 +98,7 @@ class Tensor {
   // A view of numel(shape) elements at data, which `owner` keeps alive (may be null when the
   // caller guarantees the lifetime).
   static Tensor view(TensorShape shape, const T* data, std::shared_ptr<const void> owner) {
-    Tensor t;
-    t.shape_ = std::move(shape);
-    const Index n = checked_numel(t.shape_);
-    attn::detail::require_arg(data != nullptr || n == 0, "attn::io::Tensor::view", "null data for shape ",
-                              to_string(t.shape_));
-    t.data_ = data;
-    t.owner_ = std::move(owner);
-    t.mapped_ = true;
-    return t;
+    return Tensor(std::move(shape), data, std::move(owner));
   }
 
   const TensorShape& shape() const { return shape_; }
@@ -124,6 +116,14 @@ class Tensor {
   Eigen::Map<const Vector<T>> vector() const { return Eigen::Map<const Vector<T>>(data_, numel()); }
 
  private:
+  // What view() makes: the caller's elements, kept alive by owner.
+  Tensor(TensorShape shape, const T* data, std::shared_ptr<const void> owner)
+      : shape_(std::move(shape)), data_(data), owner_(std::move(owner)), mapped_(true) {
+    const Index n = checked_numel(shape_);
+    attn::detail::require_arg(data != nullptr || n == 0, "attn::io::Tensor::view", "null data for shape ",
+                              to_string(shape_));
+  }
+
   static Index checked_numel(const TensorShape& shape) {
     const Index n = io::numel(shape);
     attn::detail::require_shape(n >= 0, "attn::io::Tensor", "shape ", to_string(shape),

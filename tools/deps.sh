@@ -7,13 +7,17 @@
 #   tools/deps.sh bench   + Google Benchmark and Python (tools/run.sh prints the results table)
 #   tools/deps.sh torch   + libtorch, OpenBLAS (libtorch's BLAS at its best) and matplotlib:
 #                           only tools/bench_torch.sh asks for it; the tests never need libtorch
+#   tools/deps.sh lint    + clang-tidy (14 on Debian 12), cppcheck and nlohmann-json (attn/io/ is
+#                           linted too): tools/lint.sh
+#   tools/deps.sh fuzz    + clang 14 with its compiler-rt (libFuzzer, ASan, UBSan) and nlohmann-json:
+#                           tools/fuzz.sh
 #
 # Several groups may be given at once. Silent when everything is installed. As root it runs
 # `apt-get update` and `apt-get install`; otherwise it prints the command to run and exits 1.
 set -euo pipefail
 
 usage() {
-  echo "usage: $0 build|test|bench|torch [...]" >&2
+  echo "usage: $0 build|test|bench|torch|lint|fuzz [...]" >&2
   exit 2
 }
 
@@ -24,6 +28,8 @@ bench_pkgs=("${build_pkgs[@]}" libbenchmark-dev python3)
 # BLAS unless an optimised one is installed. OpenBLAS's OpenMP build shares libtorch's libgomp
 # threads instead of starting a second pool on the same cores.
 torch_pkgs=("${bench_pkgs[@]}" libtorch-dev libopenblas0-openmp python3-matplotlib)
+lint_pkgs=("${build_pkgs[@]}" nlohmann-json3-dev clang-tidy cppcheck)
+fuzz_pkgs=("${build_pkgs[@]}" nlohmann-json3-dev clang-14 libclang-rt-14-dev)
 
 [[ $# -gt 0 ]] || usage
 wanted=()
@@ -33,6 +39,8 @@ for group in "$@"; do
     test) wanted+=("${test_pkgs[@]}") ;;
     bench) wanted+=("${bench_pkgs[@]}") ;;
     torch) wanted+=("${torch_pkgs[@]}") ;;
+    lint) wanted+=("${lint_pkgs[@]}") ;;
+    fuzz) wanted+=("${fuzz_pkgs[@]}") ;;
     *) usage ;;
   esac
 done

@@ -1,0 +1,93 @@
+// tools/lint_tu.cpp - the translation unit tools/lint.sh hands to clang-tidy: every attn header, and
+// every public template instantiated for float and double. clang-tidy's semantic checks and the
+// static analyzer look only at instantiated templates, so a template nobody instantiates here is
+// a template nobody lints. tools/lint.sh fails when a header under include/attn/ is not reached
+// from this file. Never built or run: it only has to compile.
+#include <attn/attn.hpp>
+#include <attn/detail/attention.hpp>
+#include <attn/detail/attention_reference.hpp>
+#include <attn/detail/gemm.hpp>
+#include <attn/detail/parallel.hpp>
+#include <attn/detail/scratch.hpp>
+#include <attn/io/safetensors.hpp>
+#include <attn/io/state_dict.hpp>
+#include <attn/io/tensor.hpp>
+
+#include <string>
+
+// Every member of the public class templates (and the detail ones with members of their own).
+#define ATTN_LINT_CLASSES(T)                                  \
+  template class attn::Linear<T>;                             \
+  template class attn::ScaledDotProductAttention<T>;          \
+  template class attn::MultiHeadAttention<T>;                 \
+  template class attn::GroupedQueryAttention<T>;              \
+  template class attn::KVCache<T>;                            \
+  template class attn::DecoderAttention<T>;                   \
+  template class attn::LayerNorm<T>;                          \
+  template class attn::RMSNorm<T>;                            \
+  template class attn::RopeCache<T>;                          \
+  template class attn::SwiGLU<T>;                             \
+  template class attn::FeedForward<T>;                        \
+  template class attn::TransformerEncoderLayer<T>;            \
+  template class attn::TransformerDecoderLayer<T>;            \
+  template class attn::TransformerEncoder<T>;                 \
+  template class attn::AdditiveMask<T>;                       \
+  template class attn::detail::MaskData<T>;                   \
+  template class attn::detail::Scratch<T>;                    \
+  template class attn::io::Tensor<T>;                         \
+  template class attn::io::StateDict<T>;
+ATTN_LINT_CLASSES(float)
+ATTN_LINT_CLASSES(double)
+#undef ATTN_LINT_CLASSES
+
+namespace attn_lint {
+
+// The function templates, called once each; instantiated below for float and double.
+template <class T>
+void functions(const attn::io::SafeTensors& st, attn::MatrixRef<T> x) {
+  (void)attn::alibi_slopes<T>(4);
+  attn::apply_rope<T>(x, 1, 0, attn::RopeCache<T>(x.cols(), 8));
+
+  attn::detail::AttentionProblem<T> p;
+  attn::detail::attention(p);
+  attn::detail::attention_reference(p);
+  attn::detail::linear_into<T>(x, x, nullptr, x);
+
+  (void)st.matrix<T>("w");
+  (void)st.vector<T>("w");
+  (void)st.map<T>("w");
+  (void)st.tensor<T>("w");
+  (void)st.state_dict<T>();
+
+  const auto round_trip = [&st](auto& module) {
+    const attn::io::StateDict<T> sd = attn::io::state_dict(module);
+    (void)attn::io::load_state_dict(module, sd);
+    (void)attn::io::load_state_dict(module, st);
+  };
+  attn::Linear<T> linear(2, 2);
+  round_trip(linear);
+  attn::MultiHeadAttention<T> mha(2, 1);
+  round_trip(mha);
+  attn::LayerNorm<T> layer_norm(2);
+  round_trip(layer_norm);
+  attn::RMSNorm<T> rms_norm(2);
+  round_trip(rms_norm);
+  attn::FeedForward<T> feed_forward(2, 4);
+  round_trip(feed_forward);
+  attn::SwiGLU<T> swiglu(2, 4);
+  round_trip(swiglu);
+  attn::TransformerEncoderLayer<T> encoder_layer(2, 1);
+  round_trip(encoder_layer);
+  attn::TransformerDecoderLayer<T> decoder_layer(2, 1);
+  round_trip(decoder_layer);
+  attn::TransformerEncoder<T> encoder(encoder_layer, 2);
+  round_trip(encoder);
+  attn::DecoderAttention<T> decoder_attention(2, 1);
+  round_trip(decoder_attention);
+  attn::io::save_safetensors(std::string("lint.safetensors"), attn::io::state_dict(encoder));
+}
+
+template void functions<float>(const attn::io::SafeTensors&, attn::MatrixRef<float>);
+template void functions<double>(const attn::io::SafeTensors&, attn::MatrixRef<double>);
+
+}  // namespace attn_lint

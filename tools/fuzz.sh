@@ -3,7 +3,7 @@
 # for a bounded time; exits non-zero on any crash, leak, sanitizer report, timeout or broken
 # promise (fuzz/*.cpp say what each target checks).
 #
-#   tools/fuzz.sh              45 s per target (CI)
+#   tools/fuzz.sh              30 s per target (CI)
 #   tools/fuzz.sh 600          10 minutes per target
 #   tools/fuzz.sh 60 attention_fuzz
 #
@@ -19,7 +19,7 @@ usage() {
   exit 2
 }
 
-seconds=45
+seconds=30
 if [[ $# -gt 0 ]]; then
   [[ $1 =~ ^[0-9]+$ && $1 -gt 0 ]] || usage
   seconds=$1

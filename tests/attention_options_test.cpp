@@ -107,10 +107,10 @@ TYPED_TEST(ScoreOptions, GroupedQueryHeadsShareKvHeadsInOrder) {
   const attn::Matrix<T> q = attn::Matrix<T>::Zero(1, 4), k = attn::Matrix<T>::Zero(2, 2);
   const attn::Matrix<T> v = mat<T>(2, 2, {1, 10, 3, 30});
   const attn::GroupedQueryAttention<T> gqa(4, 2);
-  EXPECT_TRUE(attn_test::matrices_near(gqa.forward(q, k, v), mat<double>(1, 4, {2, 2, 20, 20}), 1e-6));
+  EXPECT_TRUE(attn_test::matrices_near(gqa.forward(q, k, v, attn_test::batch_of<attn::GqaArgs<T>>(1)), mat<double>(1, 4, {2, 2, 20, 20}), 1e-6));
 }
 
-// GQA and MQA equal per-head SDPA on the kv head each query head reads, for a batch of 2 with
+// GQA and MQA (outputs and per-head weights) equal per-head SDPA on the kv head each query head reads, for a batch of 2 with
 // every option on (a window, softcap, ALiBi, causal, key padding).
 TYPED_TEST(ScoreOptions, GroupedQueryMatchesPerHeadAttention) {
   using T = TypeParam;
@@ -132,8 +132,12 @@ TYPED_TEST(ScoreOptions, GroupedQueryMatchesPerHeadAttention) {
     pad(1, S - 1) = true;
     args.key_padding_mask = attn::IgnoreMask(pad);
     const attn::Matrix<T> out = attn::GroupedQueryAttention<T>(H, Hkv).forward(q, k, v, args);
+    const attn::AttentionResult<T> r = attn::GroupedQueryAttention<T>(H, Hkv).forward_with_weights(q, k, v, args);
     ASSERT_EQ(out.rows(), B * L);
     ASSERT_EQ(out.cols(), H * dv);
+    ASSERT_EQ(r.weights.rows(), B * H * L);  // every head's probabilities, rows (b, h, l)
+    ASSERT_EQ(r.weights.cols(), S);
+    EXPECT_TRUE(attn_test::matrices_near(r.output, out, attn_test::tolerance<T>()));
     for (Index b = 0; b < B; ++b)
       for (Index h = 0; h < H; ++h) {
         const Index g = h / (H / Hkv);
@@ -143,13 +147,17 @@ TYPED_TEST(ScoreOptions, GroupedQueryMatchesPerHeadAttention) {
         m.softcap = args.softcap;
         m.alibi_slopes = args.alibi_slopes.segment(h, 1);
         m.key_padding_mask = attn::IgnoreMask(attn::BoolMatrix(pad.row(b)));
-        const attn::Matrix<T> want = attn::ScaledDotProductAttention<T>().forward(
+        const attn::AttentionResult<T> want = attn::ScaledDotProductAttention<T>().forward_with_weights(
             q.block(b * L, h * d, L, d), k.block(b * S, g * d, S, d), v.block(b * S, g * dv, S, dv), m);
-        EXPECT_TRUE(attn_test::matrices_near(out.block(b * L, h * dv, L, dv), want, attn_test::tolerance<T>()))
+        EXPECT_TRUE(attn_test::matrices_near(out.block(b * L, h * dv, L, dv), want.output, attn_test::tolerance<T>()))
             << "b " << b << " h " << h;
+        EXPECT_TRUE(attn_test::matrices_near(r.weights.middleRows((b * H + h) * L, L), want.weights,
+                                             attn_test::tolerance<T>()))
+            << "weights of b " << b << " h " << h;
       }
   }
 }
+
 
 // Message of the exception f throws, which must be of type E.
 template <class E, class F>
@@ -189,6 +197,7 @@ TEST(ScoreOptionsErrors, BadOptionsAreNamedErrors) {
   // MultiHeadAttention takes the options through MhaArgs (a Masks): slopes are [H].
   attn::MultiHeadAttention<T> mha(8, 2);
   attn::MhaArgs<T> args;
+  args.batch = 1;
   args.alibi_slopes = attn::alibi_slopes<T>(4);
   const attn::Matrix<T> x = attn::Matrix<T>::Zero(3, 8);
   EXPECT_EQ(error_of<attn::shape_error>([&] { mha.forward(x, x, x, args); }),
@@ -206,10 +215,10 @@ TEST(ScoreOptionsErrors, GroupedQueryShapes) {
             "no exception");
   const attn::GroupedQueryAttention<T> gqa(4, 2);
   const attn::Matrix<T> q = attn::Matrix<T>::Zero(3, 4 * 8), k = attn::Matrix<T>::Zero(5, 2 * 8);
-  EXPECT_EQ(error_of<attn::shape_error>([&] { gqa.forward(q, attn::Matrix<T>::Zero(5, 4 * 8), k); }),
+  EXPECT_EQ(error_of<attn::shape_error>([&] { gqa.forward(q, attn::Matrix<T>::Zero(5, 4 * 8), k, attn_test::batch_of<attn::GqaArgs<T>>(1)); }),
             "attn::GroupedQueryAttention::forward: key has shape [5, 32], expected [B*S, H_kv*d] = [1*S, 16] with S > 0 "
             "(d = 8 from query)");
-  EXPECT_EQ(error_of<attn::shape_error>([&] { gqa.forward(q, k, attn::Matrix<T>::Zero(4, 16)); }),
+  EXPECT_EQ(error_of<attn::shape_error>([&] { gqa.forward(q, k, attn::Matrix<T>::Zero(4, 16), attn_test::batch_of<attn::GqaArgs<T>>(1)); }),
             "attn::GroupedQueryAttention::forward: value has shape [4, 16], expected [B*S, H_kv*dv] = [5, 2*dv]");
   attn::GqaArgs<T> args;
   args.batch = 2;  // 3 query rows are not 2 sequences
@@ -221,6 +230,33 @@ TEST(ScoreOptionsErrors, GroupedQueryShapes) {
             std::string::npos);
   args.alibi_slopes = attn::alibi_slopes<T>(2);  // H = 4 query heads
   EXPECT_NE(error_of<attn::shape_error>([&] { gqa.forward(q, k, k, args); }).find("alibi_slopes has shape [2]"),
+            std::string::npos);
+}
+
+// Two sequences of one token each, q = k = 0: every key scores the same, so a query averages the
+// values it may see. Sequence 0's value is 1, sequence 1's is 3. Told B = 2, each token sees only
+// its own sequence: [1, 3]. Read as one sequence of two tokens (the mistake a default batch of 1
+// would hide), both would see both: [2, 2]. So the batch is required, and its absence is an error.
+TEST(BatchIsNeverGuessed, GqaAndMha) {
+  using T = double;
+  const attn::Matrix<T> q = attn::Matrix<T>::Zero(2, 2), k = attn::Matrix<T>::Zero(2, 2);
+  const attn::Matrix<T> v = mat<T>(2, 2, {1, 1, 3, 3});
+  const attn::GroupedQueryAttention<T> gqa(1, 1);
+  EXPECT_TRUE(attn_test::matrices_near(gqa.forward(q, k, v, attn_test::batch_of<attn::GqaArgs<T>>(2)),
+                                       mat<T>(2, 2, {1, 1, 3, 3}), 1e-12));
+  const std::string unset =
+      "batch is not set: set args.batch = B, the number of sequences stacked in the rows of the [B*L, ...] input (1 "
+      "for a single sequence)";
+  EXPECT_EQ(error_of<attn::argument_error>([&] { gqa.forward(q, k, v, attn::GqaArgs<T>{}); }),
+            "attn::GroupedQueryAttention::forward: " + unset);
+  attn::MultiHeadAttention<T> mha(2, 1);
+  EXPECT_EQ(error_of<attn::argument_error>([&] { mha.forward(q, q, q, attn::MhaArgs<T>{}); }),
+            "attn::MultiHeadAttention::forward: " + unset);
+  attn::Matrix<T> out(2, 2);
+  EXPECT_EQ(error_of<attn::argument_error>([&] { mha.forward_into(q, q, q, attn::MhaArgs<T>{}, out); }),
+            "attn::MultiHeadAttention::forward_into: " + unset);
+  EXPECT_NE(error_of<attn::shape_error>([&] { gqa.forward(q, k, v, attn_test::batch_of<attn::GqaArgs<T>>(-1)); })
+                .find("batch must be positive, got -1"),
             std::string::npos);
 }
 

@@ -35,15 +35,50 @@ TEST(DecoderAttention, EqualsItsPartsComposed) {
   const Matrix<float> x = random(L, 24, 1);
   Matrix<float> q = block.q_proj().forward(x), k = block.k_proj().forward(x), v = block.v_proj().forward(x);
   attn::RopeCache<float> rope(4, 16);
-  rope.apply(q, 6, 0);
-  rope.apply(k, 2, 0);
+  rope.apply(q, 6, 1, 0);
+  rope.apply(k, 2, 1, 0);
   attn::GqaArgs<float> args;
+  args.batch = 1;
   args.causal = attn::Causal::TopLeft;
   const Matrix<float> want = block.o_proj().forward(attn::GroupedQueryAttention<float>(6, 2).forward(q, k, v, args));
-  EXPECT_TRUE(matrices_near(block.forward(x), want, 1e-6));
+  EXPECT_TRUE(matrices_near(block.forward(x, 1), want, 1e-6));
   EXPECT_EQ(block.q_proj().weight().rows(), 24);  // [H*D, E]
   EXPECT_EQ(block.k_proj().weight().rows(), 8);   // [Hkv*D, E]
   EXPECT_EQ(block.o_proj().weight().cols(), 24);  // [E, H*D]
+
+  // Every head's probabilities are those of the core on the same rotated q and k: [H*L, L], rows
+  // (h, l), causal (row l is zero past column l), each row summing to 1.
+  const attn::AttentionResult<float> core = attn::GroupedQueryAttention<float>(6, 2).forward_with_weights(q, k, v, args);
+  const attn::AttentionResult<float> r = block.forward_with_weights(x, 1);
+  EXPECT_TRUE(matrices_near(r.output, want, 1e-6));
+  ASSERT_EQ(r.weights.rows(), 6 * L);
+  ASSERT_EQ(r.weights.cols(), L);
+  EXPECT_TRUE(matrices_near(r.weights, core.weights, 1e-6));
+  for (Index row = 0; row < 6 * L; ++row) {
+    EXPECT_NEAR(r.weights.row(row).sum(), 1.0f, 1e-5f);
+    EXPECT_EQ(r.weights.row(row).tail(L - 1 - row % L).cwiseAbs().sum(), 0.0f) << "row " << row;
+  }
+}
+
+// Through a cache, the weights of a step cover the cached keys: the last query's row of each head
+// equals that row of the forward over the whole sequence (the same keys, the same positions).
+TEST(DecoderAttention, WeightsThroughTheCacheEqualTheWholeForward) {
+  DecoderAttentionOptions o;
+  o.num_kv_heads = 2;
+  attn::Generator gen(4);
+  DecoderAttention<float> block(24, 6, o, gen);
+  const Index L = 7, H = 6;
+  const Matrix<float> x = random(L, 24, 2);
+  const attn::AttentionResult<float> whole = block.forward_with_weights(x, 1);
+  attn::KVCache<float> cache = block.make_cache(1, 16);
+  (void)block.forward(x.topRows(L - 1), cache, 0);
+  const attn::AttentionResult<float> step = block.forward_with_weights(x.bottomRows(1), cache, 0);
+  ASSERT_EQ(step.weights.rows(), H);
+  ASSERT_EQ(step.weights.cols(), L);
+  for (Index h = 0; h < H; ++h)
+    EXPECT_TRUE(matrices_near(step.weights.row(h), whole.weights.row(h * L + L - 1), 1e-5)) << "head " << h;
+  EXPECT_TRUE(matrices_near(step.output, whole.output.bottomRows(1), 1e-5));
+  EXPECT_EQ(cache.size(0), L);
 }
 
 struct Case {
@@ -96,7 +131,7 @@ TEST(DecoderAttention, DecodingThroughTheCacheEqualsTheWholeForward) {
       attn::Generator gen(seed);
       DecoderAttention<float> block(c.E, c.H, c.opt, gen);
       const Matrix<float> x = random(c.L, c.E, ++seed);
-      const Matrix<float> whole = block.forward(x);
+      const Matrix<float> whole = block.forward(x, 1);
       attn::KVCache<float> cache =
           c.full_cache_with_window
               ? attn::KVCache<float>(1, block.num_kv_heads(), block.head_dim(), c.capacity)

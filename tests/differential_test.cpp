@@ -659,11 +659,12 @@ struct MaskSet {
   }
 };
 
-// RoPE positions of the rows of a [B*n, ...] input: start + r, or per-sequence offsets + l.
+// RoPE positions of the rows of a [B*n, ...] input: start + l in every sequence, or per-sequence
+// offsets + l.
 std::vector<Index> rope_positions(Rng& r, const Config& c, Index B, Index n, Index start) {
   std::vector<Index> pos(std::size_t(B * n));
   if (!c.rope_positions) {
-    for (Index i = 0; i < B * n; ++i) pos[std::size_t(i)] = start + i;
+    for (Index i = 0; i < B * n; ++i) pos[std::size_t(i)] = start + i % n;
   } else {
     for (Index b = 0; b < B; ++b) {
       const Index off = r.coin(0.5) ? start : r.pick(0, 1500);
@@ -674,9 +675,10 @@ std::vector<Index> rope_positions(Rng& r, const Config& c, Index B, Index n, Ind
 }
 
 template <class T>
-void rotate(const attn::RopeCache<T>& rope, Mat<T>& x, Index heads, const Config& c, const std::vector<Index>& pos) {
+void rotate(const attn::RopeCache<T>& rope, Mat<T>& x, Index heads, Index B, const Config& c,
+            const std::vector<Index>& pos) {
   if (!c.rope_positions) {
-    rope.apply(x, heads, pos.empty() ? 0 : pos[0]);
+    rope.apply(x, heads, B, pos.empty() ? 0 : pos[0]);  // every sequence from the same start
   } else {
     Eigen::Matrix<Index, Eigen::Dynamic, 1> p(x.rows());
     for (Index i = 0; i < x.rows(); ++i) p[i] = pos[std::size_t(i)];
@@ -734,8 +736,8 @@ Outcome run_core(const Config& c) {
     const Index max_pos = std::max(*std::max_element(qpos.begin(), qpos.end()),
                                    *std::max_element(kpos.begin(), kpos.end()));
     const attn::RopeCache<T> rope(d, max_pos + 1 + r.pick(0, 3), {c.rotary_dim, c.rope_base, c.rope_style});
-    rotate(rope, xq, H, c, qpos);
-    rotate(rope, xk, Hkv, c, kpos);
+    rotate(rope, xq, H, B, c, qpos);
+    rotate(rope, xk, Hkv, B, c, kpos);
   }
 
   MaskSet<T> ms;
@@ -1052,7 +1054,7 @@ Outcome run_cache(const Config& c) {
     Mat<T> res = Mat<T>::Constant(B * N, H * dv, T(12345));
     const auto rotated = [&](const Mat<T>& x, Index heads, Index t, Index n, Index b) {
       Mat<T> y = rows_of(x, b, t, n);
-      if (rope) rope->apply(y, heads, t);
+      if (rope) rope->apply(y, heads, 1, t);
       return y;
     };
     if (c.whole_batch) {

@@ -339,7 +339,7 @@ TYPED_TEST(EdgeCases, ScaleZeroAveragesTheUnmaskedValues) {
   const attn::ScaledDotProductAttention<T> zero(T(0));
   EXPECT_TRUE(matrices_near(zero.forward(q, k, v, m), mat<T>({{2}, {3}, {5}}), this->tol));
   const attn::GroupedQueryAttention<T> gqa(1, 1, T(0));
-  EXPECT_TRUE(matrices_near(gqa.forward(q, k, v), mat<T>({{5}, {5}, {5}}), this->tol));
+  EXPECT_TRUE(matrices_near(gqa.forward(q, k, v, attn_test::batch_of<attn::GqaArgs<T>>(1)), mat<T>({{5}, {5}, {5}}), this->tol));
 }
 
 // One key: its weight is 1 and every row that sees it is v_0, exactly; rows that do not see it are
@@ -387,18 +387,18 @@ TEST(EdgeCasesEmpty, AttentionRejectsEmptySequencesRowWiseLayersMapZeroRowsToZer
   const attn::GroupedQueryAttention<T> gqa(2, 1);
   attn::GqaArgs<T> none;
   none.batch = 0;
-  EXPECT_TRUE(throws_with<shape_error>([&] { (void)gqa.forward(Mat<T>::Ones(2, 8), k, v, none); },
-                                       {"batch must be positive, got 0"}));
-  EXPECT_TRUE(throws_with<shape_error>([&] { (void)gqa.forward(Mat<T>(0, 8), k, v); }, {"query has shape [0, 8]"}));
-  EXPECT_TRUE(throws_with<shape_error>([&] { (void)gqa.forward(Mat<T>::Ones(2, 8), Mat<T>(0, 4), Mat<T>(0, 2)); },
+  EXPECT_TRUE(throws_with<attn::argument_error>([&] { (void)gqa.forward(Mat<T>::Ones(2, 8), k, v, none); },
+                                               {"batch is not set"}));
+  EXPECT_TRUE(throws_with<shape_error>([&] { (void)gqa.forward(Mat<T>(0, 8), k, v, attn_test::batch_of<attn::GqaArgs<T>>(1)); }, {"query has shape [0, 8]"}));
+  EXPECT_TRUE(throws_with<shape_error>([&] { (void)gqa.forward(Mat<T>::Ones(2, 8), Mat<T>(0, 4), Mat<T>(0, 2), attn_test::batch_of<attn::GqaArgs<T>>(1)); },
                                        {"key has shape [0, 4]"}));
 
   const attn::MultiHeadAttention<T> mha(4, 2);
   attn::MhaArgs<T> zero_batch;
   zero_batch.batch = 0;
-  EXPECT_TRUE(throws_with<shape_error>([&] { (void)mha.forward(q, q, q, zero_batch); }, {"batch must be positive"}));
-  EXPECT_TRUE(throws_with<shape_error>([&] { (void)mha.forward(Mat<T>(0, 4), q, q); }, {"query has shape [0, 4]"}));
-  EXPECT_TRUE(throws_with<shape_error>([&] { (void)mha.forward(q, Mat<T>(0, 4), Mat<T>(0, 4)); },
+  EXPECT_TRUE(throws_with<attn::argument_error>([&] { (void)mha.forward(q, q, q, zero_batch); }, {"batch is not set"}));
+  EXPECT_TRUE(throws_with<shape_error>([&] { (void)mha.forward(Mat<T>(0, 4), q, q, attn_test::batch_of<attn::MhaArgs<T>>(1)); }, {"query has shape [0, 4]"}));
+  EXPECT_TRUE(throws_with<shape_error>([&] { (void)mha.forward(q, Mat<T>(0, 4), Mat<T>(0, 4), attn_test::batch_of<attn::MhaArgs<T>>(1)); },
                                        {"key has shape [0, 4]"}));
 
   EXPECT_EQ(attn::Linear<T>(4, 3).forward(Mat<T>(0, 4)).rows(), 0);
@@ -408,7 +408,7 @@ TEST(EdgeCasesEmpty, AttentionRejectsEmptySequencesRowWiseLayersMapZeroRowsToZer
   EXPECT_EQ(attn::SwiGLU<T>(4, 6).forward(Mat<T>(0, 4)).rows(), 0);
   EXPECT_EQ(attn::FeedForward<T>(4, 6).forward(Mat<T>(0, 4)).rows(), 0);
   Mat<T> none_rows(0, 8);
-  attn::RopeCache<T>(4, 8).apply(none_rows, 2, 8);  // no rows, even at the table's end
+  attn::RopeCache<T>(4, 8).apply(none_rows, 2, 1, 8);  // no rows, even at the table's end
 }
 
 // --- fully masked rows -----------------------------------------------------------------------------
@@ -563,11 +563,11 @@ TEST(EdgeCasesOverflow, DimensionProductsThatOverflowAreNamedErrors) {
   // GQA with 2^62 heads: num_heads * dv would wrap around before the query's shape is checked.
   const attn::GroupedQueryAttention<T> gqa(big, 1);
   EXPECT_TRUE(throws_with<shape_error>(
-      [&] { (void)gqa.forward(Mat<T>::Ones(1, 4), Mat<T>::Ones(1, 4), Mat<T>::Ones(1, 4)); },
+      [&] { (void)gqa.forward(Mat<T>::Ones(1, 4), Mat<T>::Ones(1, 4), Mat<T>::Ones(1, 4), attn_test::batch_of<attn::GqaArgs<T>>(1)); },
       {"attn::GroupedQueryAttention::forward", "num_heads * dv = 4611686018427387904 * 4", "overflows"}));
   Mat<T> out(1, 4);
   EXPECT_TRUE(throws_with<shape_error>(
-      [&] { gqa.forward_into(Mat<T>::Ones(1, 4), Mat<T>::Ones(1, 4), Mat<T>::Ones(1, 4), {}, out); }, {"query"}));
+      [&] { gqa.forward_into(Mat<T>::Ones(1, 4), Mat<T>::Ones(1, 4), Mat<T>::Ones(1, 4), attn_test::batch_of<attn::GqaArgs<T>>(1), out); }, {"query"}));
 
   // RoPE: a table of max_positions * rotary_dim / 2 entries; heads * head_dim columns (2^62 * 4
   // wraps to 0, which a 0-column x would have matched); start + rows (wraps negative).
@@ -575,10 +575,11 @@ TEST(EdgeCasesOverflow, DimensionProductsThatOverflowAreNamedErrors) {
                                        {"attn::RopeCache", "max_positions * rotary_dim / 2", "overflows"}));
   const attn::RopeCache<T> rope(4, 16);
   Mat<T> no_cols(1, 0), x = Mat<T>::Ones(2, 4);
-  EXPECT_TRUE(throws_with<shape_error>([&] { rope.apply(no_cols, big, 0); }, {"x has shape [1, 0]"}));
-  EXPECT_TRUE(throws_with<attn::argument_error>([&] { rope.apply(x, 1, max); },
-                                                {"start = 9223372036854775807 is outside the table's [0, 16)"}));
-  EXPECT_TRUE(throws_with<attn::argument_error>([&] { rope.apply(x, 1, 15); }, {"positions [15, 17)"}));
+  EXPECT_TRUE(throws_with<shape_error>([&] { rope.apply(no_cols, big, 1, 0); }, {"x has shape [1, 0]"}));
+  EXPECT_TRUE(throws_with<attn::argument_error>([&] { rope.apply(x, 1, 1, max); },
+                                                {"start = 9223372036854775807 with 2 rows", "[0, 16)"}));
+  EXPECT_TRUE(throws_with<attn::argument_error>([&] { rope.apply(x, 1, 1, 15); }, {"start = 15 with 2 rows"}));
+  EXPECT_TRUE(throws_with<shape_error>([&] { rope.apply(x, 1, max, 0); }, {"x has shape [2, 4]", "B = batch"}));
   EXPECT_EQ(x, Mat<T>::Ones(2, 4));
 
   // A mask over a raw buffer of rows * cols elements.

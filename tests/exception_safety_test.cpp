@@ -162,7 +162,7 @@ TYPED_TEST(StrongGuarantee, MultiHeadAttentionSetters) {
   attn::MultiHeadAttention<T> packed(8, 2, kv, gen);
   packed.set_in_proj_bias(random<T>(24, 1, 8));
   const Mat<T> x = random<T>(5, 8, 9);
-  const auto fwd = [&](const attn::MultiHeadAttention<T>& m) { return m.forward(x, x, x).output; };
+  const auto fwd = [&](const attn::MultiHeadAttention<T>& m) { return m.forward(x, x, x, attn_test::batch_of<attn::MhaArgs<T>>(1)).output; };
   expect_unchanged<shape_error>(packed, fwd, [](auto& m) { m.set_in_proj_weight(Mat<T>::Ones(8, 24)); },
                                 "in_proj_weight transposed");
   expect_unchanged<shape_error>(packed, fwd, [](auto& m) { m.set_in_proj_bias(attn::Vector<T>::Ones(16)); },
@@ -180,7 +180,7 @@ TYPED_TEST(StrongGuarantee, MultiHeadAttentionSetters) {
   sep.bias = false;
   attn::MultiHeadAttention<T> split(8, 4, sep, gen);
   const Mat<T> kx = random<T>(6, 5, 10), vx = random<T>(6, 3, 11);
-  const auto split_fwd = [&](const attn::MultiHeadAttention<T>& m) { return m.forward(x, kx, vx).output; };
+  const auto split_fwd = [&](const attn::MultiHeadAttention<T>& m) { return m.forward(x, kx, vx, attn_test::batch_of<attn::MhaArgs<T>>(1)).output; };
   expect_unchanged<shape_error>(split, split_fwd, [](auto& m) { m.set_k_proj_weight(Mat<T>::Ones(8, 3)); },
                                 "k_proj_weight [8, 3]");
   expect_unchanged<shape_error>(split, split_fwd, [](auto& m) { m.set_v_proj_weight(Mat<T>::Ones(8, 5)); },
@@ -227,6 +227,7 @@ TYPED_TEST(StrongGuarantee, RejectedForwardIntoLeavesTheOutputAlone) {
   EXPECT_TRUE(same_bits(out, sentinel));
 
   attn::GqaArgs<T> gbad;
+  gbad.batch = 1;
   gbad.window = -1;
   Mat<T> gout = Mat<T>::Constant(5, 4, T(-7));
   const Mat<T> gsentinel = gout;
@@ -236,6 +237,7 @@ TYPED_TEST(StrongGuarantee, RejectedForwardIntoLeavesTheOutputAlone) {
 
   attn::MultiHeadAttention<T> mha(4, 2);
   attn::MhaArgs<T> mbad;
+  mbad.batch = 1;
   mbad.key_padding_mask = attn::IgnoreMask(attn::BoolMatrix::Zero(2, 6));  // B = 1
   Mat<T> mout = Mat<T>::Constant(5, 4, T(-7));
   const Mat<T> msentinel = mout;

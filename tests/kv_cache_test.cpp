@@ -161,6 +161,7 @@ void check_incremental(const DecodeCase& c, unsigned seed) {
                       v = random(c.S, c.kv_heads * c.dv, seed + 2);
   attn::GroupedQueryAttention<float> gqa(c.heads, c.kv_heads);
   attn::GqaArgs<float> full_args;
+  full_args.batch = 1;
   full_args.causal = attn::Causal::BottomRight;
   full_args.window = c.window;
   full_args.softcap = c.softcap;
@@ -225,6 +226,17 @@ TEST(KVCacheAttention, EverySequenceAtOnceEqualsEachAlone) {
     EXPECT_TRUE(matrices_near(prefill.middleRows(b * P, P), gqa.forward(q.middleRows(b * S, P), one, 0), 1e-6));
     one.append(0, k.middleRows(b * S + P, 1), v.middleRows(b * S + P, 1));
     EXPECT_TRUE(matrices_near(step.row(b), gqa.forward(q.middleRows(b * S + P, 1), one, 0), 1e-6));
+  }
+  // The probabilities of every head, for every sequence at once (b < 0: rows (b, h, l)) and for
+  // one sequence (rows (h, l)), over the S kept keys; the output as without them.
+  const attn::AttentionResult<float> all = gqa.forward_with_weights(rows(q, P, 1), both, -1);
+  ASSERT_EQ(all.weights.rows(), B * H);
+  ASSERT_EQ(all.weights.cols(), S);
+  EXPECT_TRUE(matrices_near(all.output, step, 1e-6));
+  for (Index b = 0; b < B; ++b) {
+    const attn::AttentionResult<float> one = gqa.forward_with_weights(q.middleRows(b * S + P, 1), both, b);
+    EXPECT_TRUE(matrices_near(one.weights, all.weights.middleRows(b * H, H), 1e-6)) << "sequence " << b;
+    for (Index h = 0; h < H; ++h) EXPECT_NEAR(one.weights.row(h).sum(), 1.0f, 1e-5f);
   }
 }
 

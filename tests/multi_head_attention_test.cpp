@@ -17,6 +17,12 @@ using attn_test::matrices_near;
 using attn_test::throws_with;
 using attn_test::vec;
 
+// The arguments of a call on one sequence (B = 1, no masks).
+template <class T>
+attn::MhaArgs<T> one() {
+  return attn_test::batch_of<attn::MhaArgs<T>>(1);
+}
+
 const double ln2 = std::log(2.0), ln3 = std::log(3.0), sqrt2 = std::sqrt(2.0);
 
 // E = 4, H = 2, head_dim D = 2, scale 1/sqrt(2). Projections chosen so the arithmetic is short:
@@ -58,6 +64,7 @@ TYPED_TEST(MhaTest, CrossAttentionByHand) {
   using T = TypeParam;
   const auto m = this->make();
   attn::MhaArgs<T> args;
+  args.batch = 1;
   args.need_weights = true;
   const auto [out, w] = m.forward(this->query, this->key, this->value, args);
   EXPECT_TRUE(matrices_near(out, mat<T>({{6, 4, 1, 4}}), this->tol));
@@ -69,7 +76,7 @@ TYPED_TEST(MhaTest, CrossAttentionByHand) {
   args.need_weights = false;
   EXPECT_EQ(m.forward(this->query, this->key, this->value, args).weights.size(), 0);
   attn::Matrix<T> into(1, 4);
-  m.forward_into(this->query, this->key, this->value, {}, into);
+  m.forward_into(this->query, this->key, this->value, one<T>(), into);
   EXPECT_TRUE(matrices_near(into, mat<T>({{6, 4, 1, 4}}), this->tol));  // the flash kernel, as forward() without weights
 }
 
@@ -79,7 +86,7 @@ TYPED_TEST(MhaTest, InProjBiasByHand) {
   using T = TypeParam;
   auto m = this->make();
   m.set_in_proj_bias(vec<T>({0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1}));
-  EXPECT_TRUE(matrices_near(m.forward(this->query, this->key, this->value).output, mat<T>({{7, 5, 2, 5}}), this->tol));
+  EXPECT_TRUE(matrices_near(m.forward(this->query, this->key, this->value, one<T>()).output, mat<T>({{7, 5, 2, 5}}), this->tol));
 }
 
 // Self-attention on x = [[ln2, 0, 0, ln3]] alone: one key, p = 1, head outputs = x
@@ -87,7 +94,7 @@ TYPED_TEST(MhaTest, InProjBiasByHand) {
 TYPED_TEST(MhaTest, SelfAttentionSingleToken) {
   using T = TypeParam;
   const auto m = this->make();
-  EXPECT_TRUE(matrices_near(m.forward(this->query, this->query, this->query).output, mat<T>({{ln2 + 1, 0, 0, ln3 - 1}}), this->tol));
+  EXPECT_TRUE(matrices_near(m.forward(this->query, this->query, this->query, one<T>()).output, mat<T>({{ln2 + 1, 0, 0, ln3 - 1}}), this->tol));
 }
 
 // Two sequences. b0 is the example above -> [6, 4, 1, 4]. b1 has keys [k1, k0], values
@@ -134,6 +141,7 @@ TYPED_TEST(MhaTest, AttnMasksByHand) {
   using T = TypeParam;
   const auto m = this->make();
   attn::MhaArgs<T> a;
+  a.batch = 1;
   a.attn_mask = attn::IgnoreMask(bmat({{1, 0}}));
   EXPECT_TRUE(matrices_near(m.forward(this->query, this->key, this->value, a).output, mat<T>({{10, 0, 0, 3}}), this->tol));
   a.attn_mask = attn::IgnoreMask(bmat({{0, 1}, {0, 0}}));
@@ -149,6 +157,7 @@ TYPED_TEST(MhaTest, CausalAlignments) {
   using T = TypeParam;
   const auto m = this->make();
   attn::MhaArgs<T> a;
+  a.batch = 1;
   a.causal = attn::Causal::TopLeft;
   EXPECT_TRUE(matrices_near(m.forward(this->query, this->key, this->value, a).output, mat<T>({{4, 6, 4, 7}}), this->tol));
   a.causal = attn::Causal::BottomRight;
@@ -169,6 +178,7 @@ TYPED_TEST(MhaTest, AddBiasKvByHand) {
   m.set_bias_k(vec<T>({0, 0, 0, 0}));
   m.set_bias_v(vec<T>({12, 0, 0, 12}));
   attn::MhaArgs<T> a;
+  a.batch = 1;
   a.need_weights = true;
   const auto [out, w] = m.forward(this->query, this->key, this->value, a);
   EXPECT_TRUE(matrices_near(out, mat<T>({{7.75, 3, 0.8, 5.4}}), this->tol));
@@ -186,6 +196,7 @@ TYPED_TEST(MhaTest, AddBiasKvByHand) {
 TYPED_TEST(MhaTest, AllKeysPaddedWithAndWithoutZeroAttn) {
   using T = TypeParam;
   attn::MhaArgs<T> a;
+  a.batch = 1;
   a.key_padding_mask = attn::IgnoreMask(bmat({{1, 1}}));
   a.need_weights = true;
   const auto plain = this->make().forward(this->query, this->key, this->value, a);
@@ -200,7 +211,7 @@ TYPED_TEST(MhaTest, AllKeysPaddedWithAndWithoutZeroAttn) {
   //   head 0: exp [2, 1, 1] / 4 -> 1/2 [3, 6] + 1/4 [9, 0] = [3.75, 3]
   //   head 1: exp [1, 3, 1] / 5 -> 1/5 [4, 8] + 3/5 [0, 4] = [0.8, 4]
   //   out = [3.75, 3, 0.8, 4] + b_o = [4.75, 3, 0.8, 3]
-  EXPECT_TRUE(matrices_near(this->make(o).forward(this->query, this->key, this->value).output, mat<T>({{4.75, 3, 0.8, 3}}), this->tol));
+  EXPECT_TRUE(matrices_near(this->make(o).forward(this->query, this->key, this->value, one<T>()).output, mat<T>({{4.75, 3, 0.8, 3}}), this->tol));
 }
 
 // kdim = 2, vdim = 3: k_proj_weight [4, 2] = [I; I] maps key [1, 0] to [1, 0, 1, 0] as before;
@@ -215,7 +226,7 @@ TYPED_TEST(MhaTest, SeparateKdimVdimByHand) {
   EXPECT_FALSE(m.packed());
   m.set_k_proj_weight(mat<T>({{1, 0}, {0, 1}, {1, 0}, {0, 1}}));
   m.set_v_proj_weight(mat<T>({{1, 0, 0}, {0, 1, 0}, {0, 0, 1}, {0, 0, 1}}));
-  const auto out = m.forward(this->query, mat<T>({{1, 0}, {0, 1}}), mat<T>({{3, 6, 4}, {9, 0, 0}})).output;
+  const auto out = m.forward(this->query, mat<T>({{1, 0}, {0, 1}}), mat<T>({{3, 6, 4}, {9, 0, 0}}), one<T>()).output;
   EXPECT_TRUE(matrices_near(out, mat<T>({{6, 4, 1, 0}}), this->tol));
   EXPECT_TRUE(throws_with<attn::argument_error>([&] { (void)m.in_proj_weight(); }, {"in_proj_weight", "kdim = 2"}));
 }
@@ -228,7 +239,7 @@ TYPED_TEST(MhaTest, WithoutBias) {
   auto m = this->make(o);
   EXPECT_EQ(m.in_proj_bias().size(), 0);
   EXPECT_FALSE(m.out_proj().has_bias());
-  EXPECT_TRUE(matrices_near(m.forward(this->query, this->key, this->value).output, mat<T>({{5, 4, 1, 5}}), this->tol));
+  EXPECT_TRUE(matrices_near(m.forward(this->query, this->key, this->value, one<T>()).output, mat<T>({{5, 4, 1, 5}}), this->tol));
   EXPECT_TRUE(throws_with<attn::argument_error>([&] { m.set_in_proj_bias(attn::Vector<T>::Zero(12)); }, {"in_proj_bias", "bias = false"}));
 }
 
@@ -259,30 +270,32 @@ TYPED_TEST(MhaTest, RejectsBadArguments) {
   const auto& q = this->query;
   const auto& k = this->key;
   const auto& v = this->value;
-  EXPECT_TRUE(throws_with<shape_error>([&] { (void)m.forward(attn::Matrix<T>(1, 5), k, v); }, {"query", "[1, 5]", "[1*L, 4]"}));
-  EXPECT_TRUE(throws_with<shape_error>([&] { (void)m.forward(q, attn::Matrix<T>(2, 3), v); }, {"key", "[2, 3]", "kdim", "[1*S, 4]"}));
-  EXPECT_TRUE(throws_with<shape_error>([&] { (void)m.forward(q, k, attn::Matrix<T>(3, 4)); }, {"value", "[3, 4]", "[2, 4]"}));
-  EXPECT_TRUE(throws_with<shape_error>([&] { (void)m.forward(q, attn::Matrix<T>(0, 4), attn::Matrix<T>(0, 4)); }, {"key", "[0, 4]"}));
+  EXPECT_TRUE(throws_with<shape_error>([&] { (void)m.forward(attn::Matrix<T>(1, 5), k, v, one<T>()); }, {"query", "[1, 5]", "[1*L, 4]"}));
+  EXPECT_TRUE(throws_with<shape_error>([&] { (void)m.forward(q, attn::Matrix<T>(2, 3), v, one<T>()); }, {"key", "[2, 3]", "kdim", "[1*S, 4]"}));
+  EXPECT_TRUE(throws_with<shape_error>([&] { (void)m.forward(q, k, attn::Matrix<T>(3, 4), one<T>()); }, {"value", "[3, 4]", "[2, 4]"}));
+  EXPECT_TRUE(throws_with<shape_error>([&] { (void)m.forward(q, attn::Matrix<T>(0, 4), attn::Matrix<T>(0, 4), one<T>()); }, {"key", "[0, 4]"}));
   attn::MhaArgs<T> a;
   a.batch = 2;  // 1 query row cannot hold 2 sequences
   EXPECT_TRUE(throws_with<shape_error>([&] { (void)m.forward(q, k, v, a); }, {"query", "[1, 4]", "[2*L, 4]"}));
-  a.batch = 0;
-  EXPECT_TRUE(throws_with<shape_error>([&] { (void)m.forward(q, k, v, a); }, {"batch must be positive", "0"}));
-  a = {};
+  a.batch = 0;  // the default: not set
+  EXPECT_TRUE(throws_with<attn::argument_error>([&] { (void)m.forward(q, k, v, a); }, {"batch is not set"}));
+  a.batch = -3;
+  EXPECT_TRUE(throws_with<shape_error>([&] { (void)m.forward(q, k, v, a); }, {"batch must be positive", "-3"}));
+  a = one<T>();
   a.attn_mask = attn::IgnoreMask(attn::BoolMatrix::Zero(3, 2));
   EXPECT_TRUE(throws_with<shape_error>([&] { (void)m.forward(q, k, v, a); }, {"attn_mask", "[3, 2]", "[L, S] = [1, 2]", "[B*H*L, S] = [2, 2]"}));
-  a = {};
+  a = one<T>();
   a.attn_bias = attn::AdditiveMask<T>(attn::Matrix<T>::Zero(1, 3));
   EXPECT_TRUE(throws_with<shape_error>([&] { (void)m.forward(q, k, v, a); }, {"attn_bias", "[1, 3]"}));
-  a = {};
+  a = one<T>();
   a.key_padding_mask = attn::IgnoreMask(attn::BoolMatrix::Zero(1, 3));
   EXPECT_TRUE(throws_with<shape_error>([&] { (void)m.forward(q, k, v, a); }, {"key_padding_mask", "[1, 3]", "[B, S] = [1, 2]"}));
-  a = {};
+  a = one<T>();
   a.need_weights = true;
   attn::Matrix<T> out(1, 4);
   EXPECT_TRUE(throws_with<attn::argument_error>([&] { m.forward_into(q, k, v, a, out); }, {"need_weights"}));
   attn::Matrix<T> bad_out(2, 4);
-  EXPECT_TRUE(throws_with<shape_error>([&] { m.forward_into(q, k, v, {}, bad_out); }, {"out", "[2, 4]", "[1, 4]"}));
+  EXPECT_TRUE(throws_with<shape_error>([&] { m.forward_into(q, k, v, one<T>(), bad_out); }, {"out", "[2, 4]", "[1, 4]"}));
   EXPECT_TRUE(throws_with<shape_error>([&] { m.set_in_proj_weight(attn::Matrix<T>(4, 4)); }, {"in_proj_weight", "[4, 4]", "[12, 4]"}));
   EXPECT_TRUE(throws_with<shape_error>([&] { m.set_in_proj_bias(attn::Vector<T>(4)); }, {"in_proj_bias", "[4]", "[12]"}));
   EXPECT_TRUE(throws_with<attn::argument_error>([&] { m.set_q_proj_weight(attn::Matrix<T>(4, 4)); }, {"q_proj_weight", "in_proj_weight"}));
@@ -350,7 +363,7 @@ TYPED_TEST(MhaTest, FusedSelfAttentionMatchesUnfused) {
     const auto m = random_mha<T>(E, H, o, 10 + c);
     const attn::Matrix<T> x = random_input<T>(B * L, E, 20 + c), k = x, v = x;
     for (const bool masked : {false, true}) {
-      attn::MhaArgs<T> a = masked ? some_masks<T>(L, L) : attn::MhaArgs<T>{};
+      attn::MhaArgs<T> a = masked ? some_masks<T>(L, L) : one<T>();
       a.batch = B;
       a.need_weights = true;
       const auto fused = m.forward(x, x, x, a), unfused = m.forward(x, k, v, a);
@@ -431,12 +444,12 @@ TYPED_TEST(MhaTest, ConcurrentCallsOnOneModule) {
   const attn::Index L = 64, E = 32, H = 4;
   const auto m = random_mha<T>(E, H, {}, 70);
   const attn::Matrix<T> x0 = random_input<T>(L, E, 71), x1 = random_input<T>(2 * L, E, 72);
-  const attn::Matrix<T> want0 = m.forward(x0, x0, x0).output, want1 = m.forward(x1, x1, x1).output;
+  const attn::Matrix<T> want0 = m.forward(x0, x0, x0, one<T>()).output, want1 = m.forward(x1, x1, x1, one<T>()).output;
   bool ok0 = true, ok1 = true;
   std::thread other([&] {
-    for (int i = 0; i < 50; ++i) ok1 = ok1 && m.forward(x1, x1, x1).output == want1;
+    for (int i = 0; i < 50; ++i) ok1 = ok1 && m.forward(x1, x1, x1, one<T>()).output == want1;
   });
-  for (int i = 0; i < 50; ++i) ok0 = ok0 && m.forward(x0, x0, x0).output == want0;
+  for (int i = 0; i < 50; ++i) ok0 = ok0 && m.forward(x0, x0, x0, one<T>()).output == want0;
   other.join();
   EXPECT_TRUE(ok0);
   EXPECT_TRUE(ok1);

@@ -106,6 +106,7 @@ TYPED_TEST(OdrTest, EveryTemplateRunsHereToo) {
 
   attn::MultiHeadAttention<T> mha(E, /*num_heads=*/2, attn::MhaOptions{}, gen);
   attn::MhaArgs<T> args;
+  args.batch = 1;
   args.causal = attn::Causal::TopLeft;
   const attn::Matrix<T> y = mha.forward(x, x, x, args).output;
   EXPECT_EQ(y.rows(), S);

@@ -99,6 +99,7 @@ attn::AttentionResult<T> mha_zero_key_projection() {
   mha.set_in_proj_weight(in_proj);
   mha.out_proj().set_weight(attn::Matrix<T>::Identity(E, E));
   attn::MhaArgs<T> args;
+  args.batch = 1;
   args.need_weights = true;
   return mha.forward(x, x, x, args);
 }

@@ -109,10 +109,11 @@ void run_gqa(const Fixture& f) {
   if (f.meta("rope") != "none") {  // a decoding step: keys at 0..S-1, queries at S-L..S-1
     const attn::RopeCache<T> rope(f.meta_int("d"), S,
                                   {f.meta_int("rope_dim"), f.meta_double("rope_base"), rope_style_of(f.meta("rope"))});
-    rope.apply(q, H, S - L);
-    attn::apply_rope<T>(k, Hkv, 0, rope);
+    rope.apply(q, H, 1, S - L);
+    attn::apply_rope<T>(k, Hkv, 1, 0, rope);
   }
   attn::GqaArgs<T> args;
+  args.batch = 1;
   args.causal = causal_of(f.meta("causal"));
   args.window = f.meta_int("window");
   args.softcap = static_cast<T>(f.meta_double("softcap"));
@@ -131,7 +132,7 @@ void run_rope(const Fixture& f) {
   attn::Matrix<T> x = f.tensor<T>("x");
   const attn::RopeCache<T> rope(f.meta_int("head_dim"), 64,
                                 {f.meta_int("rope_dim"), f.meta_double("rope_base"), rope_style_of(f.meta("style"))});
-  rope.apply(x, f.meta_int("heads"), f.meta_int("start"));
+  rope.apply(x, f.meta_int("heads"), 1, f.meta_int("start"));
   EXPECT_TRUE(attn_test::matrices_near(x, f.tensor<double>("output"), tolerance<T>())) << "start";
   // The same positions given one by one.
   attn::Matrix<T> y = f.tensor<T>("x");

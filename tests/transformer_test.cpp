@@ -295,6 +295,7 @@ TYPED_TEST(TransformerTest, BatchIsSequencesSideBySide) {
     for (Index l = 0; l < L; ++l) t1.row(l) = tgt.row(l * B + b);
     for (Index s = 0; s < S; ++s) m1.row(s) = memory.row(s * B + b);
     attn::DecoderArgs<T> one;
+    one.batch = 1;
     one.tgt_masks.causal = attn::Causal::TopLeft;
     const attn::Matrix<T> alone = layer.forward(t1, m1, one);
     for (Index l = 0; l < L; ++l)
@@ -342,7 +343,7 @@ TYPED_TEST(TransformerTest, EncoderLayersAreIndependentCopies) {
   // Zero layers and a final norm: the output is norm(src).
   const attn::TransformerEncoder<T> just_norm(attn::TransformerEncoderLayer<T>(4, 2, o), 0, attn::LayerNorm<T>(4));
   const attn::Matrix<T> x = random_matrix<T>(3, 4, 5);
-  EXPECT_TRUE(matrices_near(just_norm.forward(x), attn::LayerNorm<T>(4).forward(x), 0));
+  EXPECT_TRUE(matrices_near(just_norm.forward(x, attn_test::batch_of<attn::EncoderArgs<T>>(1)), attn::LayerNorm<T>(4).forward(x), 0));
 }
 
 TYPED_TEST(TransformerTest, BadArgumentsThrow) {
@@ -363,6 +364,16 @@ TYPED_TEST(TransformerTest, BadArgumentsThrow) {
       throws_with<attn::argument_error>([&] { attn::TransformerDecoderLayer<T>(8, 2, bad); }, {"layer_norm_eps"}));
 
   const attn::TransformerEncoderLayer<T> enc(8, 2, o);
+  // The batch is never guessed: unset, it is an error naming args.batch.
+  EXPECT_TRUE(throws_with<attn::argument_error>(
+      [&] { (void)enc.forward(attn::Matrix<T>::Zero(6, 8), attn::EncoderArgs<T>{}); },
+      {"attn::TransformerEncoderLayer::forward", "batch is not set: set args.batch = B"}));
+  EXPECT_TRUE(throws_with<attn::argument_error>(
+      [&] {
+        (void)attn::TransformerDecoderLayer<T>(8, 2, o).forward(attn::Matrix<T>::Zero(6, 8), attn::Matrix<T>::Zero(6, 8),
+                                                                attn::DecoderArgs<T>{});
+      },
+      {"batch is not set"}));
   attn::EncoderArgs<T> args;
   args.batch = 2;
   EXPECT_TRUE(throws_with<attn::shape_error>(
@@ -380,9 +391,9 @@ TYPED_TEST(TransformerTest, BadArgumentsThrow) {
       throws_with<attn::shape_error>([&] { (void)enc.forward(attn::Matrix<T>::Zero(6, 8), args); },
                                      {"key_padding_mask (src_key_padding_mask) has shape [3, 3]", "[B, S] = [2, 3]"}));
   args.key_padding_mask = {};
-  args.batch = 0;
+  args.batch = -1;
   EXPECT_TRUE(throws_with<attn::shape_error>([&] { (void)enc.forward(attn::Matrix<T>::Zero(6, 8), args); },
-                                             {"batch must be positive, got 0"}));
+                                             {"batch must be positive, got -1"}));
   args.batch = 2;
   attn::Matrix<T> out(4, 8);
   EXPECT_TRUE(throws_with<attn::shape_error>([&] { enc.forward_into(attn::Matrix<T>::Zero(6, 8), args, out); },

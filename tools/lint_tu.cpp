@@ -9,32 +9,20 @@
 #include <attn/detail/gemm.hpp>
 #include <attn/detail/parallel.hpp>
 #include <attn/detail/scratch.hpp>
+#include <attn/instantiate.hpp>
 #include <attn/io/safetensors.hpp>
 #include <attn/io/state_dict.hpp>
 #include <attn/io/tensor.hpp>
 
 #include <string>
 
-// Every member of the public class templates (and the detail ones with members of their own).
-#define ATTN_LINT_CLASSES(T)                                  \
-  template class attn::Linear<T>;                             \
-  template class attn::ScaledDotProductAttention<T>;          \
-  template class attn::MultiHeadAttention<T>;                 \
-  template class attn::GroupedQueryAttention<T>;              \
-  template class attn::KVCache<T>;                            \
-  template class attn::DecoderAttention<T>;                   \
-  template class attn::LayerNorm<T>;                          \
-  template class attn::RMSNorm<T>;                            \
-  template class attn::RopeCache<T>;                          \
-  template class attn::SwiGLU<T>;                             \
-  template class attn::FeedForward<T>;                        \
-  template class attn::TransformerEncoderLayer<T>;            \
-  template class attn::TransformerDecoderLayer<T>;            \
-  template class attn::TransformerEncoder<T>;                 \
-  template class attn::AdditiveMask<T>;                       \
-  template class attn::detail::MaskData<T>;                   \
-  template class attn::detail::Scratch<T>;                    \
-  template class attn::io::Tensor<T>;                         \
+// Every member of the public class templates (and the detail ones with members of their own):
+// the modules through attn/instantiate.hpp (detail/module_instances.hpp lists them), the rest here.
+#define ATTN_LINT_CLASSES(T)                \
+  template class attn::AdditiveMask<T>;     \
+  template class attn::detail::MaskData<T>; \
+  template class attn::detail::Scratch<T>;  \
+  template class attn::io::Tensor<T>;       \
   template class attn::io::StateDict<T>;
 ATTN_LINT_CLASSES(float)
 ATTN_LINT_CLASSES(double)
@@ -46,12 +34,13 @@ namespace attn_lint {
 template <class T>
 void functions(const attn::io::SafeTensors& st, attn::MatrixRef<T> x) {
   (void)attn::alibi_slopes<T>(4);
-  attn::apply_rope<T>(x, 1, 0, attn::RopeCache<T>(x.cols(), 8));
+  attn::apply_rope<T>(x, 1, 1, 0, attn::RopeCache<T>(x.cols(), 8));
 
   attn::detail::AttentionProblem<T> p;
   attn::detail::attention(p);
   attn::detail::attention_reference(p);
   attn::detail::linear_into<T>(x, x, nullptr, x);
+  attn::detail::linear_eigen<T>(x, x, nullptr, x, 1);  // the reference, past linear_into's `if constexpr`
 
   (void)st.matrix<T>("w");
   (void)st.vector<T>("w");
@@ -85,6 +74,10 @@ void functions(const attn::io::SafeTensors& st, attn::MatrixRef<T> x) {
   attn::DecoderAttention<T> decoder_attention(2, 1);
   round_trip(decoder_attention);
   attn::io::save_safetensors(std::string("lint.safetensors"), attn::io::state_dict(encoder));
+  (void)attn::io::hyperparameter_metadata(mha);
+  (void)attn::io::hyperparameter_metadata(encoder_layer, "layer");
+  (void)attn::io::hyperparameter_metadata(decoder_layer);
+  (void)attn::io::hyperparameter_metadata(encoder, "encoder");
 }
 
 template void functions<float>(const attn::io::SafeTensors&, attn::MatrixRef<float>);

@@ -20,6 +20,7 @@
 
 #include <cmath>
 #include <optional>
+#include <utility>
 
 #include "attn/detail/check.hpp"
 #include "attn/grouped_query_attention.hpp"
@@ -47,6 +48,8 @@ struct DecoderAttentionOptions {
 
 template <class T>
 class DecoderAttention {
+  ATTN_CHECK_SCALAR(T);
+
  public:
   // The projections get nn.Linear's initialisation, drawn in the order q, k, v, o.
   DecoderAttention(Index embed_dim, Index num_heads, const DecoderAttentionOptions& opt, Generator& gen)
@@ -67,32 +70,41 @@ class DecoderAttention {
   DecoderAttention(Index embed_dim, Index num_heads, const DecoderAttentionOptions& opt = {})
       : DecoderAttention(embed_dim, num_heads, opt, default_gen()) {}
 
-  // Without a cache: x [B*L, E], B sequences of L tokens at positions 0 .. L-1 (rows of sequence b
-  // in [b*L, (b+1)*L))  ->  [B*L, E]. Causal.
-  Matrix<T> forward(const ConstMatrixRef<T>& x, Index batch = 1) const {
-    const char* where = "attn::DecoderAttention::forward";
-    detail::require_shape(batch > 0, where, "batch must be positive, got ", batch);
-    const Index L = check_x(x, batch, where);
-    detail::require_arg(!rope_ || L <= rope_->max_positions(), where, "positions [0, ", L,
-                        ") exceed max_positions = ", opt_.max_positions);
-    Matrix<T> q = q_proj_.forward(x), k = k_proj_.forward(x), v = v_proj_.forward(x);
-    rotate(q, k, batch, L, 0);
-    GqaArgs<T> args;
-    args.batch = batch;
-    args.causal = Causal::BottomRight;  // L == S: the same as TopLeft
-    set_options(args);
-    return o_proj_.forward(core_.forward(q, k, v, args));
+  // Without a cache: x [B*L, E], B = batch sequences of L tokens at positions 0 .. L-1 (rows of
+  // sequence b in [b*L, (b+1)*L))  ->  [B*L, E]. Causal. The batch is always given (1 for one
+  // sequence): a batch read as one long sequence would attend across sequences.
+  Matrix<T> forward(const ConstMatrixRef<T>& x, Index batch) const {
+    return run(x, batch, nullptr, "attn::DecoderAttention::forward");
   }
 
   // Against a cache, every sequence at once: x [B*L, E], the next L tokens of each of the cache's
   // B sequences (which must all hold the same number of positions). Appends their keys and values
   // to the cache, then attends  ->  [B*L, E]. On an error the cache is unchanged.
   Matrix<T> forward(const ConstMatrixRef<T>& x, KVCache<T>& cache) const {
-    return run_cached(x, cache, 0, cache.batch(), "attn::DecoderAttention::forward");
+    return run_cached(x, cache, 0, cache.batch(), nullptr, "attn::DecoderAttention::forward");
   }
   // Against sequence b of a cache: x [L, E], its next L tokens  ->  [L, E].
   Matrix<T> forward(const ConstMatrixRef<T>& x, KVCache<T>& cache, Index b) const {
-    return run_cached(x, cache, b, 1, "attn::DecoderAttention::forward");
+    return run_cached(x, cache, b, 1, nullptr, "attn::DecoderAttention::forward");
+  }
+
+  // The same three calls with every head's attention probabilities (GroupedQueryAttention's
+  // forward_with_weights):  ->  output [B*L, E], weights [B*H*L, S] with rows (b, h, l), over the
+  // S = L keys of the sequence, or over the S = cache.kept(b) kept keys of a cache.
+  AttentionResult<T> forward_with_weights(const ConstMatrixRef<T>& x, Index batch) const {
+    AttentionResult<T> r;
+    r.output = run(x, batch, &r.weights, "attn::DecoderAttention::forward_with_weights");
+    return r;
+  }
+  AttentionResult<T> forward_with_weights(const ConstMatrixRef<T>& x, KVCache<T>& cache) const {
+    AttentionResult<T> r;
+    r.output = run_cached(x, cache, 0, cache.batch(), &r.weights, "attn::DecoderAttention::forward_with_weights");
+    return r;
+  }
+  AttentionResult<T> forward_with_weights(const ConstMatrixRef<T>& x, KVCache<T>& cache, Index b) const {
+    AttentionResult<T> r;
+    r.output = run_cached(x, cache, b, 1, &r.weights, "attn::DecoderAttention::forward_with_weights");
+    return r;
   }
 
   // A cache that fits this block: batch sequences of `capacity` positions each; a sliding-window
@@ -154,12 +166,10 @@ class DecoderAttention {
   }
 
   // Rotates q and k in place: rows of sequence b at positions start, start + 1, ...
-  void rotate(Matrix<T>& q, Matrix<T>& k, Index B, Index L, Index start) const {
+  void rotate(Matrix<T>& q, Matrix<T>& k, Index B, Index start) const {
     if (!rope_) return;
-    for (Index b = 0; b < B; ++b) {
-      rope_->apply(q.middleRows(b * L, L), H_, start);
-      rope_->apply(k.middleRows(b * L, L), Hkv_, start);
-    }
+    rope_->apply(q, H_, B, start);
+    rope_->apply(k, Hkv_, B, start);
   }
 
   void set_options(Masks<T>& m) const {
@@ -168,7 +178,25 @@ class DecoderAttention {
     m.alibi_slopes = alibi_;
   }
 
-  Matrix<T> run_cached(const ConstMatrixRef<T>& x, KVCache<T>& cache, Index b0, Index B, const char* where) const {
+  Matrix<T> run(const ConstMatrixRef<T>& x, Index batch, Matrix<T>* weights, const char* where) const {
+    detail::require_shape(batch > 0, where, "batch must be positive, got ", batch);
+    const Index L = check_x(x, batch, where);
+    detail::require_arg(!rope_ || L <= rope_->max_positions(), where, "positions [0, ", L,
+                        ") exceed max_positions = ", opt_.max_positions);
+    Matrix<T> q = q_proj_.forward(x), k = k_proj_.forward(x), v = v_proj_.forward(x);
+    rotate(q, k, batch, 0);
+    GqaArgs<T> args;
+    args.batch = batch;
+    args.causal = Causal::BottomRight;  // L == S: the same as TopLeft
+    set_options(args);
+    if (!weights) return o_proj_.forward(core_.forward(q, k, v, args));
+    AttentionResult<T> r = core_.forward_with_weights(q, k, v, args);
+    *weights = std::move(r.weights);
+    return o_proj_.forward(r.output);
+  }
+
+  Matrix<T> run_cached(const ConstMatrixRef<T>& x, KVCache<T>& cache, Index b0, Index B, Matrix<T>* weights,
+                       const char* where) const {
     // Every check that could fail comes before the cache is touched.
     detail::require_arg(b0 >= 0 && b0 + B <= cache.batch(), where, "sequence ", b0, " is outside the cache's batch [0, ",
                         cache.batch(), ")");
@@ -187,13 +215,18 @@ class DecoderAttention {
                         ") exceed max_positions = ", opt_.max_positions);
 
     Matrix<T> q = q_proj_.forward(x), k = k_proj_.forward(x), v = v_proj_.forward(x);
-    rotate(q, k, B, L, n);
+    rotate(q, k, B, n);
     if (B == 1)
       cache.append(b0, k, v);
     else
       cache.append(k, v);
     CacheArgs<T> args;  // causal, bottom-right
     set_options(args);
+    if (weights) {
+      AttentionResult<T> r = core_.forward_with_weights(q, cache, B == 1 ? b0 : -1, args);
+      *weights = std::move(r.weights);
+      return o_proj_.forward(r.output);
+    }
     Matrix<T> out(x.rows(), H_ * D_);
     core_.forward_into(q, cache, B == 1 ? b0 : -1, args, out);
     return o_proj_.forward(out);

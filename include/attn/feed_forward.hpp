@@ -42,6 +42,8 @@ void activate(Activation a, Eigen::Map<Matrix<T>> h) {
 
 template <class T>
 class FeedForward {
+  ATTN_CHECK_SCALAR(T);
+
  public:
   // linear1: [d_model -> dim_feedforward], linear2: [dim_feedforward -> d_model], both with
   // nn.Linear's initialisation; bias = false drops both biases.

@@ -4,7 +4,7 @@
 // head h reads K/V head h / (num_heads / num_kv_heads); K and V are read in place, never repeated.
 //
 //   attn::GroupedQueryAttention<float> gqa(/*num_heads=*/32, /*num_kv_heads=*/8);  // scale 1/sqrt(d)
-//   attn::GqaArgs<float> args;  args.causal = attn::Causal::BottomRight;  args.window = 4096;
+//   attn::GqaArgs<float> args;  args.batch = B;  args.causal = attn::Causal::BottomRight;  args.window = 4096;
 //   attn::Matrix<float> out = gqa.forward(q, k, v, args);  // q [B*L, H*d], k/v [B*S, H_kv*d] -> [B*L, H*d]
 //
 // Against a KV cache (attn/kv_cache.hpp): the queries are the newest positions of each sequence,
@@ -29,7 +29,7 @@ namespace attn {
 // [B, S], causal, window, softcap, alibi_slopes [H]) and the batch size.
 template <class T>
 struct GqaArgs : Masks<T> {
-  Index batch = 1;  // B: rows are (b, l), a contiguous [B, L, H*d] tensor (batch first)
+  Index batch = 0;  // B: rows are (b, l), a contiguous [B, L, H*d] tensor (batch first); required
 };
 
 // The masks and score options for attention against a KVCache: the same as GqaArgs's, with causal
@@ -44,6 +44,8 @@ struct CacheArgs : Masks<T> {
 
 template <class T>
 class GroupedQueryAttention {
+  ATTN_CHECK_SCALAR(T);
+
  public:
   // num_kv_heads must divide num_heads; scale 1 / sqrt(d), d taken from the query at each call.
   GroupedQueryAttention(Index num_heads, Index num_kv_heads) : H_(num_heads), Hkv_(num_kv_heads) {
@@ -59,18 +61,30 @@ class GroupedQueryAttention {
 
   // q: [B*L, H*d]  k: [B*S, H_kv*d]  v: [B*S, H_kv*dv]  ->  [B*L, H*dv]; head h in columns [h*d, (h+1)*d)
   Matrix<T> forward(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v,
-                    const GqaArgs<T>& args = {}) const {
+                    const GqaArgs<T>& args) const {
     // Sized before run() checks the shapes: num_heads * dv must not wrap around.
     Matrix<T> out(q.rows(), detail::checked_mul("attn::GroupedQueryAttention::forward", "num_heads * dv", H_,
                                                 v.cols() / Hkv_));
-    run(q, k, v, args, out, "attn::GroupedQueryAttention::forward");
+    run(q, k, v, args, out, nullptr, "attn::GroupedQueryAttention::forward");
     return out;
+  }
+
+  // The same, and the attention probabilities of every head, as MultiHeadAttention's need_weights
+  // with average_attn_weights = false:  ->  output [B*L, H*dv], weights [B*H*L, S] with rows
+  // (b, h, l) (PyTorch's [B, H, L, S]); a row whose keys are all masked is zeros.
+  AttentionResult<T> forward_with_weights(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k,
+                                          const ConstMatrixRef<T>& v, const GqaArgs<T>& args) const {
+    AttentionResult<T> r;
+    r.output.resize(q.rows(), detail::checked_mul("attn::GroupedQueryAttention::forward_with_weights",
+                                                  "num_heads * dv", H_, v.cols() / Hkv_));
+    run(q, k, v, args, r.output, &r.weights, "attn::GroupedQueryAttention::forward_with_weights");
+    return r;
   }
 
   // q: [B*L, H*d]  k: [B*S, H_kv*d]  v: [B*S, H_kv*dv]  ->  out [B*L, H*dv], sized by the caller
   void forward_into(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v,
                     const GqaArgs<T>& args, MatrixRef<T> out) const {
-    run(q, k, v, args, out, "attn::GroupedQueryAttention::forward_into");
+    run(q, k, v, args, out, nullptr, "attn::GroupedQueryAttention::forward_into");
   }
 
   // Against a cache, every sequence at once: q [B*L, H*d], the queries of each sequence's newest L
@@ -78,19 +92,29 @@ class GroupedQueryAttention {
   // sequence of the same size  ->  [B*L, H*dv].
   Matrix<T> forward(const ConstMatrixRef<T>& q, const KVCache<T>& cache, const CacheArgs<T>& args = {}) const {
     Matrix<T> out(q.rows(), out_cols(cache));
-    run_cached(q, cache, 0, cache.batch(), args, out, "attn::GroupedQueryAttention::forward");
+    run_cached(q, cache, 0, cache.batch(), args, out, nullptr, "attn::GroupedQueryAttention::forward");
     return out;
   }
   // Against sequence b of a cache: q [L, H*d], its newest L positions  ->  [L, H*dv].
   Matrix<T> forward(const ConstMatrixRef<T>& q, const KVCache<T>& cache, Index b, const CacheArgs<T>& args = {}) const {
     Matrix<T> out(q.rows(), out_cols(cache));
-    run_cached(q, cache, b, 1, args, out, "attn::GroupedQueryAttention::forward");
+    run_cached(q, cache, b, 1, args, out, nullptr, "attn::GroupedQueryAttention::forward");
     return out;
+  }
+  // The same with every head's probabilities over the kept keys: sequence b (b >= 0; weights
+  // [H*L, S], S = cache.kept(b)) or every sequence (b < 0; weights [B*H*L, S]), rows (b, h, l).
+  AttentionResult<T> forward_with_weights(const ConstMatrixRef<T>& q, const KVCache<T>& cache, Index b,
+                                          const CacheArgs<T>& args = {}) const {
+    AttentionResult<T> r;
+    r.output.resize(q.rows(), out_cols(cache));
+    run_cached(q, cache, b < 0 ? 0 : b, b < 0 ? cache.batch() : 1, args, r.output, &r.weights,
+               "attn::GroupedQueryAttention::forward_with_weights");
+    return r;
   }
   // The same into out [rows of q, H*dv], sized by the caller; b < 0: every sequence.
   void forward_into(const ConstMatrixRef<T>& q, const KVCache<T>& cache, Index b, const CacheArgs<T>& args,
                     MatrixRef<T> out) const {
-    run_cached(q, cache, b < 0 ? 0 : b, b < 0 ? cache.batch() : 1, args, out,
+    run_cached(q, cache, b < 0 ? 0 : b, b < 0 ? cache.batch() : 1, args, out, nullptr,
                "attn::GroupedQueryAttention::forward_into");
   }
 
@@ -99,11 +123,12 @@ class GroupedQueryAttention {
   std::optional<T> scale() const { return scale_; }
 
  private:
+  // weights, when given, receives [B*H*L, S] probabilities (the blocked kernel writes them).
   void run(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v, const GqaArgs<T>& args,
-           MatrixRef<T> out, const char* where) const {
+           MatrixRef<T> out, Matrix<T>* weights, const char* where) const {
     using detail::shape;
     const Index B = args.batch;
-    detail::require_shape(B > 0, where, "batch must be positive, got ", B);
+    detail::require_batch(B, where);
     const Index d = q.cols() / H_, L = q.rows() / B, S = k.rows() / B;
     detail::require_shape(q.rows() == B * L && L > 0 && q.cols() == H_ * d && d > 0, where, "query has shape ",
                           shape(q.rows(), q.cols()), ", expected [B*L, H*d] = [", B, "*L, ", H_, "*d] with L, d > 0");
@@ -119,7 +144,16 @@ class GroupedQueryAttention {
     p.k = {k.data(), S * k.outerStride(), d, k.outerStride()};
     p.v = {v.data(), S * v.outerStride(), dv, v.outerStride()};
     detail::bind_masks(p, args, where);
+    bind_weights(p, weights, where);
     detail::attention(p);
+  }
+
+  // Sizes *weights [B*H*L, S] (when asked for) and points the problem at it: rows (b, h, l).
+  void bind_weights(detail::AttentionProblem<T>& p, Matrix<T>* weights, const char* where) const {
+    if (!weights) return;
+    weights->resize(detail::checked_mul(where, "B * num_heads * L", detail::checked_mul(where, "B * num_heads", p.batch, H_), p.L),
+                    p.S);
+    p.weights = {weights->data(), H_ * p.L * p.S, p.L * p.S, p.S};
   }
 
   // The problem without K and V: q [B*L, H*d] and out [B*L, H*dv], head h in columns [h*d, (h+1)*d).
@@ -145,7 +179,7 @@ class GroupedQueryAttention {
 
   // Sequences [b0, b0 + B) of the cache.
   void run_cached(const ConstMatrixRef<T>& q, const KVCache<T>& cache, Index b0, Index B, const CacheArgs<T>& args,
-                  MatrixRef<T> out, const char* where) const {
+                  MatrixRef<T> out, Matrix<T>* weights, const char* where) const {
     using detail::shape;
     detail::require_arg(b0 >= 0 && b0 + B <= cache.batch(), where, "sequence ", b0, " is outside the cache's batch [0, ",
                         cache.batch(), ")");
@@ -179,6 +213,7 @@ class GroupedQueryAttention {
     Masks<T> masks = args;
     if (W > 0 && masks.window == 0) masks.window = W;
     detail::bind_masks(p, masks, where);
+    bind_weights(p, weights, where);
     detail::attention(p);
   }
 

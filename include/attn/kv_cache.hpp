@@ -38,6 +38,8 @@ namespace attn {
 
 template <class T>
 class KVCache {
+  ATTN_CHECK_SCALAR(T);
+
  public:
   // batch sequences of kv_heads heads; keys of head_dim features, values of value_dim (0: head_dim).
   // window = 0: every position is kept, at most capacity per sequence. window > 0: the last

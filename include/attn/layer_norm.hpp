@@ -19,6 +19,8 @@ namespace attn {
 
 template <class T>
 class LayerNorm {
+  ATTN_CHECK_SCALAR(T);
+
  public:
   // PyTorch's options and initialisation: weight = 1 and bias = 0 when elementwise_affine; bias =
   // false keeps the weight only (PyTorch >= 2.1's LayerNorm(bias=False)).

@@ -16,6 +16,8 @@ namespace attn {
 
 template <class T>
 class Linear {
+  ATTN_CHECK_SCALAR(T);
+
  public:
   // PyTorch's initialisation: weight ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming_uniform, a = sqrt(5)),
   // bias ~ the same bound.

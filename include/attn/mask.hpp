@@ -112,6 +112,8 @@ using IgnoreMask = PolarMask<false>;
 // (PyTorch's float attn_mask.)
 template <class T>
 class AdditiveMask {
+  ATTN_CHECK_SCALAR(T);
+
  public:
   AdditiveMask() = default;
   explicit AdditiveMask(const Matrix<T>& m) : data_(m) {}
@@ -148,6 +150,8 @@ class AdditiveMask {
 //   m.alibi_slopes = attn::alibi_slopes<float>(1);            // BLOOM / MPT: [H], one slope per head
 template <class T>
 struct Masks {
+  ATTN_CHECK_SCALAR(T);
+
   BoolMask attn_mask;         // [L, S]  (or [B*H*L, S]: PyTorch's [B*H, L, S], index b*H + h)
   AdditiveMask<T> attn_bias;  // [L, S]  (or [B*H*L, S])
   Causal causal = Causal::None;

@@ -3,11 +3,13 @@
 //
 //   attn::MultiHeadAttention<float> mha(/*embed_dim=*/512, /*num_heads=*/8);
 //   mha.set_in_proj_weight(w);                   // [3E, E], rows q, k, v - PyTorch's in_proj_weight
-//   auto [out, weights] = mha.forward(x, x, x);  // x: [L, E] (B = 1) -> out: [L, E]
+//   attn::MhaArgs<float> args;  args.batch = 1;  // one sequence; required, never guessed
+//   auto [out, weights] = mha.forward(x, x, x, args);  // x: [L, E] -> out: [L, E]
 //
 // Batches: B sequences are one matrix of B*L rows. With batch_first the rows run (b, l) - a
 // contiguous PyTorch [B, L, E] tensor - otherwise (l, b), PyTorch's default [L, B, E]. Set
-// MhaArgs::batch = B; B = 1 is PyTorch's unbatched [L, E].
+// MhaArgs::batch = B, always (it defaults to 0, "not set", an error: three sequences read as one
+// long one would mix them); B = 1 is PyTorch's unbatched [L, E].
 //
 // Projections: self-attention (query, key and value the same matrix) with the packed
 // in_proj_weight is one GEMM x [B*L, E] x in_proj_weight^T -> [B*L, 3E]; cross-attention with key
@@ -43,13 +45,15 @@ struct MhaOptions {
 // Per-call arguments: masks (see attn/mask.hpp; shapes with B sequences and H heads) and outputs.
 template <class T>
 struct MhaArgs : Masks<T> {
-  Index batch = 1;                   // B, the number of sequences in the inputs
+  Index batch = 0;                   // B, the number of sequences in the inputs: required (1: unbatched)
   bool need_weights = false;         // PyTorch defaults to true; here the [L, S] probabilities are opt-in
   bool average_attn_weights = true;  // weights [B*L, S'] averaged over heads, else [B*H*L, S'] per head
 };
 
 template <class T>
 class MultiHeadAttention {
+  ATTN_CHECK_SCALAR(T);
+
  public:
   // PyTorch's initialisation: xavier_uniform in_proj_weight (or q/k/v_proj_weight), zero biases,
   // out_proj.weight as nn.Linear's, xavier_normal bias_k and bias_v.
@@ -92,7 +96,7 @@ class MultiHeadAttention {
   //      weights (need_weights) [B*L, S'] averaged over heads, or [B*H*L, S'] per head, rows
   //      (b, l) and (b, h, l) whatever the layout, S' = S + add_bias_kv + add_zero_attn.
   AttentionResult<T> forward(const ConstMatrixRef<T>& query, const ConstMatrixRef<T>& key,
-                             const ConstMatrixRef<T>& value, const MhaArgs<T>& args = {}) const {
+                             const ConstMatrixRef<T>& value, const MhaArgs<T>& args) const {
     AttentionResult<T> r;
     r.output.resize(query.rows(), E_);
     run(query, key, value, args, r.output, &r.weights, "attn::MultiHeadAttention::forward");
@@ -235,7 +239,7 @@ class MultiHeadAttention {
            const MhaArgs<T>& args, MatrixRef<T> out, Matrix<T>* weights, const char* where) const {
     using detail::shape;
     const Index B = args.batch;
-    detail::require_shape(B > 0, where, "batch must be positive, got ", B);
+    detail::require_batch(B, where);
     detail::require_shape(query.cols() == E_ && query.rows() > 0 && query.rows() % B == 0, where, "query has shape ",
                           shape(query.rows(), query.cols()), ", expected [B*L, E] = [", B, "*L, ", E_, "] with L > 0");
     detail::require_shape(key.cols() == kdim_ && key.rows() > 0 && key.rows() % B == 0, where, "key has shape ",

@@ -21,6 +21,8 @@ namespace attn {
 
 template <class T>
 class RMSNorm {
+  ATTN_CHECK_SCALAR(T);
+
  public:
   // weight = 1 (LlamaRMSNorm's initialisation); eps defaults to LlamaRMSNorm's 1e-6 (Llama 2 and 3
   // checkpoints set rms_norm_eps = 1e-5 in their config).

@@ -2,8 +2,9 @@
 //
 //   attn::RopeCache<float> rope(/*head_dim=*/128, /*max_positions=*/4096, {/*rotary_dim=*/0, 10000.0,
 //                               attn::RopeStyle::NeoX});  // Llama; GPTJ for interleaved pairs
-//   rope.apply(q, /*heads=*/32, /*start=*/past);           // q: [L, 32*128], row r at position past + r
-//   rope.apply(k, /*heads=*/8, past);                      // keys too, then attention as usual
+//   rope.apply(q, /*heads=*/32, /*batch=*/B, /*start=*/past);  // q: [B*L, 32*128]; row l of each
+//   rope.apply(k, /*heads=*/8, B, past);                       //   sequence at position past + l
+//   rope.apply(k, 8, B, starts);  // starts [B]: sequence b's rows from starts[b] (a ragged cache)
 //
 // For k = 0 .. R/2 - 1 (R = rotary_dim) the frequency is theta_k = base^(-2k / R), and position m
 // rotates one pair of each head's first R features by the angle m * theta_k:
@@ -43,12 +44,19 @@ struct Rope {
 // rounded to T); apply() allocates nothing.
 template <class T>
 class RopeCache {
+  ATTN_CHECK_SCALAR(T);
+
  public:
   RopeCache(Index head_dim, Index max_positions, const Rope& rope = {})
       : D_(head_dim), R_(rope.rotary_dim ? rope.rotary_dim : head_dim), style_(rope.style) {
     const char* where = "attn::RopeCache";
     detail::require_shape(head_dim > 0 && max_positions > 0, where, "head_dim = ", head_dim,
                           " and max_positions = ", max_positions, " must be positive");
+    // The rotation turns pairs of features: the rotated width must be even. Name what the caller set.
+    if (rope.rotary_dim == 0)
+      detail::require_arg(head_dim % 2 == 0, where, "head_dim = ", head_dim,
+                          " is odd: RoPE rotates pairs of features (set Rope::rotary_dim to an even width "
+                          "< head_dim to rotate only part of each head)");
     detail::require_arg(R_ > 0 && R_ % 2 == 0 && R_ <= head_dim, where, "rotary_dim = ", rope.rotary_dim,
                         " must be even, positive and at most head_dim = ", head_dim, " (0: all of it)");
     detail::require_arg(std::isfinite(rope.base) && rope.base > 0, where, "base must be finite and positive, got ",
@@ -65,28 +73,35 @@ class RopeCache {
     }
   }
 
-  // x: [rows, heads*head_dim], in place; row r is at absolute position start + r.
-  void apply(MatrixRef<T> x, Index heads, Index start) const {
-    check(x, heads, "attn::RopeCache::apply");
-    // start first, so that start + rows cannot wrap around for a huge start.
-    detail::require_arg(start >= 0 && start <= max_positions(), "attn::RopeCache::apply", "start = ", start,
-                        " is outside the table's [0, ", max_positions(), ")");
-    detail::require_arg(x.rows() <= max_positions() - start, "attn::RopeCache::apply", "positions [", start, ", ",
-                        start + x.rows(), ") are outside the table's [0, ", max_positions(), ")");
-    for (Index r = 0; r < x.rows(); ++r) rotate_row(x.row(r).data(), heads, start + r);
+  // x: [B*L, heads*head_dim], B = batch sequences of L rows, in place; row l of every sequence is
+  // at absolute position start + l. The batch is always given (1 for one sequence): rotating a
+  // batch as one long sequence would put sequence b's rows at b*L + l.
+  void apply(MatrixRef<T> x, Index heads, Index batch, Index start) const {
+    const char* where = "attn::RopeCache::apply";
+    const Index L = check(x, heads, batch, where);
+    check_range(start, L, where, "start = ", start);
+    for (Index r = 0; r < x.rows(); ++r) rotate_row(x.row(r).data(), heads, start + r % L);
   }
 
-  // x: [rows, heads*head_dim], in place; positions: [rows], row r at position positions[r]
-  // (a batch whose sequences start at different cache offsets).
-  void apply(MatrixRef<T> x, Index heads, const Eigen::Ref<const Eigen::Matrix<Index, Eigen::Dynamic, 1>>& positions) const {
+  // x: [B*L, heads*head_dim], in place; starts: [B], row l of sequence b at position starts[b] + l
+  // (a batch whose sequences hold different numbers of cached positions).
+  void apply(MatrixRef<T> x, Index heads, Index batch, const Eigen::Ref<const IndexVector>& starts) const {
     const char* where = "attn::RopeCache::apply";
-    check(x, heads, where);
+    const Index L = check(x, heads, batch, where);
+    detail::require_len(where, "starts", starts.size(), batch, "[batch] = [", batch, "]");
+    for (Index b = 0; b < batch; ++b) check_range(starts[b], L, where, "starts[", b, "] = ", starts[b]);
+    for (Index r = 0; r < x.rows(); ++r) rotate_row(x.row(r).data(), heads, starts[r / L] + r % L);
+  }
+
+  // x: [rows, heads*head_dim], in place; positions: [rows], row r at position positions[r].
+  void apply(MatrixRef<T> x, Index heads, const Eigen::Ref<const IndexVector>& positions) const {
+    const char* where = "attn::RopeCache::apply";
+    check(x, heads, 1, where);
     detail::require_len(where, "positions", positions.size(), x.rows(), "[rows] = [", x.rows(), "]");
-    for (Index r = 0; r < x.rows(); ++r) {
+    for (Index r = 0; r < x.rows(); ++r)
       detail::require_arg(positions[r] >= 0 && positions[r] < max_positions(), where, "positions[", r, "] = ",
                           positions[r], " is outside the table's [0, ", max_positions(), ")");
-      rotate_row(x.row(r).data(), heads, positions[r]);
-    }
+    for (Index r = 0; r < x.rows(); ++r) rotate_row(x.row(r).data(), heads, positions[r]);
   }
 
   Index head_dim() const { return D_; }
@@ -95,11 +110,25 @@ class RopeCache {
   RopeStyle style() const { return style_; }
 
  private:
-  void check(const MatrixRef<T>& x, Index heads, const char* where) const {
+  // Checks x [B*L, heads*head_dim] and returns L.
+  Index check(const MatrixRef<T>& x, Index heads, Index batch, const char* where) const {
     // x.cols() / D_ == heads, not x.cols() == heads * D_: a huge heads must not wrap around.
     detail::require_shape(heads > 0 && x.cols() % D_ == 0 && x.cols() / D_ == heads, where, "x has shape ",
                           detail::shape(x.rows(), x.cols()),
                           ", expected [rows, heads*head_dim] = [rows, ", heads, "*", D_, "]");
+    detail::require_shape(batch > 0 && x.rows() % batch == 0, where, "x has shape ",
+                          detail::shape(x.rows(), x.cols()), ", expected [B*L, heads*head_dim] with B = batch = ",
+                          batch);
+    return x.rows() / batch;
+  }
+
+  // Positions [first, first + n) must lie in the table; `what...` names first in the message.
+  template <class... What>
+  void check_range(Index first, Index n, const char* where, const What&... what) const {
+    // first before first + n, so that the sum cannot wrap around for a huge first.
+    detail::require_arg(first >= 0 && first <= max_positions() && n <= max_positions() - first, where, what...,
+                        " with ", n, " rows per sequence reaches outside the table's positions [0, ",
+                        max_positions(), ") (max_positions)");
   }
 
   void rotate_row(T* row, Index heads, Index m) const {
@@ -125,10 +154,11 @@ class RopeCache {
   Matrix<T> cos_, sin_;  // [max_positions, R/2]: cos and sin of m * theta_k
 };
 
-// The same, as a free function: x [rows, heads*head_dim] rotated in place, row r at start + r.
+// The same, as a free function: x [B*L, heads*head_dim] rotated in place, row l of each of the
+// batch sequences at start + l.
 template <class T>
-void apply_rope(MatrixRef<T> x, Index heads, Index start, const RopeCache<T>& cache) {
-  cache.apply(x, heads, start);
+void apply_rope(MatrixRef<T> x, Index heads, Index batch, Index start, const RopeCache<T>& cache) {
+  cache.apply(x, heads, batch, start);
 }
 
 }  // namespace attn

@@ -17,6 +17,8 @@ namespace attn {
 
 template <class T>
 class ScaledDotProductAttention {
+  ATTN_CHECK_SCALAR(T);
+
  public:
   // scale = 1 / sqrt(d), d taken from the query at each call.
   ScaledDotProductAttention() = default;

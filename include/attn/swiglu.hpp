@@ -21,6 +21,8 @@ namespace attn {
 
 template <class T>
 class SwiGLU {
+  ATTN_CHECK_SCALAR(T);
+
  public:
   // gate_proj, up_proj: [d_model -> ffn_dim], down_proj: [ffn_dim -> d_model], with nn.Linear's
   // initialisation, drawn in that order; bias = false as in Llama (mlp_bias = false).

@@ -60,14 +60,14 @@ struct TransformerOptions {
 // src_key_padding_mask and is_causal as the Masks fields (see the table above), and B.
 template <class T>
 struct EncoderArgs : Masks<T> {
-  Index batch = 1;  // B, the number of sequences in src
+  Index batch = 0;  // B, the number of sequences in src: required (1: unbatched)
 };
 
 // Per-call arguments of TransformerDecoderLayer: the masks of the self-attention over tgt (L
 // queries, L keys) and of the cross-attention over memory (L queries, S keys), and B.
 template <class T>
 struct DecoderArgs {
-  Index batch = 1;        // B, the number of sequences in tgt and in memory
+  Index batch = 0;        // B, the number of sequences in tgt and in memory: required (1: unbatched)
   Masks<T> tgt_masks;     // tgt_mask, tgt_key_padding_mask [B, L], tgt_is_causal
   Masks<T> memory_masks;  // memory_mask [L, S], memory_key_padding_mask [B, S], memory_is_causal
 };
@@ -80,7 +80,7 @@ namespace detail {
 // Validates a [B*n, d_model] input at a layer's boundary; returns n.
 inline Index sequence_length(const char* where, const char* name, const char* n_name, Index rows, Index cols, Index B,
                              Index d_model) {
-  require_shape(B > 0, where, "batch must be positive, got ", B);
+  require_batch(B, where);
   require_shape(cols == d_model && rows > 0 && rows % B == 0, where, name, " has shape ", shape(rows, cols),
                 ", expected [B*", n_name, ", d_model] = [", B, "*", n_name, ", ", d_model, "] with ", n_name, " > 0");
   return rows / B;
@@ -147,6 +147,8 @@ inline Generator& transformer_default_gen() {
 //   attn::Matrix<double> y = layer.forward(src);              // src: [L, 16] -> [L, 16]
 template <class T>
 class TransformerEncoderLayer {
+  ATTN_CHECK_SCALAR(T);
+
  public:
   // PyTorch's initialisation of every submodule (MultiheadAttention's, nn.Linear's, LayerNorm's).
   TransformerEncoderLayer(Index d_model, Index nhead, const TransformerOptions& options, Generator& gen)
@@ -160,7 +162,7 @@ class TransformerEncoderLayer {
       : TransformerEncoderLayer(d_model, nhead, options, detail::transformer_default_gen()) {}
 
   // src: [B*L, d_model]  ->  [B*L, d_model], rows in src's order
-  Matrix<T> forward(const ConstMatrixRef<T>& src, const EncoderArgs<T>& args = {}) const {
+  Matrix<T> forward(const ConstMatrixRef<T>& src, const EncoderArgs<T>& args) const {
     Matrix<T> out(src.rows(), d_model());
     run(src, args, out, "attn::TransformerEncoderLayer::forward");
     return out;
@@ -242,6 +244,8 @@ class TransformerEncoderLayer {
 //   attn::Matrix<float> y = layer.forward(tgt, memory, args);   // tgt [L, 512], memory [S, 512] -> [L, 512]
 template <class T>
 class TransformerDecoderLayer {
+  ATTN_CHECK_SCALAR(T);
+
  public:
   TransformerDecoderLayer(Index d_model, Index nhead, const TransformerOptions& options, Generator& gen)
       : opt_(options),
@@ -257,7 +261,7 @@ class TransformerDecoderLayer {
 
   // tgt: [B*L, d_model]  memory: [B*S, d_model]  ->  [B*L, d_model], rows in tgt's order
   Matrix<T> forward(const ConstMatrixRef<T>& tgt, const ConstMatrixRef<T>& memory,
-                    const DecoderArgs<T>& args = {}) const {
+                    const DecoderArgs<T>& args) const {
     Matrix<T> out(tgt.rows(), d_model());
     run(tgt, memory, args, out, "attn::TransformerDecoderLayer::forward");
     return out;
@@ -347,6 +351,8 @@ class TransformerDecoderLayer {
 //   attn::Matrix<float> y = enc.forward(src, args);   // src: [B*L, 512] -> [B*L, 512]
 template <class T>
 class TransformerEncoder {
+  ATTN_CHECK_SCALAR(T);
+
  public:
   TransformerEncoder(const TransformerEncoderLayer<T>& encoder_layer, Index num_layers,
                      std::optional<LayerNorm<T>> norm = std::nullopt)
@@ -359,7 +365,7 @@ class TransformerEncoder {
   }
 
   // src: [B*L, d_model]  ->  [B*L, d_model], rows in src's order
-  Matrix<T> forward(const ConstMatrixRef<T>& src, const EncoderArgs<T>& args = {}) const {
+  Matrix<T> forward(const ConstMatrixRef<T>& src, const EncoderArgs<T>& args) const {
     Matrix<T> out(src.rows(), d_model_);
     run(src, args, out, "attn::TransformerEncoder::forward");
     return out;

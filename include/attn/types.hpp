@@ -7,11 +7,23 @@
 //   Eigen::Map<const attn::Matrix<float>> x(tensor.data_ptr<float>(), B * L, E);
 #pragma once
 
-#include <Eigen/Core>
+#include <type_traits>
+
+#include "attn/detail/eigen.hpp"
 
 namespace attn {
 
 using Index = Eigen::Index;
+
+// The scalar types attn computes in. Every class template checks its T against this, so another
+// type (Eigen::half, Eigen::bfloat16, int) is one clear error at the user's line, not a cascade
+// from inside the kernels.
+template <class T>
+inline constexpr bool is_supported_scalar = std::is_same_v<T, float> || std::is_same_v<T, double>;
+#define ATTN_CHECK_SCALAR(T)                                                                                   \
+  static_assert(::attn::is_supported_scalar<T>,                                                                \
+                "attn computes in float or double only: use attn::<class><float> or <double> (16-bit weights " \
+                "and caches are converted to float on load)")
 
 // [rows, cols], row-major: one token per row.
 template <class T>
@@ -33,6 +45,9 @@ template <class T>
 using MatrixRef = Eigen::Ref<Matrix<T>>;
 
 using BoolMatrix = Matrix<bool>;
+
+// [n] positions, offsets or sizes.
+using IndexVector = Eigen::Matrix<Index, Eigen::Dynamic, 1>;
 
 }  // namespace attn
 

@@ -112,4 +112,13 @@ template <class Exception, class F>
   return ::testing::AssertionFailure() << "did not throw";
 }
 
+// Per-call arguments (MhaArgs, GqaArgs, EncoderArgs, DecoderArgs) for B sequences: the batched
+// APIs are always told B, never left to a default.
+template <class Args>
+Args batch_of(attn::Index B) {
+  Args a;
+  a.batch = B;
+  return a;
+}
+
 }  // namespace attn_test

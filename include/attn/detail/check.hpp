@@ -1,7 +1,7 @@
 // attn/detail/check.hpp - argument checks at the public boundary, and internal asserts.
 #pragma once
 
-#include <Eigen/Core>
+#include "attn/detail/eigen.hpp"
 #include <ostream>
 #include <sstream>
 #include <string>
@@ -21,11 +21,24 @@ struct Shape {
 inline std::ostream& operator<<(std::ostream& s, Shape x) { return s << '[' << x.rows << ", " << x.cols << ']'; }
 inline Shape shape(Eigen::Index rows, Eigen::Index cols) { return {rows, cols}; }
 
+// A message from its parts, each written as `std::ostream << part` writes it. Text goes straight
+// into the string; any other part (numbers, shapes) through one ostringstream per part type, so
+// that each of the dozens of concat<...> a translation unit instantiates (one per list of part
+// types) is a few calls, not a stream of its own to compile.
+template <class Part>
+void append_part(std::string& out, const Part& part) {
+  std::ostringstream s;
+  s << part;
+  out += s.str();
+}
+inline void append_part(std::string& out, const char* text) { out += text; }
+inline void append_part(std::string& out, const std::string& text) { out += text; }
+
 template <class... Parts>
 std::string concat(const Parts&... parts) {
-  std::ostringstream s;
-  (s << ... << parts);
-  return s.str();
+  std::string out;
+  (append_part(out, parts), ...);
+  return out;
 }
 
 // The checks below build their message only when they fail: on the success path they are a
@@ -59,6 +72,16 @@ inline Eigen::Index checked_mul(const char* where, const char* what, Eigen::Inde
   require_shape(a == 0 || b <= Eigen::NumTraits<Eigen::Index>::highest() / a, where, what, " = ", a, " * ", b,
                 " overflows the index type");
   return a * b;
+}
+
+// B, the number of sequences stacked in the rows of a [B*L, ...] input. The batched entry points
+// take it from their arguments, whose `batch` is 0 ("not set") until the caller sets it: a batch
+// mistaken for one long sequence would mix the sequences and still return plausible numbers.
+inline void require_batch(Eigen::Index B, const char* where) {
+  require_arg(B != 0, where,
+              "batch is not set: set args.batch = B, the number of sequences stacked in the rows of the "
+              "[B*L, ...] input (1 for a single sequence)");
+  require_shape(B > 0, where, "batch must be positive, got ", B);
 }
 
 // The same for a vector: `name` must have `want` elements.

@@ -13,6 +13,7 @@ int main() {
   attn::BoolMatrix padding = attn::BoolMatrix::Zero(1, S);  // one sequence; its last two keys are padding
   padding(0, S - 1) = padding(0, S - 2) = true;
   attn::MhaArgs<double> args;
+  args.batch = 1;
   args.key_padding_mask = attn::IgnoreMask(padding);
   args.need_weights = true;
   const auto [out, weights] = mha.forward(query, memory, memory, args);  // [L, E], [L, S]

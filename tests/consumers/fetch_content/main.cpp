@@ -9,7 +9,9 @@ int main() {
   const attn::Index E = 4, H = 2, L = 3;
   attn::MultiHeadAttention<float> mha(E, H);
   const attn::Matrix<float> x = attn::Matrix<float>::Identity(L, E);
-  const attn::Matrix<float> out = mha.forward(x, x, x).output;  // [L, E]
+  attn::MhaArgs<float> args;
+  args.batch = 1;  // one sequence
+  const attn::Matrix<float> out = mha.forward(x, x, x, args).output;  // [L, E]
 
   std::vector<float> buffer(static_cast<std::size_t>(L * E), 0.5f);  // a [L, E] tensor owned elsewhere
   const Eigen::Map<const attn::Matrix<float>> q(buffer.data(), L, E);

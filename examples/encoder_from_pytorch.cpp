@@ -1,16 +1,19 @@
 // encoder_from_pytorch: run a trained torch.nn.TransformerEncoder in C++, from its state_dict.
 //
-// 1. Export, in Python (the tool writes the encoder's hyperparameters into the file's metadata):
-//      torch.save(model.encoder, "encoder.pt")
-//      /usr/bin/python3 tools/export_state_dict.py encoder.pt encoder.safetensors --dtype float32
+// 1. Export, in Python (the tool writes every submodule's hyperparameters into the file's metadata):
+//      torch.save(model, "model.pt")               # a whole model, its encoder at model.encoder
+//      attn-export model.pt model.safetensors --dtype float32   (tools/export_state_dict.py)
 // 2. Load, in C++: build an attn::TransformerEncoder with the same hyperparameters, then
-//      attn::io::load_state_dict(encoder, attn::io::SafeTensors::open("encoder.safetensors"));
-//    which sets every parameter by its PyTorch name ("layers.0.self_attn.in_proj_weight", ...).
+//      attn::io::load_state_dict(encoder, attn::io::SafeTensors::open("model.safetensors"), "encoder");
+//    which sets every parameter by its PyTorch name ("encoder.layers.0.self_attn.in_proj_weight",
+//    ...) and checks the hyperparameters the file records against the encoder's.
 // 3. Run: encoder.forward(src, args), src [B*L, d_model] in PyTorch's row order.
 //
 //   encoder_from_pytorch MODEL.safetensors [--prefix PREFIX] [--check IO.safetensors]
 //
-// --prefix: where the encoder's keys are in the file ("encoder" for keys "encoder.layers.0...").
+// --prefix: where the encoder's keys are in the file ("encoder" for keys "encoder.layers.0..."); its
+//           hyperparameters are read from the metadata under the same prefix ("encoder.nhead"), or
+//           under the plain names ("nhead") when the file has them there (an encoder exported alone).
 // --check:  run on IO's tensor "src" (PyTorch's [B, L, E] with batch_first, else [L, B, E]) instead
 //           of a random batch, and compare with IO's "output" (PyTorch's); exit status 1 when they
 //           differ by more than 1e-4 of the output's scale.
@@ -30,34 +33,50 @@
 
 namespace {
 
-// A metadata entry of the file (export_state_dict.py writes strings), or `fallback` when absent.
-std::string meta(const attn::io::SafeTensors& st, const std::string& key, const char* fallback = nullptr) {
-  const auto it = st.metadata().find(key);
-  if (it != st.metadata().end()) return it->second;
+// The file's metadata entry for the encoder's hyperparameter `key` (export_state_dict.py writes
+// strings): "<prefix>.<key>", else "<key>", else `fallback`.
+std::string metadata_entry(const attn::io::SafeTensors& st, const std::string& prefix, const std::string& key,
+                           const char* fallback = nullptr) {
+  const std::string full = prefix.empty() ? key : prefix + (prefix.back() == '.' ? "" : ".") + key;
+  for (const std::string& k : {full, key}) {
+    const auto it = st.metadata().find(k);
+    if (it != st.metadata().end()) return it->second;
+  }
   if (fallback) return fallback;
-  throw std::runtime_error(st.path() + " has no metadata \"" + key +
-                           "\": export it with tools/export_state_dict.py ... --meta " + key + "=VALUE");
+  const std::string nor = full == key ? "" : " (nor \"" + key + "\")";
+  // A whole model's export has the encoder's under its path: say which prefix would find them.
+  for (const auto& [k, value] : st.metadata())
+    if (k.size() > key.size() + 1 && k.compare(k.size() - key.size() - 1, key.size() + 1, "." + key) == 0 &&
+        k.find(".layers.") == std::string::npos)
+      throw std::runtime_error(st.path() + " has no metadata \"" + full + "\"" + nor + ", but has \"" + k +
+                               "\": pass --prefix " + k.substr(0, k.size() - key.size() - 1));
+  throw std::runtime_error(st.path() + " has no metadata \"" + full + "\"" + nor +
+                           ": export it with attn-export (tools/export_state_dict.py) from the module, or add --meta " +
+                           full + "=VALUE");
 }
 
 // nn.TransformerEncoder(nn.TransformerEncoderLayer(d_model, nhead, ...), num_layers, norm), from
-// the hyperparameters in the file's metadata.
-attn::TransformerEncoder<float> encoder_from_metadata(const attn::io::SafeTensors& st) {
-  const attn::Index d_model = std::stol(meta(st, "d_model")), nhead = std::stol(meta(st, "nhead"));
+// the hyperparameters in the file's metadata, under `prefix`.
+attn::TransformerEncoder<float> encoder_from_metadata(const attn::io::SafeTensors& st, const std::string& prefix) {
+  const auto meta = [&](const std::string& key, const char* fallback = nullptr) {
+    return metadata_entry(st, prefix, key, fallback);
+  };
+  const attn::Index d_model = std::stol(meta("d_model")), nhead = std::stol(meta("nhead"));
   attn::TransformerOptions opt;
-  opt.dim_feedforward = std::stol(meta(st, "dim_feedforward", "2048"));
-  const std::string activation = meta(st, "activation", "relu");
+  opt.dim_feedforward = std::stol(meta("dim_feedforward", "2048"));
+  const std::string activation = meta("activation", "relu");
   if (activation != "relu" && activation != "gelu")
     throw std::runtime_error("activation \"" + activation + "\": attn has relu and gelu");
   opt.activation = activation == "gelu" ? attn::Activation::GELU : attn::Activation::ReLU;
-  opt.layer_norm_eps = std::stod(meta(st, "layer_norm_eps", "1e-05"));
-  opt.batch_first = meta(st, "batch_first", "false") == "true";
-  opt.norm_first = meta(st, "norm_first", "false") == "true";
-  opt.bias = meta(st, "bias", "true") == "true";
+  opt.layer_norm_eps = std::stod(meta("layer_norm_eps", "1e-05"));
+  opt.batch_first = meta("batch_first", "false") == "true";
+  opt.norm_first = meta("norm_first", "false") == "true";
+  opt.bias = meta("bias", "true") == "true";
   std::optional<attn::LayerNorm<float>> norm;
-  if (meta(st, "final_norm", "false") == "true")
-    norm.emplace(d_model, std::stod(meta(st, "final_norm_eps", "1e-05")), true, opt.bias);
+  if (meta("final_norm", "false") == "true")
+    norm.emplace(d_model, std::stod(meta("final_norm_eps", "1e-05")), true, opt.bias);
   return attn::TransformerEncoder<float>(attn::TransformerEncoderLayer<float>(d_model, nhead, opt),
-                                         std::stol(meta(st, "num_layers")), norm);
+                                         std::stol(meta("num_layers")), norm);
 }
 
 int usage() {
@@ -86,7 +105,7 @@ int main(int argc, char** argv) {
     // 1-2. The encoder, configured as in PyTorch, and every parameter by its state_dict key. Strict:
     // a key missing from the file or left over under the prefix is an error that lists them.
     const auto st = attn::io::SafeTensors::open(model_path);
-    attn::TransformerEncoder<float> encoder = encoder_from_metadata(st);
+    attn::TransformerEncoder<float> encoder = encoder_from_metadata(st, prefix);
     attn::io::load_state_dict(encoder, st, prefix);
     const attn::Index E = encoder.d_model();
     const bool batch_first = encoder.num_layers() > 0 && encoder.layer(0).options().batch_first;

@@ -7,7 +7,6 @@
 
 #include <gtest/gtest.h>
 
-#include <Eigen/Core>
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -327,6 +326,49 @@ TEST_F(SafeTensorsTest, RejectsAHeaderOverTheLimit) {
   const fs::path p = write_raw(le64(n) + "{");
   fs::resize_file(p, 8 + n);
   expect_open_error(p, {"header length 100000001 exceeds the limit of 100000000 bytes"});
+}
+
+// The first thing users try: the .pt file torch.save wrote. Named as what it is, with the way out.
+TEST_F(SafeTensorsTest, NamesATorchSaveFileAndTheExporter) {
+  const std::string export_it = "not safetensors: export it with attn-export (tools/export_state_dict.py)";
+  // torch.save(Linear(2, 2).state_dict()) and a legacy-format torch.save (tools/gen_state_dict_fixtures.py).
+  const fs::path data = fs::path(ATTN_TEST_DATA_DIR) / "state_dict";
+  expect_open_error(data / "torch_save_zip.pt", {"this looks like a torch.save file (a zip archive), " + export_it});
+  expect_open_error(data / "torch_save_pickle.pt", {"this looks like a torch.save file (a pickle), " + export_it});
+  std::ifstream in(data / "torch_save_zip.pt", std::ios::binary);
+  const std::string zip((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  try {
+    (void)SafeTensors::from_bytes(zip.data(), zip.size(), "model.pt");
+    ADD_FAILURE() << "no format_error";
+  } catch (const attn::format_error& e) {
+    EXPECT_TRUE(mentions(e.what(), "safetensors file model.pt: this looks like a torch.save file (a zip archive)"));
+  }
+
+  // By the magic alone, whatever follows: PK\3\4 (a zip's local file header), \x80 then protocol 2 to 5.
+  expect_open_error(write_raw(std::string("PK\x03\x04", 4)), {"(a zip archive)"});
+  for (const char protocol : {'\x02', '\x03', '\x04', '\x05'})
+    expect_open_error(write_raw(std::string("\x80", 1) + protocol + std::string(14, '\x00') + "{}"), {"(a pickle)"});
+  // \x80 \x01 is not a pickle protocol torch writes: the usual message.
+  expect_open_error(write_raw(std::string("\x80\x01", 2) + std::string(6, '\xff') + "{}"), {"is larger than the file"});
+  // A zip whose first 8 bytes read as a length that fits the file: 50 4b 03 04 00 00 00 00 is
+  // 0x04034b50 = 67324752, so 67324760 bytes (sparse) whose "header" is not JSON.
+  const fs::path big = write_raw(std::string("PK\x03\x04\x00\x00\x00\x00", 8) + "not json");
+  fs::resize_file(big, 8 + 0x04034b50);
+  expect_open_error(big, {"(a zip archive)"});
+}
+
+// A real safetensors file may start with those bytes: a header of 0x0280 = 640 bytes has the length
+// 80 02 00 00 00 00 00 00, which is a pickle's start. It opens.
+TEST_F(SafeTensorsTest, ASafetensorsFileThatStartsLikeAPickleOpens) {
+  std::string header = R"({"x":{"dtype":"F64","shape":[1],"data_offsets":[0,8]}})";
+  header.append(640 - header.size(), ' ');
+  const fs::path p = write(header, doubles({2.5}));
+  std::ifstream in(p, std::ios::binary);
+  char first[2] = {};
+  in.read(first, 2);
+  ASSERT_EQ(static_cast<unsigned char>(first[0]), 0x80);
+  ASSERT_EQ(first[1], '\x02');
+  EXPECT_EQ(SafeTensors::open(p).matrix<double>("x")(0, 0), 2.5);
 }
 
 TEST_F(SafeTensorsTest, RejectsInvalidJson) {

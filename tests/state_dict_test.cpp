@@ -23,6 +23,7 @@ namespace {
 
 namespace fs = std::filesystem;
 using attn::Index;
+using attn_test::throws_with;
 using attn::io::SafeTensors;
 using attn::io::StateDict;
 using attn::io::Tensor;
@@ -297,6 +298,160 @@ TYPED_TEST(StateDictTest, NonFloatTensorsAreAFormatErrorAndChangeNothing) {
     EXPECT_TRUE(mentions(e.what(), p.string()));
   }
   EXPECT_TRUE(identical(attn::io::state_dict(fc), before));
+}
+
+// --- prefix hints ----------------------------------------------------------------------------------
+
+// A strict load that finds none of its keys says where they are, when they are all somewhere.
+TYPED_TEST(StateDictTest, StrictNamesThePrefixThatHoldsTheMissingKeys) {
+  using T = TypeParam;
+  auto m = make_mha<T>(91);
+  const StateDict<T> before = attn::io::state_dict(m);
+  // MultiHeadAttention(8, 2) has 4 keys: in_proj_weight, in_proj_bias, out_proj.weight, out_proj.bias.
+  const StateDict<T> nested = attn::io::state_dict(make_mha<T>(92), "encoder.layers.0.self_attn");
+  EXPECT_TRUE(throws_with<attn::format_error>(
+      [&] { attn::io::load_state_dict(m, nested, "encoder"); },
+      {"prefix \"encoder.\": missing keys [\"encoder.in_proj_weight\"", "unexpected keys [",
+       "; all 4 missing keys exist under prefix \"encoder.layers.0.self_attn.\": pass prefix "
+       "\"encoder.layers.0.self_attn\"",
+       "(strict = false loads the keys that match)"}));
+  EXPECT_TRUE(throws_with<attn::format_error>([&] { attn::io::load_state_dict(m, nested); },
+                                              {"all 4 missing keys exist under prefix \"encoder.layers.0.self_attn.\""}));
+  // The reverse: keys saved without a prefix, looked for under one.
+  const StateDict<T> bare = attn::io::state_dict(make_mha<T>(93));
+  EXPECT_TRUE(throws_with<attn::format_error>(
+      [&] { attn::io::load_state_dict(m, bare, "attn"); },
+      {"missing keys [\"attn.in_proj_weight\"", "all 4 missing keys exist without the prefix \"attn.\": pass prefix \"\""}));
+  // Two modules that could be meant: both named.
+  StateDict<T> two = attn::io::state_dict(make_mha<T>(94), "a");
+  for (const auto& [k, t] : attn::io::state_dict(make_mha<T>(95), "b")) two.set(k, t);
+  EXPECT_TRUE(throws_with<attn::format_error>(
+      [&] { attn::io::load_state_dict(m, two); },
+      {"all 4 missing keys exist under each of the prefixes \"a.\", \"b.\": pass the one you mean"}));
+  EXPECT_TRUE(identical(attn::io::state_dict(m), before));
+
+  // No hint when the keys are not all somewhere else: a module of another configuration.
+  const StateDict<T> with_bias_kv = attn::io::state_dict(make_mha<T>(96, bias_kv()), "x");
+  auto plain = make_mha<T>(97, bias_kv());
+  try {
+    attn::io::load_state_dict(plain, attn::io::state_dict(make_mha<T>(98), "x"), "x");
+    ADD_FAILURE() << "no error";
+  } catch (const attn::format_error& e) {
+    EXPECT_TRUE(mentions(e.what(), "missing keys [\"x.bias_k\", \"x.bias_v\"]"));
+    EXPECT_FALSE(mentions(e.what(), "exist"));
+  }
+  attn::io::load_state_dict(plain, with_bias_kv, "x");
+}
+
+// --- hyperparameters in the file's metadata --------------------------------------------------------
+
+// tools/gen_state_dict_fixtures.py: nn.MultiheadAttention(16, 4) exported as a module of its own, so
+// its hyperparameters are under the plain names (num_heads "4").
+TYPED_TEST(StateDictTest, AFourHeadFileRefusesAnEightHeadModuleAndSaysWhy) {
+  using T = TypeParam;
+  const SafeTensors st = attn_test::Fixture::load("state_dict/heads4.safetensors").file();
+  EXPECT_EQ(st.metadata().at("attn.export_version"), "1");
+  EXPECT_EQ(st.metadata().at("num_heads"), "4");
+  auto eight = make_mha<T>(101, {}, 16, 8);  // the same shapes: only the metadata tells them apart
+  const StateDict<T> before = attn::io::state_dict(eight);
+  EXPECT_TRUE(throws_with<attn::format_error>(
+      [&] { attn::io::load_state_dict(eight, st); },
+      {"attn::io::load_state_dict(MultiHeadAttention): safetensors file ", "heads4.safetensors, prefix \"\": ",
+       "metadata says num_heads = 4, the module has 8: build it with 4 heads"}));
+  try {
+    attn::io::load_state_dict(eight, st);
+  } catch (const attn::format_error& e) {
+    EXPECT_FALSE(mentions(e.what(), "more")) << "only num_heads differs";
+  }
+  // Not strict either: a module of other hyperparameters is never half loaded.
+  EXPECT_THROW(attn::io::load_state_dict(eight, st, "", /*strict=*/false), attn::format_error);
+  EXPECT_TRUE(identical(attn::io::state_dict(eight), before));
+
+  attn::MhaOptions o;
+  o.batch_first = true;
+  auto batch_first = make_mha<T>(102, o, 16, 4);
+  EXPECT_TRUE(throws_with<attn::format_error>(
+      [&] { attn::io::load_state_dict(batch_first, st); },
+      {"metadata says batch_first = false, the module has true: build it with batch_first = false"}));
+
+  auto four = make_mha<T>(103, {}, 16, 4);
+  attn::io::load_state_dict(four, st);  // every hyperparameter agrees
+  EXPECT_EQ(four.in_proj_weight(), st.matrix<T>("in_proj_weight"));
+}
+
+// The same tensors with no metadata (another writer's file): nothing to check, so both load.
+TYPED_TEST(StateDictTest, AFileWithoutMetadataLoadsUnchecked) {
+  using T = TypeParam;
+  const SafeTensors st = attn_test::Fixture::load("state_dict/heads4_no_metadata.safetensors").file();
+  EXPECT_TRUE(st.metadata().empty());
+  const SafeTensors with = attn_test::Fixture::load("state_dict/heads4.safetensors").file();
+  auto four = make_mha<T>(111, {}, 16, 4), eight = make_mha<T>(112, {}, 16, 8), want = make_mha<T>(113, {}, 16, 4);
+  attn::io::load_state_dict(four, st);
+  attn::io::load_state_dict(eight, st);  // wrong, and nothing in the file can say so
+  attn::io::load_state_dict(want, with);
+  EXPECT_TRUE(identical(attn::io::state_dict(four), attn::io::state_dict(want)));
+  EXPECT_TRUE(identical(attn::io::state_dict(eight), attn::io::state_dict(want)));
+}
+
+// attn's own writer: hyperparameter_metadata() beside state_dict(), under a prefix, checked on load.
+TYPED_TEST(StateDictTest, HyperparameterMetadataRoundTripsAndIsChecked) {
+  using T = TypeParam;
+  attn::MhaOptions o = bias_kv();
+  o.kdim = 5;
+  const auto src = make_mha<T>(121, o);  // MultiheadAttention(8, 2, add_bias_kv=True, kdim=5)
+  const attn::io::Metadata meta = attn::io::hyperparameter_metadata(src, "attn");
+  EXPECT_EQ(meta, (attn::io::Metadata{{"attn.embed_dim", "8"},
+                                      {"attn.num_heads", "2"},
+                                      {"attn.kdim", "5"},
+                                      {"attn.vdim", "8"},
+                                      {"attn.bias", "true"},
+                                      {"attn.add_bias_kv", "true"},
+                                      {"attn.add_zero_attn", "false"},
+                                      {"attn.batch_first", "false"}}));
+  const fs::path p = this->path("mha.safetensors");
+  attn::io::save_safetensors(p, attn::io::state_dict(src, "attn"), meta);
+  const SafeTensors st = SafeTensors::open(p);
+  auto same = make_mha<T>(122, o);
+  attn::io::load_state_dict(same, st, "attn");
+  EXPECT_TRUE(identical(attn::io::state_dict(same), attn::io::state_dict(src)));
+
+  // Four heads and add_zero_attn: the first named, the others counted.
+  o.add_zero_attn = true;
+  auto other = make_mha<T>(123, o, 8, 4);
+  const StateDict<T> before = attn::io::state_dict(other);
+  EXPECT_TRUE(throws_with<attn::format_error>(
+      [&] { attn::io::load_state_dict(other, st, "attn"); },
+      {"prefix \"attn.\": metadata says attn.num_heads = 2, the module has 4: build it with 2 heads (and 1 more differs)"}));
+  EXPECT_TRUE(identical(attn::io::state_dict(other), before));
+  // Looked for under the prefix only: with none, the file's keys are not the module's.
+  EXPECT_TRUE(throws_with<attn::format_error>([&] { attn::io::load_state_dict(other, st); },
+                                              {"missing keys", "under prefix \"attn.\": pass prefix \"attn\""}));
+}
+
+// Metadata from other writers: flags as Python prints them, and values that are not what the name
+// says are an error naming the key and the value.
+TYPED_TEST(StateDictTest, MetadataValuesAreReadStrictly) {
+  using T = TypeParam;
+  const auto src = make_mha<T>(131);  // MultiheadAttention(8, 2)
+  const auto load_with = [&](attn::io::Metadata meta) {
+    const fs::path p = this->path("m.safetensors");
+    attn::io::save_safetensors(p, attn::io::state_dict(src), meta);
+    auto dst = make_mha<T>(132);
+    attn::io::load_state_dict(dst, SafeTensors::open(p));
+    return attn::io::state_dict(dst);
+  };
+  EXPECT_TRUE(identical(load_with({{"bias", "True"}, {"batch_first", "False"}, {"num_heads", "2"}, {"format", "pt"}}),
+                        attn::io::state_dict(src)));
+  EXPECT_TRUE(identical(load_with({{"bias", "1"}, {"add_bias_kv", "0"}}), attn::io::state_dict(src)));
+  EXPECT_TRUE(throws_with<attn::format_error>([&] { load_with({{"num_heads", "two"}}); },
+                                              {"metadata num_heads = \"two\" is not an integer"}));
+  EXPECT_TRUE(throws_with<attn::format_error>([&] { load_with({{"num_heads", "2.0"}}); }, {"is not an integer"}));
+  EXPECT_TRUE(throws_with<attn::format_error>([&] { load_with({{"num_heads", "99999999999999999999"}}); },
+                                              {"is not an integer"}));
+  EXPECT_TRUE(throws_with<attn::format_error>([&] { load_with({{"bias", "yes"}}); },
+                                              {"metadata bias = \"yes\" is not a flag (true or false)"}));
+  EXPECT_TRUE(throws_with<attn::format_error>([&] { load_with({{"embed_dim", "-8"}}); },
+                                              {"metadata says embed_dim = -8, the module has 8"}));
 }
 
 // --- PyTorch's own state_dicts --------------------------------------------------------------------

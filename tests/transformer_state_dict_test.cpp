@@ -308,7 +308,7 @@ TYPED_TEST(TransformerStateDictTest, AWrongShapeAnywhereChangesNothing) {
   auto enc = make_encoder<T>(21);
   const StateDict<T> before = attn::io::state_dict(enc);
   const attn::Matrix<T> x = random_matrix<T>(6, 16, 3);
-  const attn::Matrix<T> y_before = enc.forward(x);
+  const attn::Matrix<T> y_before = enc.forward(x, attn_test::batch_of<attn::EncoderArgs<T>>(1));
   StateDict<T> sd = attn::io::state_dict(make_encoder<T>(22));
   sd.set("layers.1.linear1.weight", Tensor<T>::from_matrix(attn::Matrix<T>::Ones(16, 24)));  // transposed
   sd.set("norm.bias", Tensor<T>::from_vector(attn::Vector<T>::Ones(17)));
@@ -320,7 +320,7 @@ TYPED_TEST(TransformerStateDictTest, AWrongShapeAnywhereChangesNothing) {
          "\"norm.bias\" has shape [17], the module's is [16]"}))
         << "strict = " << strict;
     EXPECT_TRUE(identical(attn::io::state_dict(enc), before));
-    EXPECT_TRUE(same_bytes(enc.forward(x), y_before));
+    EXPECT_TRUE(same_bytes(enc.forward(x, attn_test::batch_of<attn::EncoderArgs<T>>(1)), y_before));
   }
 
   auto dec = make_decoder_layer<T>(23);
@@ -375,6 +375,171 @@ TYPED_TEST(TransformerStateDictTest, EncoderRoundTripThroughAFileIsBitExact) {
   EXPECT_TRUE(same_bytes(fresh.forward(x, args), src.forward(x, args)));
 }
 
+// --- a whole model's export: hyperparameters under the encoder's path ----------------------------
+
+// tools/gen_state_dict_fixtures.py's TinyModel: self.encoder = TransformerEncoder(
+// TransformerEncoderLayer(8, 4, 12, gelu, batch_first, norm_first), 2 layers, final LayerNorm),
+// self.head = Linear(8, 3); torch.save'd and exported by attn-export with no option.
+template <class T>
+attn::TransformerEncoder<T> tiny_model_encoder(Index nhead = 4, bool norm_first = true, bool final_norm = true) {
+  attn::TransformerOptions o;
+  o.dim_feedforward = 12;
+  o.activation = attn::Activation::GELU;
+  o.batch_first = true;
+  o.norm_first = norm_first;
+  std::optional<attn::LayerNorm<T>> norm;
+  if (final_norm) norm.emplace(8);
+  return attn::TransformerEncoder<T>(attn::TransformerEncoderLayer<T>(8, nhead, o), 2, norm);
+}
+
+TYPED_TEST(TransformerStateDictTest, AWholeModelsExportRecordsTheEncodersHyperparameters) {
+  using T = TypeParam;
+  const SafeTensors st = Fixture::load("state_dict/model_with_encoder.safetensors").file();
+  const attn::io::Metadata& meta = st.metadata();
+  // The constructor arguments above, under the encoder's path, its layers' and their attentions'.
+  const attn::io::Metadata want = {
+      {"encoder.d_model", "8"},        {"encoder.nhead", "4"},          {"encoder.num_layers", "2"},
+      {"encoder.dim_feedforward", "12"}, {"encoder.activation", "gelu"}, {"encoder.batch_first", "true"},
+      {"encoder.norm_first", "true"},  {"encoder.final_norm", "true"},  {"encoder.layers.1.nhead", "4"},
+      {"encoder.layers.0.self_attn.num_heads", "4"}, {"encoder.layers.1.self_attn.batch_first", "true"},
+      {"attn.export_version", "1"}};
+  for (const auto& [key, value] : want) {
+    ASSERT_TRUE(meta.count(key)) << key;
+    EXPECT_EQ(meta.at(key), value) << key;
+  }
+  EXPECT_EQ(std::stod(meta.at("encoder.layer_norm_eps")), 1e-5);
+  EXPECT_EQ(meta.count("nhead"), 0u);  // the root is TinyModel, which attn has no counterpart of
+  EXPECT_EQ(meta.count("head.nhead"), 0u);
+
+  // Loaded by its prefix, checked, and PyTorch's output reproduced (float32 weights and output).
+  attn::TransformerEncoder<T> enc = tiny_model_encoder<T>();
+  attn::io::load_state_dict(enc, st, "encoder");
+  const SafeTensors io = Fixture::load("state_dict/model_with_encoder_io.safetensors").file();
+  ASSERT_EQ(io.info("src").shape, (TensorShape{2, 5, 8}));  // [B, L, E]
+  attn::EncoderArgs<T> args;
+  args.batch = 2;
+  // [B, L, E] as a matrix is [B, L*E], row-major: the same bytes as [B*L, E].
+  const attn::Matrix<T> src = io.matrix<T>("src");
+  const attn::Matrix<double> out = io.matrix<double>("output");
+  EXPECT_TRUE(matrices_near(enc.forward(Eigen::Map<const attn::Matrix<T>>(src.data(), 10, 8), args),
+                            Eigen::Map<const attn::Matrix<double>>(out.data(), 10, 8), 1e-5));
+
+  // Without the prefix: every key is missing, and the error says where they are. 26 keys: per layer
+  // self_attn 4 + linear1 2 + linear2 2 + norm1 2 + norm2 2 = 12, two layers, the final norm's 2.
+  attn::TransformerEncoder<T> other = tiny_model_encoder<T>();
+  EXPECT_TRUE(throws_with<attn::format_error>(
+      [&] { attn::io::load_state_dict(other, st); },
+      {"attn::io::load_state_dict(TransformerEncoder)", "missing keys [\"layers.0.self_attn.in_proj_weight\"",
+       "all 26 missing keys exist under prefix \"encoder.\": pass prefix \"encoder\""}));
+}
+
+TYPED_TEST(TransformerStateDictTest, AWholeModelsExportRefusesAnEncoderBuiltOtherwise) {
+  using T = TypeParam;
+  const SafeTensors st = Fixture::load("state_dict/model_with_encoder.safetensors").file();
+  // Two heads where the model has four: the same shapes. The encoder's own key is named first; the
+  // layers' nhead and their attentions' num_heads (2 + 2) differ too.
+  attn::TransformerEncoder<T> two_heads = tiny_model_encoder<T>(2);
+  const StateDict<T> before = attn::io::state_dict(two_heads);
+  EXPECT_TRUE(throws_with<attn::format_error>(
+      [&] { attn::io::load_state_dict(two_heads, st, "encoder"); },
+      {"attn::io::load_state_dict(TransformerEncoder): safetensors file ", "prefix \"encoder.\": ",
+       "metadata says encoder.nhead = 4, the module has 2: build it with 4 heads (and 4 more differ)"}));
+  EXPECT_TRUE(identical(attn::io::state_dict(two_heads), before));
+  EXPECT_TRUE(throws_with<attn::format_error>(
+      [&] { attn::io::load_state_dict(two_heads, st, "encoder", /*strict=*/false); }, {"encoder.nhead = 4"}));
+  EXPECT_TRUE(identical(attn::io::state_dict(two_heads), before));
+
+  attn::TransformerEncoder<T> post_norm = tiny_model_encoder<T>(4, false);
+  EXPECT_TRUE(throws_with<attn::format_error>(
+      [&] { attn::io::load_state_dict(post_norm, st, "encoder"); },
+      {"metadata says encoder.norm_first = true, the module has false: build it with norm_first = true"}));
+  attn::TransformerEncoder<T> no_norm = tiny_model_encoder<T>(4, true, false);
+  EXPECT_TRUE(throws_with<attn::format_error>(
+      [&] { attn::io::load_state_dict(no_norm, st, "encoder"); },
+      {"metadata says encoder.final_norm = true, the module has false: build it with a final LayerNorm"}));
+
+  // One layer by its own prefix: its keys, encoder.layers.1.*.
+  attn::TransformerOptions o;
+  o.dim_feedforward = 12;
+  o.activation = attn::Activation::GELU;
+  o.batch_first = true;
+  o.norm_first = true;
+  attn::TransformerEncoderLayer<T> layer(8, 4, o);
+  attn::io::load_state_dict(layer, st, "encoder.layers.1");
+  o.activation = attn::Activation::ReLU;
+  attn::TransformerEncoderLayer<T> relu(8, 4, o);
+  EXPECT_TRUE(throws_with<attn::format_error>(
+      [&] { attn::io::load_state_dict(relu, st, "encoder.layers.1"); },
+      {"attn::io::load_state_dict(TransformerEncoderLayer)",
+       "metadata says encoder.layers.1.activation = gelu, the module has relu: build it with activation = gelu"}));
+  o.activation = attn::Activation::GELU;
+  o.layer_norm_eps = 1e-6;
+  attn::TransformerEncoderLayer<T> eps(8, 4, o);
+  EXPECT_TRUE(throws_with<attn::format_error>(
+      [&] { attn::io::load_state_dict(eps, st, "encoder.layers.1"); },
+      {"metadata says encoder.layers.1.layer_norm_eps = 1e-05, the module has 1e-06"}));
+  // Its attention alone: encoder.layers.0.self_attn.*.
+  attn::MhaOptions mo;
+  mo.batch_first = true;
+  attn::MultiHeadAttention<T> mha(8, 4, mo);
+  attn::io::load_state_dict(mha, st, "encoder.layers.0.self_attn");
+  attn::MultiHeadAttention<T> mha8(8, 8, mo);
+  EXPECT_TRUE(throws_with<attn::format_error>(
+      [&] { attn::io::load_state_dict(mha8, st, "encoder.layers.0.self_attn"); },
+      {"metadata says encoder.layers.0.self_attn.num_heads = 4, the module has 8: build it with 4 heads"}));
+}
+
+// A plain state_dict's export records what its shapes prove, and nothing else: no head count.
+TYPED_TEST(TransformerStateDictTest, APlainStateDictsExportRecordsOnlyWhatShapesProve) {
+  using T = TypeParam;
+  const SafeTensors st = Fixture::load("state_dict/model_state_dict.safetensors").file();
+  const attn::io::Metadata& meta = st.metadata();
+  const attn::io::Metadata want = {{"encoder.num_layers", "2"},
+                                   {"encoder.d_model", "8"},
+                                   {"encoder.dim_feedforward", "12"},
+                                   {"encoder.bias", "true"},
+                                   {"encoder.final_norm", "true"},
+                                   {"encoder.layers.1.self_attn.embed_dim", "8"},
+                                   {"encoder.layers.1.self_attn.kdim", "8"},
+                                   {"encoder.layers.1.self_attn.add_bias_kv", "false"}};
+  for (const auto& [key, value] : want) {
+    ASSERT_TRUE(meta.count(key)) << key;
+    EXPECT_EQ(meta.at(key), value) << key;
+  }
+  for (const char* unknowable : {"encoder.nhead", "encoder.layers.0.self_attn.num_heads", "encoder.batch_first",
+                                 "encoder.norm_first", "encoder.activation", "encoder.layers.0.layer_norm_eps"})
+    EXPECT_EQ(meta.count(unknowable), 0u) << unknowable;
+  attn::TransformerEncoder<T> enc = tiny_model_encoder<T>();
+  attn::io::load_state_dict(enc, st, "encoder");
+  attn::TransformerEncoder<T> wider(attn::TransformerEncoderLayer<T>(8, 4, small_options()), 2, attn::LayerNorm<T>(8));
+  EXPECT_TRUE(throws_with<attn::format_error>(
+      [&] { attn::io::load_state_dict(wider, st, "encoder"); },
+      {"metadata says encoder.dim_feedforward = 12, the module has 24: build it with dim_feedforward = 12"}));
+}
+
+// attn's own writer for the layers: hyperparameter_metadata() beside state_dict().
+TYPED_TEST(TransformerStateDictTest, DecoderLayerHyperparametersRoundTripAndAreChecked) {
+  using T = TypeParam;
+  const auto src = make_decoder_layer<T>(61);  // TransformerDecoderLayer(16, 2, 24, gelu)
+  const attn::io::Metadata meta = attn::io::hyperparameter_metadata(src, "dec");
+  EXPECT_EQ(meta.at("dec.nhead"), "2");
+  EXPECT_EQ(meta.at("dec.activation"), "gelu");
+  EXPECT_EQ(meta.at("dec.layer_norm_eps"), "1e-05");
+  EXPECT_EQ(meta.at("dec.multihead_attn.num_heads"), "2");
+  EXPECT_EQ(meta.size(), 8u + 8u + 8u);  // the layer's 8, and 8 for each attention
+  attn::io::save_safetensors(this->path("dec.safetensors"), attn::io::state_dict(src, "dec"), meta);
+  const SafeTensors st = SafeTensors::open(this->path("dec.safetensors"));
+  attn::TransformerDecoderLayer<T> same(16, 2, small_options());
+  attn::io::load_state_dict(same, st, "dec");
+  EXPECT_TRUE(identical(attn::io::state_dict(same), attn::io::state_dict(src)));
+  // Four heads: nhead, self_attn.num_heads and multihead_attn.num_heads differ.
+  attn::TransformerDecoderLayer<T> four(16, 4, small_options());
+  EXPECT_TRUE(throws_with<attn::format_error>(
+      [&] { attn::io::load_state_dict(four, st, "dec"); },
+      {"attn::io::load_state_dict(TransformerDecoderLayer)",
+       "metadata says dec.nhead = 2, the module has 4: build it with 2 heads (and 2 more differ)"}));
+}
+
 TYPED_TEST(TransformerStateDictTest, LayersRoundTripThroughAFileAreBitExact) {
   using T = TypeParam;
   const attn::Matrix<T> x = random_matrix<T>(8, 16, 5), mem = random_matrix<T>(6, 16, 6);
@@ -395,7 +560,7 @@ TYPED_TEST(TransformerStateDictTest, LayersRoundTripThroughAFileAreBitExact) {
     attn::TransformerEncoderLayer<T> dst(16, 4, small_options(false, false));
     attn::io::load_state_dict(dst, SafeTensors::open(this->path("enc_layer.safetensors")));
     EXPECT_TRUE(identical(attn::io::state_dict(dst), attn::io::state_dict(src)));
-    EXPECT_TRUE(same_bytes(dst.forward(x), src.forward(x)));
+    EXPECT_TRUE(same_bytes(dst.forward(x, attn_test::batch_of<attn::EncoderArgs<T>>(1)), src.forward(x, attn_test::batch_of<attn::EncoderArgs<T>>(1))));
   }
   {
     attn::FeedForward<T> src(16, 24, attn::Activation::GELU);

@@ -3,7 +3,11 @@
 
 Usage (from the repository root, with Debian's python3-torch):
 
-    /usr/bin/python3 tools/gen_state_dict_fixtures.py [OUTPUT_DIR]
+    /usr/bin/python3 tools/gen_state_dict_fixtures.py [OUTPUT_DIR [NAME ...]]
+
+NAME: a case or a group of files below (mha_bias_kv, ..., encoder_example, heads4, torch_save,
+model_with_encoder); without one, all of them. Float outputs depend on the machine's reductions in
+the last bits, so regenerate only the fixtures you change.
 
 Each file is written by tools/export_state_dict.py, the writer users run on their own modules:
 a module's state_dict as PyTorch keeps it (float32, bias_k [1, 1, E], keys under a prefix such as
@@ -35,6 +39,25 @@ And, for examples/encoder_from_pytorch.cpp (run by ctest), the files its usage d
                         LayerNorm), saved with torch.save and exported by export_state_dict.py's
                         command line (float32, hyperparameters in the metadata, no other tensor);
   encoder_example_io    src [L, B, E] and PyTorch's float32 output.
+  model_with_encoder    a whole model, TinyModel below: self.encoder = TransformerEncoder(
+                        TransformerEncoderLayer(8, 4, 12, gelu, batch_first, norm_first), 2 layers,
+                        final LayerNorm), self.head = Linear(8, 3); saved with torch.save and
+                        exported by the command line with no option: keys encoder.* and head.*,
+                        the hyperparameters in the metadata under encoder.*, encoder.layers.<i>.*
+                        and encoder.layers.<i>.self_attn.* (the example runs it with --prefix encoder);
+  model_with_encoder_io src [B, L, E] and PyTorch's float32 output of model.encoder;
+  model_state_dict      the same model's state_dict, torch.save'd and exported by the command line:
+                        only what the shapes prove (encoder.num_layers, encoder.d_model, ...; no head
+                        count).
+
+For the hyperparameter checks and the errors of attn/io (tests/state_dict_test.cpp,
+tests/safetensors_test.cpp):
+  heads4                MultiheadAttention(16, 4) exported as a module of its own: its keys and its
+                        hyperparameters under the plain names (num_heads "4", ...);
+  heads4_no_metadata    the same tensors with no metadata at all (hyperparameters=False);
+  torch_save_zip.pt     torch.save(Linear(2, 2).state_dict()): a zip archive, PK\\x03\\x04;
+  torch_save_pickle.pt  torch.save({"epoch": 3, "step": 1200, "lr": 0.001}) with
+                        _use_new_zipfile_serialization=False: a pickle, \\x80\\x02.
 
 Deterministic: each case seeds torch from a CRC of its name.
 """
@@ -220,27 +243,114 @@ def write_example(out_dir):
     return [model_path, io_path]
 
 
+class TinyModel(torch.nn.Module):
+    """A whole model as users have one: the encoder is one submodule among others."""
+
+    def __init__(self):
+        super().__init__()
+        E = 8
+        layer = torch.nn.TransformerEncoderLayer(E, 4, 12, dropout=0.1, activation="gelu", batch_first=True,
+                                                 norm_first=True)
+        self.encoder = torch.nn.TransformerEncoder(layer, 2, norm=torch.nn.LayerNorm(E), enable_nested_tensor=False)
+        self.head = torch.nn.Linear(E, 3)
+
+    def forward(self, src):
+        return self.head(self.encoder(src))
+
+
+def in_dir(path, fn):
+    """Runs fn() in `path`: the exporter records its input's name, so keep it the same on every run."""
+    cwd = os.getcwd()
+    os.chdir(path)
+    try:
+        return fn()
+    finally:
+        os.chdir(cwd)
+
+
+def write_model_with_encoder(out_dir):
+    """model_with_encoder(_io).safetensors and model_state_dict.safetensors: see the docstring."""
+    seed_for("state_dict/model_with_encoder")
+    model = TinyModel().eval()
+    redraw_(model)
+    B, L, E = 2, 5, 8
+    paths = [os.path.abspath(os.path.join(out_dir, n + ".safetensors"))
+             for n in ("model_with_encoder", "model_with_encoder_io", "model_state_dict")]
+    with tempfile.TemporaryDirectory() as tmp:
+        def export():
+            torch.save(model, "model.pt")  # pickles TinyModel by reference: torch.load finds it in this process
+            export_state_dict.main(["attn-export", "model.pt", paths[0]])
+            torch.save(model.state_dict(), "model_state_dict.pt")
+            export_state_dict.main(["attn-export", "model_state_dict.pt", paths[2]])
+        in_dir(tmp, export)
+    src = randn(B, L, E).to(torch.float32)
+    output = model.encoder(src).detach()
+    export_state_dict.save_file({"src": src, "output": output}, paths[1], metadata={
+        "generator": "tools/gen_state_dict_fixtures.py", "torch_version": torch.__version__,
+        "description": "src [B, L, E] and PyTorch's float32 output of model_with_encoder.safetensors' encoder"})
+    return paths
+
+
+def write_heads4(out_dir):
+    """heads4.safetensors, heads4_no_metadata.safetensors: see the docstring."""
+    seed_for("state_dict/heads4")
+    mha = torch.nn.MultiheadAttention(16, 4).eval()
+    redraw_(mha)
+    paths = [os.path.join(out_dir, n + ".safetensors") for n in ("heads4", "heads4_no_metadata")]
+    export_state_dict.export_state_dict(mha, paths[0], metadata={"generator": "tools/gen_state_dict_fixtures.py"})
+    export_state_dict.export_state_dict(mha, paths[1], hyperparameters=False)
+    return paths
+
+
+def write_torch_save(out_dir):
+    """torch_save_zip.pt and torch_save_pickle.pt: what users try to open before exporting."""
+    seed_for("state_dict/torch_save")
+    sd = torch.nn.Linear(2, 2).state_dict()
+    paths = [os.path.abspath(os.path.join(out_dir, n)) for n in ("torch_save_zip.pt", "torch_save_pickle.pt")]
+    torch.save(sd, paths[0])
+    # The legacy format names each tensor's storage by its address, different on every run: the
+    # pickle holds a checkpoint's plain values instead, which starts the same (\x80\x02).
+    torch.save({"epoch": 3, "step": 1200, "lr": 0.001}, paths[1], _use_new_zipfile_serialization=False)
+    return paths
+
+
+# Fixtures of several files each, by name: a function of the output directory returning the paths.
+GROUPS = {
+    "encoder_example": write_example,
+    "model_with_encoder": write_model_with_encoder,
+    "heads4": write_heads4,
+    "torch_save": write_torch_save,
+}
+
+
 def main(argv):
-    if len(argv) > 2 or (len(argv) == 2 and argv[1] in ("-h", "--help")):
+    if len(argv) >= 2 and argv[1] in ("-h", "--help"):
         print(__doc__)
-        return 0 if len(argv) == 2 else 2
+        return 0
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out_dir = argv[1] if len(argv) == 2 else os.path.join(root, "tests", "data", "state_dict")
+    out_dir = argv[1] if len(argv) >= 2 else os.path.join(root, "tests", "data", "state_dict")
+    names = argv[2:] or list(CASES) + list(GROUPS)
+    unknown = [n for n in names if n not in CASES and n not in GROUPS]
+    if unknown:
+        print(f"unknown fixtures {unknown}; known: {list(CASES) + list(GROUPS)}", file=sys.stderr)
+        return 2
     os.makedirs(out_dir, exist_ok=True)
     torch.set_num_threads(1)  # one reduction order, whatever the machine
-    total = 0
-    for name, fn in CASES.items():
+    written = []
+    for name in names:
+        if name in GROUPS:
+            written += GROUPS[name](out_dir)
+            continue
         seed_for("state_dict/" + name)
-        state, tensors, meta = fn()
+        state, tensors, meta = CASES[name]()
         meta = {"case": name, "generator": "tools/gen_state_dict_fixtures.py", "torch_version": torch.__version__,
                 **meta}
         path = os.path.join(out_dir, name + ".safetensors")
         export_state_dict.export_state_dict(state, path, metadata={k: meta_str(v) for k, v in meta.items()},
                                             extra=tensors)
-        total += os.path.getsize(path)
-    example = write_example(out_dir)
-    total += sum(os.path.getsize(p) for p in example)
-    print(f"wrote {len(CASES) + len(example)} fixtures, {total} bytes, to {out_dir}")
+        written.append(path)
+    total = sum(os.path.getsize(p) for p in written)
+    print(f"wrote {len(written)} fixtures, {total} bytes, to {out_dir}")
     return 0
 
 

@@ -22,7 +22,8 @@
 // that does not parse, is not an object or nests arrays and objects deeper than 64 levels (a
 // valid header needs 3), duplicate keys, an unknown dtype, a missing or ill-typed field, offsets
 // outside the data or ending before they begin, tensors that overlap, a shape whose element
-// count overflows or does not match the bytes, non-string metadata.
+// count overflows or does not match the bytes, non-string metadata. A file torch.save wrote (a
+// zip archive or a pickle) is named as one, with the way out: tools/export_state_dict.py.
 // Unknown fields in a tensor's entry are ignored, and so are gaps between tensors (the reference
 // Rust reader rejects gaps; nothing here depends on their absence).
 //
@@ -495,15 +496,32 @@ class SafeTensors {
     }
   }
 
-  void parse() {
-    const std::size_t size = file_->size();
-    const unsigned char* file = file_->data();
+  // torch.save writes a zip archive (PyTorch >= 1.6) or, before that or with
+  // _use_new_zipfile_serialization=False, a pickle: PROTO opcode 0x80 and protocol 2 to 5. Asked
+  // only of a file that is already not safetensors (a header length of 0x0280 is a valid one's).
+  void fail_if_torch_save(const unsigned char* file, std::size_t size) const {
+    const char* kind = nullptr;
+    if (size >= 4 && std::memcmp(file, "PK\x03\x04", 4) == 0) kind = "a zip archive";
+    if (size >= 2 && file[0] == 0x80 && file[1] >= 2 && file[1] <= 5) kind = "a pickle";
+    if (kind)
+      fail_file("this looks like a torch.save file (", kind,
+                "), not safetensors: export it with attn-export (tools/export_state_dict.py)");
+  }
+  [[noreturn]] void fail_not_safetensors(const unsigned char* file, std::size_t size) const {
+    fail_if_torch_save(file, size);
     if (size < 8) fail_file("is ", size, " bytes long, shorter than the 8-byte header length");
     const std::uint64_t n = detail::load_le<std::uint64_t>(file);
     if (n > size - 8)
       fail_file("header length ", n, " is larger than the file (", size - 8, " bytes follow the length)");
-    if (n > detail::max_header_bytes)
-      fail_file("header length ", n, " exceeds the limit of ", detail::max_header_bytes, " bytes");
+    fail_file("header length ", n, " exceeds the limit of ", detail::max_header_bytes, " bytes");
+  }
+
+  void parse() {
+    const std::size_t size = file_->size();
+    const unsigned char* file = file_->data();
+    if (size < 8) fail_not_safetensors(file, size);
+    const std::uint64_t n = detail::load_le<std::uint64_t>(file);
+    if (n > size - 8 || n > detail::max_header_bytes) fail_not_safetensors(file, size);
     const char* header = reinterpret_cast<const char*>(file + 8);
     data_ = file + 8 + n;
     data_size_ = size - 8 - static_cast<std::size_t>(n);
@@ -518,7 +536,10 @@ class SafeTensors {
     detail::HeaderScan scan;
     const bool valid = nlohmann::json::sax_parse(header, header + n, &scan);
     if (scan.too_deep) fail_file("header nests arrays and objects deeper than ", detail::max_header_depth, " levels");
-    if (!valid) fail_file("header is not valid JSON: ", scan.error);
+    if (!valid) {
+      fail_if_torch_save(file, size);  // a zip whose first bytes read as a length that fits
+      fail_file("header is not valid JSON: ", scan.error);
+    }
     if (!scan.duplicate.empty()) {
       if (scan.duplicate_in.empty()) fail_file("header names \"", scan.duplicate, "\" twice");
       fail_file("header entry \"", scan.duplicate_in, "\" has the key \"", scan.duplicate, "\" twice");

@@ -26,12 +26,36 @@
 // constructor registers them (the order above).
 //
 // A prefix names the module inside a larger one: "encoder.attn" or "encoder.attn." (a '.' is
-// added when missing). Keys outside the prefix are never looked at.
+// added when missing). Keys outside the prefix are never looked at. When a strict load misses
+// every key because they sit under another prefix (or under none), the error says which prefix to
+// pass.
+//
+// Hyperparameters. The shapes cannot tell a 4-head attention from an 8-head one, so a file's
+// metadata may say what the module was built with, under PyTorch's constructor argument names
+// (tools/export_state_dict.py writes them for every nn.MultiheadAttention and nn.Transformer*
+// module, and hyperparameter_metadata() below for attn's): "<prefix>.<name>", or "<name>" for an
+// empty prefix, with the composites' children under their paths:
+//   MultiHeadAttention:       embed_dim, num_heads, kdim, vdim, bias, add_bias_kv, add_zero_attn,
+//                             batch_first
+//   TransformerEncoderLayer,  d_model, nhead, dim_feedforward, activation ("relu", "gelu"),
+//   TransformerDecoderLayer:  layer_norm_eps, batch_first, norm_first, bias; self_attn.*
+//                             (and multihead_attn.*) as MultiHeadAttention
+//   TransformerEncoder:       its layers' (as above, from layers.0), num_layers, final_norm,
+//                             final_norm_eps (with a final norm); layers.<i>.* as a layer
+// Loading from a file checks every one of these the metadata has, before anything changes, and
+// throws a format_error naming the key and both values when one differs ("metadata says
+// num_heads = 4, the module has 8: build it with 4 heads"). A key the metadata lacks is not
+// checked (files from other writers, exports of plain state_dicts, which cannot know the head
+// count); flags read as true/false (or True/False, 1/0), floats within a relative 1e-6.
 //
 // Needs nlohmann_json, as attn/io/safetensors.hpp does.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <functional>
+#include <locale>
+#include <sstream>
 #include <string>
 #include <type_traits>
 #include <unordered_set>
@@ -276,6 +300,261 @@ inline std::string normalized_prefix(std::string prefix) {
   return prefix;
 }
 
+// One constructor hyperparameter of a module, under PyTorch's argument name, with the module's value.
+struct Hyperparameter {
+  enum class Kind { integer, flag, real, name };
+  std::string key;  // "num_heads", or "layers.0.self_attn.num_heads" in a composite
+  Kind kind = Kind::integer;
+  long long integer = 0;  // integer; flag: 0 or 1
+  double real = 0;
+  std::string name;
+};
+
+inline Hyperparameter hp_integer(std::string key, Index v) {
+  return {std::move(key), Hyperparameter::Kind::integer, static_cast<long long>(v), 0.0, {}};
+}
+inline Hyperparameter hp_flag(std::string key, bool v) {
+  return {std::move(key), Hyperparameter::Kind::flag, v ? 1 : 0, 0.0, {}};
+}
+inline Hyperparameter hp_real(std::string key, double v) {
+  return {std::move(key), Hyperparameter::Kind::real, 0, v, {}};
+}
+inline Hyperparameter hp_name(std::string key, std::string v) {
+  return {std::move(key), Hyperparameter::Kind::name, 0, 0.0, std::move(v)};
+}
+
+inline void append_hyperparameters(std::vector<Hyperparameter>& hs, const std::string& name,
+                                   std::vector<Hyperparameter> child) {
+  for (auto& h : child) {
+    h.key = name + h.key;
+    hs.push_back(std::move(h));
+  }
+}
+
+inline const char* activation_name(Activation a) { return a == Activation::GELU ? "gelu" : "relu"; }
+
+// The other modules (Linear, LayerNorm, RMSNorm, ...) have none that a file records: not checked.
+template <class Module>
+std::vector<Hyperparameter> hyperparameters(const Module& /*module*/) {
+  return {};
+}
+
+template <class T>
+std::vector<Hyperparameter> hyperparameters(const MultiHeadAttention<T>& m) {
+  const MhaOptions& o = m.options();
+  return {hp_integer("embed_dim", m.embed_dim()),
+          hp_integer("num_heads", m.num_heads()),
+          hp_integer("kdim", m.kdim()),
+          hp_integer("vdim", m.vdim()),
+          hp_flag("bias", o.bias),
+          hp_flag("add_bias_kv", o.add_bias_kv),
+          hp_flag("add_zero_attn", o.add_zero_attn),
+          hp_flag("batch_first", o.batch_first)};
+}
+
+// A layer's own arguments (d_model and nhead are its self-attention's embed_dim and num_heads).
+inline std::vector<Hyperparameter> layer_hyperparameters(Index d_model, Index nhead, const TransformerOptions& o) {
+  return {hp_integer("d_model", d_model),
+          hp_integer("nhead", nhead),
+          hp_integer("dim_feedforward", o.dim_feedforward),
+          hp_name("activation", activation_name(o.activation)),
+          hp_real("layer_norm_eps", o.layer_norm_eps),
+          hp_flag("batch_first", o.batch_first),
+          hp_flag("norm_first", o.norm_first),
+          hp_flag("bias", o.bias)};
+}
+
+template <class T>
+std::vector<Hyperparameter> hyperparameters(const TransformerEncoderLayer<T>& m) {
+  std::vector<Hyperparameter> hs = layer_hyperparameters(m.d_model(), m.nhead(), m.options());
+  append_hyperparameters(hs, "self_attn.", hyperparameters(m.self_attn()));
+  return hs;
+}
+
+template <class T>
+std::vector<Hyperparameter> hyperparameters(const TransformerDecoderLayer<T>& m) {
+  std::vector<Hyperparameter> hs = layer_hyperparameters(m.d_model(), m.nhead(), m.options());
+  append_hyperparameters(hs, "self_attn.", hyperparameters(m.self_attn()));
+  append_hyperparameters(hs, "multihead_attn.", hyperparameters(m.multihead_attn()));
+  return hs;
+}
+
+// As tools/export_state_dict.py records an nn.TransformerEncoder: its first layer's arguments
+// (PyTorch deep-copies one layer), num_layers and the final norm; then every layer's own.
+template <class T>
+std::vector<Hyperparameter> hyperparameters(const TransformerEncoder<T>& m) {
+  std::vector<Hyperparameter> hs;
+  if (m.num_layers() > 0)
+    hs = layer_hyperparameters(m.layer(0).d_model(), m.layer(0).nhead(), m.layer(0).options());
+  else
+    hs.push_back(hp_integer("d_model", m.d_model()));
+  hs.push_back(hp_integer("num_layers", m.num_layers()));
+  hs.push_back(hp_flag("final_norm", m.norm() != nullptr));
+  if (m.norm()) hs.push_back(hp_real("final_norm_eps", m.norm()->eps()));
+  for (Index i = 0; i < m.num_layers(); ++i)
+    append_hyperparameters(hs, "layers." + std::to_string(i) + ".", hyperparameters(m.layer(i)));
+  return hs;
+}
+
+// The shortest decimal that reads back as v ("1e-05", not "1.0000000000000001e-05"), as Python's
+// repr writes floats; in the classic locale, whatever the program's.
+inline std::string real_to_string(double v) {
+  std::string s;
+  for (int digits = 1; digits <= 17; ++digits) {
+    std::ostringstream out;
+    out.imbue(std::locale::classic());
+    out.precision(digits);
+    out << v;
+    s = out.str();
+    std::istringstream in(s);
+    in.imbue(std::locale::classic());
+    double back = 0;
+    if (in >> back && back == v) break;
+  }
+  return s;
+}
+
+inline std::string value_string(const Hyperparameter& h) {
+  switch (h.kind) {
+    case Hyperparameter::Kind::integer:
+      return std::to_string(h.integer);
+    case Hyperparameter::Kind::flag:
+      return h.integer ? "true" : "false";
+    case Hyperparameter::Kind::real:
+      return real_to_string(h.real);
+    case Hyperparameter::Kind::name:
+      break;
+  }
+  return h.name;
+}
+
+// Reads a metadata string as h's kind into `out` (integer, flag) or `real`; false when it is not one.
+inline bool parse_hyperparameter(const Hyperparameter& h, const std::string& s, long long& out, double& real) {
+  switch (h.kind) {
+    case Hyperparameter::Kind::integer: {
+      if (s.empty() || s.size() > 18) return false;  // 18 digits cannot overflow a long long
+      std::size_t i = s[0] == '-' ? 1 : 0;
+      if (i == s.size()) return false;
+      long long v = 0;
+      for (; i < s.size(); ++i) {
+        if (s[i] < '0' || s[i] > '9') return false;
+        v = v * 10 + (s[i] - '0');
+      }
+      out = s[0] == '-' ? -v : v;
+      return true;
+    }
+    case Hyperparameter::Kind::flag:
+      out = s == "true" || s == "True" || s == "1" ? 1 : 0;
+      return out == 1 || s == "false" || s == "False" || s == "0";
+    case Hyperparameter::Kind::real: {
+      std::istringstream in(s);
+      in.imbue(std::locale::classic());
+      double v = 0;
+      if (!(in >> v) || !in.eof() || !std::isfinite(v)) return false;
+      real = v;
+      return true;
+    }
+    case Hyperparameter::Kind::name:
+      break;
+  }
+  return true;
+}
+
+// What to change: "build it with 4 heads", "build it with batch_first = true".
+inline std::string hyperparameter_fix(const Hyperparameter& h, const std::string& file_value) {
+  const std::string name = h.key.substr(h.key.rfind('.') == std::string::npos ? 0 : h.key.rfind('.') + 1);
+  if (name == "num_heads" || name == "nhead") return "build it with " + file_value + " heads";
+  if (name == "final_norm")
+    return h.integer ? "build it without a final norm" : "build it with a final LayerNorm (the norm argument)";
+  if (name == "activation" && file_value != "relu" && file_value != "gelu")
+    return "attn's layers have activation relu and gelu only";
+  return "build it with " + name + " = " + file_value;
+}
+
+// Compares every hyperparameter of `hs` that `meta` has under `prefix` with the module's; throws
+// a format_error naming the first that differs (context: who loads what, for the message).
+inline void check_hyperparameters(const std::vector<Hyperparameter>& hs, const Metadata& meta,
+                                  const std::string& prefix, const std::string& context) {
+  std::string first;
+  std::size_t differ = 0;
+  for (const Hyperparameter& h : hs) {
+    const auto it = meta.find(prefix + h.key);
+    if (it == meta.end()) continue;
+    const std::string& s = it->second;
+    long long v = 0;
+    double real = 0;
+    if (!parse_hyperparameter(h, s, v, real)) {
+      static const char* const what[] = {"an integer", "a flag (true or false)", "a finite number", "a name"};
+      throw format_error(attn::detail::concat(context, ": metadata ", it->first, " = \"", s, "\" is not ",
+                                              what[static_cast<int>(h.kind)]));
+    }
+    bool same = true;
+    switch (h.kind) {
+      case Hyperparameter::Kind::integer:
+      case Hyperparameter::Kind::flag:
+        same = v == h.integer;
+        break;
+      case Hyperparameter::Kind::real:  // a writer may have printed a float: 1e-5f is 9.99999974738e-06
+        same = std::abs(real - h.real) <= 1e-6 * std::max(std::abs(real), std::abs(h.real));
+        break;
+      case Hyperparameter::Kind::name:
+        same = s == h.name;
+        break;
+    }
+    if (same) continue;
+    if (differ++ == 0)
+      first = attn::detail::concat("metadata says ", it->first, " = ", s, ", the module has ", value_string(h), ": ",
+                                   hyperparameter_fix(h, s));
+  }
+  if (differ == 0) return;
+  throw format_error(attn::detail::concat(
+      context, ": ", first,
+      differ > 1 ? attn::detail::concat(" (and ", differ - 1, differ == 2 ? " more differs)" : " more differ)") : ""));
+}
+
+inline Metadata to_metadata(const std::vector<Hyperparameter>& hs, const std::string& raw_prefix) {
+  const std::string prefix = normalized_prefix(raw_prefix);
+  Metadata meta;
+  for (const Hyperparameter& h : hs) meta[prefix + h.key] = value_string(h);
+  return meta;
+}
+
+// Why a strict load found none of the module's keys where it looked: every prefix other than
+// `prefix` under which the source holds all of them ("" included), for a hint in the error.
+template <class Module, class T>
+std::vector<std::string> prefixes_holding(const std::vector<Param<Module, T>>& ps, const std::vector<std::string>& keys,
+                                          const std::unordered_set<std::string>& have, const std::string& prefix) {
+  std::vector<std::string> found;
+  if (ps.empty()) return found;
+  // Every candidate ends where the first parameter's key begins, at a '.' or at the start.
+  const std::string& first = ps.front().key;
+  for (const std::string& k : keys) {
+    if (k.size() < first.size() || k.compare(k.size() - first.size(), first.size(), first) != 0) continue;
+    const std::string q = k.substr(0, k.size() - first.size());
+    if (q == prefix || (!q.empty() && q.back() != '.')) continue;
+    bool all = true;
+    for (const auto& p : ps) all = all && have.count(q + p.key);
+    if (all) found.push_back(q);
+  }
+  return found;
+}
+
+inline std::string prefix_hint(const std::vector<std::string>& found, std::size_t missing, const std::string& prefix) {
+  if (found.empty()) return "";
+  const std::string all =
+      attn::detail::concat("; all ", missing, missing == 1 ? " missing key exists" : " missing keys exist");
+  if (found.size() == 1) {
+    if (found[0].empty()) return attn::detail::concat(all, " without the prefix \"", prefix, "\": pass prefix \"\"");
+    return attn::detail::concat(all, " under prefix \"", found[0], "\": pass prefix \"",
+                                found[0].substr(0, found[0].size() - 1), "\"");
+  }
+  std::string list;
+  for (std::size_t i = 0; i < found.size() && i < 4; ++i)
+    list += attn::detail::concat(i ? ", \"" : "\"", found[i], "\"");
+  if (found.size() > 4) list += attn::detail::concat(" and ", found.size() - 4, " more");
+  return attn::detail::concat(all, " under each of the prefixes ", list, ": pass the one you mean");
+}
+
 inline std::string key_list(const std::vector<std::string>& keys) {
   std::string s = "[";
   for (std::size_t i = 0; i < keys.size(); ++i) s += (i ? ", \"" : "\"") + keys[i] + "\"";
@@ -287,6 +566,7 @@ struct Source {
   std::string what;  // for messages: "safetensors file x", "state dict"
   std::vector<std::string> keys;
   std::function<Tensor<T>(const std::string&)> get;
+  const Metadata* metadata = nullptr;  // a file's, whose hyperparameters are checked; a StateDict has none
 };
 
 // Loads into temporaries, checks every key and shape, then assigns to a copy of the module and
@@ -296,6 +576,11 @@ LoadResult load(Module& module, const Source<T>& src, const std::string& raw_pre
   static_assert(std::is_nothrow_move_assignable_v<Module>,
                 "load_state_dict's strong guarantee moves a loaded copy into the module");
   const std::string prefix = normalized_prefix(raw_prefix);
+  // The hyperparameters first: a 4-head file has the shapes of an 8-head module, and a key-by-key
+  // load would succeed and compute something else.
+  if (src.metadata)
+    check_hyperparameters(hyperparameters(module), *src.metadata, prefix,
+                          attn::detail::concat(where, ": ", src.what, ", prefix \"", prefix, "\""));
   const std::vector<Param<Module, T>> ps = params(module);
   const std::unordered_set<std::string> have(src.keys.begin(), src.keys.end());
   std::unordered_set<std::string> expected;
@@ -311,6 +596,8 @@ LoadResult load(Module& module, const Source<T>& src, const std::string& raw_pre
     if (!r.missing_keys.empty()) msg += " missing keys " + key_list(r.missing_keys);
     if (!r.missing_keys.empty() && !r.unexpected_keys.empty()) msg += ";";
     if (!r.unexpected_keys.empty()) msg += " unexpected keys " + key_list(r.unexpected_keys);
+    if (!r.missing_keys.empty())
+      msg += prefix_hint(prefixes_holding(ps, src.keys, have, prefix), r.missing_keys.size(), prefix);
     throw format_error(msg + " (strict = false loads the keys that match)");
   }
 
@@ -337,7 +624,8 @@ LoadResult load(Module& module, const Source<T>& src, const std::string& raw_pre
 
 template <class T>
 Source<T> source(const SafeTensors& st) {
-  return {"safetensors file " + st.path(), st.names(), [&st](const std::string& k) { return st.tensor<T>(k); }};
+  return {"safetensors file " + st.path(), st.names(), [&st](const std::string& k) { return st.tensor<T>(k); },
+          &st.metadata()};
 }
 
 template <class T>
@@ -388,12 +676,37 @@ StateDict<T> state_dict(const TransformerEncoder<T>& module, const std::string& 
   return detail::save<TransformerEncoder<T>, T>(module, prefix);
 }
 
+// The module's hyperparameters (the names in the table at the top of this file) as a file's
+// metadata, each key under `prefix`, written as tools/export_state_dict.py writes PyTorch's: saved
+// beside the module's tensors, they let a later load_state_dict check the module it loads into.
+//   attn::io::save_safetensors(path, attn::io::state_dict(mha, "attn"), attn::io::hyperparameter_metadata(mha, "attn"));
+template <class T>
+Metadata hyperparameter_metadata(const MultiHeadAttention<T>& module, const std::string& prefix = "") {
+  return detail::to_metadata(detail::hyperparameters(module), prefix);
+}
+template <class T>
+Metadata hyperparameter_metadata(const TransformerEncoderLayer<T>& module, const std::string& prefix = "") {
+  return detail::to_metadata(detail::hyperparameters(module), prefix);
+}
+template <class T>
+Metadata hyperparameter_metadata(const TransformerDecoderLayer<T>& module, const std::string& prefix = "") {
+  return detail::to_metadata(detail::hyperparameters(module), prefix);
+}
+template <class T>
+Metadata hyperparameter_metadata(const TransformerEncoder<T>& module, const std::string& prefix = "") {
+  return detail::to_metadata(detail::hyperparameters(module), prefix);
+}
+
 // Sets the module's parameters from the keys under `prefix`: from a file (any float dtype,
 // converted to T) or a StateDict<T>. For every module state_dict() saves (a composite such as
 // TransformerEncoder loads all of its layers' keys in one call).
 //   strict (the default): every parameter must be there and nothing else under the prefix, or a
-//     format_error lists the missing and the unexpected keys;
+//     format_error lists the missing and the unexpected keys (and the prefix to pass, when the
+//     missing ones are all under another);
 //   strict = false: what matches is loaded, the rest is returned in the LoadResult.
+// From a file, MultiHeadAttention, the transformer layers and TransformerEncoder first check the
+// hyperparameters the file's metadata records under the prefix (see the top of this file): one
+// that differs from the module's is a format_error naming the key and both values.
 // A tensor whose shape is not the parameter's is a shape_error naming the key and both shapes;
 // a tensor that is not a float, a format_error. On any error the module is left unchanged, a
 // composite's every submodule included (the parameters are set on a copy that then replaces it,

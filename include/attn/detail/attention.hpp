@@ -26,4 +26,12 @@ void attention(const AttentionProblem<T>& p) {
     attention_flash(p, flash_blocks(p));
 }
 
+// With ATTN_EXTERN_TEMPLATES the kernels are compiled once per program, in the file that includes
+// attn/instantiate.hpp, instead of in every translation unit that calls attention(). (attention
+// must stay a non-inline function: compilers instantiate inline ones anyway, for inlining.)
+#ifdef ATTN_EXTERN_TEMPLATES
+extern template void attention<float>(const AttentionProblem<float>&);
+extern template void attention<double>(const AttentionProblem<double>&);
+#endif
+
 }  // namespace attn::detail

@@ -1,9 +1,14 @@
-// attn/detail/attention_blocked.hpp - attention on Eigen GEMMs over query blocks.
+// attn/detail/attention_blocked.hpp - attention with the probabilities: whole score rows.
 //
-// Queries are taken Br rows at a time: the [Br, S] score tile is one GEMM (Q_blk K^T), the masks
-// and a stable row softmax are applied in place, and the output block is one more GEMM (P V).
-// Scratch is one [Br, S] tile for the whole call, so memory is O(Br * S), never O(L * S), and the
-// semantics are those of attention_reference (same masked_logit, same all-masked rule).
+// The kernel for calls that ask for the [L, S] probabilities (need_weights), which the flash
+// kernel never forms. Per (batch, head), K is packed once (mk::pack_keys); queries then go
+// kScoreRows rows at a time: their [R, S] scores are one pass of the flash kernel's micro-kernel
+// over all of K (mk::score_tile), the masks and a stable row softmax are applied in place, the
+// output rows are P V (mk::pv_row_tiles) and the probabilities are copied out. Scratch is the
+// packed K and one [R, S] tile, O(S * d) memory, never O(L * S); the semantics are those of
+// attention_reference (same masked_logit, same all-masked rule). Single-threaded. (It used to be
+// two Eigen GEMMs per block: 1.5x slower, and a GEMM for every file that calls attention() to
+// compile.)
 #pragma once
 
 #include <algorithm>
@@ -15,39 +20,45 @@
 
 namespace attn::detail {
 
+// block_rows: query rows per score tile, at most (and by default) mk::kScoreRows.
 template <class T>
-void attention_blocked(const AttentionProblem<T>& p, Index block_rows = 64) {
+void attention_blocked(const AttentionProblem<T>& p, Index block_rows = mk::kScoreRows) {
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  constexpr Index NR = mk::kPanel<T>;
+  const Index MR = std::clamp<Index>(block_rows, 1, mk::kScoreRows);
   const bool masked = has_masks(p);
-  Matrix<T> tile(std::min(block_rows, p.L), p.S);
+  const Index s_pad = (p.S + NR - 1) / NR * NR, panels = s_pad / NR;
+  // The packed K [s_pad, d], one tile's scores [MR, s_pad], and MR zeros (pv_row_tiles' alpha:
+  // O = 0 * O + P V, on output rows zeroed first).
+  Eigen::Matrix<T, Eigen::Dynamic, 1> arena(s_pad * p.d + MR * s_pad + MR);
+  T* const packed = arena.data();
+  T* const scores = packed + s_pad * p.d;
+  T* const zeros = scores + MR * s_pad;
+  std::fill(zeros, zeros + MR, T(0));
+  T row_max[mk::kScoreRows];
   for (Index b = 0; b < p.batch; ++b) {
     for (Index h = 0; h < p.heads; ++h) {
-      const StridedMap<T> K(p.k.row(b, kv_head(p, h), 0), p.S, p.d, Eigen::OuterStride<>(p.k.row_stride));
-      const StridedMap<T> V(p.v.row(b, kv_head(p, h), 0), p.S, p.dv, Eigen::OuterStride<>(p.v.row_stride));
-      for (Index i0 = 0; i0 < p.L; i0 += block_rows) {
-        const Index n = std::min(block_rows, p.L - i0);
-        const StridedMap<T> Q(p.q.row(b, h, i0), n, p.d, Eigen::OuterStride<>(p.q.row_stride));
-        auto P = tile.topRows(n);
-        P.noalias() = Q * K.transpose();
-        P *= p.scale;
+      const Index hk = kv_head(p, h);
+      mk::pack_keys(p.k.row(b, hk, 0), p.k.row_stride, p.S, p.d, packed);
+      for (Index i0 = 0; i0 < p.L; i0 += MR) {
+        const Index n = std::min(MR, p.L - i0);
+        mk::score_tile(n, p.q.row(b, h, i0), p.q.row_stride, packed, panels, p.S, p.d, p.scale, scores, s_pad, row_max);
         for (Index r = 0; r < n; ++r) {
-          T* row = P.row(r).data();
-          const T m = masked ? mask_row(p, b, h, i0 + r, 0, row, p.S) : P.row(r).maxCoeff();
+          T* const row = scores + r * s_pad;
+          const T m = masked ? mask_row(p, b, h, i0 + r, 0, row, p.S) : row_max[r];
           if (m == kNegInf) {  // every key masked: zeros, as in the reference; NaN if NaN logits were left
-            if (any_nan(row, p.S))
-              P.row(r).setConstant(std::numeric_limits<T>::quiet_NaN());
-            else
-              P.row(r).setZero();
+            std::fill(row, row + p.S, any_nan(row, p.S) ? std::numeric_limits<T>::quiet_NaN() : T(0));
             continue;
           }
-          P.row(r) /= mk::exp_sum_row(row, p.S, m, masked);
+          const T sum = mk::exp_sum_row(row, p.S, m, masked);
+          for (Index j = 0; j < p.S; ++j) row[j] /= sum;
         }
-        MutableStridedMap<T> O(p.out.row(b, h, i0), n, p.dv, Eigen::OuterStride<>(p.out.row_stride));
-        O.noalias() = P * V;
-        if (p.weights) {
-          MutableStridedMap<T> W(p.weights.row(b, h, i0), n, p.S, Eigen::OuterStride<>(p.weights.row_stride));
-          W = P;
-        }
+        for (Index r = 0; r < n; ++r) std::fill(p.out.row(b, h, i0 + r), p.out.row(b, h, i0 + r) + p.dv, T(0));
+        mk::pv_row_tiles(n, scores, s_pad, p.v.row(b, hk, 0), p.v.row_stride, p.S, p.dv, zeros, p.out.row(b, h, i0),
+                         p.out.row_stride);
+        if (p.weights)
+          for (Index r = 0; r < n; ++r)
+            std::copy(scores + r * s_pad, scores + r * s_pad + p.S, p.weights.row(b, h, i0 + r));
       }
     }
   }

@@ -30,7 +30,7 @@
 // reference (a chunk whose every attended logit is NaN has m_c = -inf and l_c = NaN).
 #pragma once
 
-#include <Eigen/Core>
+#include "attn/detail/eigen.hpp"
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -205,36 +205,38 @@ void attention_decode(const AttentionProblem<T>& p, Index chunk = kDecodeChunk, 
       const Index n = end_key - first_key;
       const T* const k = p.k.row(b, kh, first_key);
       const T* const v = p.v.row(b, kh, first_key);
-      mk::for_row_tiles<kDecodeRows>(p.L, [&](Index, auto rows) {  // rows: L as a compile-time MR
-        decode::score_keys<decltype(rows)::value>(p.q.row(b, h, 0), p.q.row_stride, k, p.k.row_stride, n, p.d,
-                                                  p.scale, s, chunk);
-        // Row i's probabilities over the union: exp(s - m_i) on its own keys, 0 on the others
-        // (masked keys come out exactly 0 from exp_sum_row).
-        for (Index i = 0; i < p.L; ++i) {
-          T* const si = s + i * chunk;
-          T* const o = out + i * part;
-          const Index ni = std::max<Index>(0, hi[i] - lo[i]);
-          T* const row = ni > 0 ? si + (lo[i] - first_key) : si;
-          const bool masked = elementwise || hi[i] > p.mask_keys;
-          const T m = ni == 0 ? kNegInf : masked ? mask_row(p, b, h, i, lo[i], row, ni) : mk::max_of(row, ni);
-          if (m == kNegInf) {  // an empty partial: it takes no part in the merge
-            o[0] = kNegInf;
-            // The row max skips NaN logits: a row whose attended logits are all NaN lands here too,
-            // and its l = NaN makes the merged row NaN.
-            if (ni > 0 && Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>>(row, ni).isNaN().any())
-              o[1] = std::numeric_limits<T>::quiet_NaN();
-            std::fill(si, si + n, T(0));
-            continue;
-          }
-          o[0] = m;
-          o[1] = mk::exp_sum_row(row, ni, m, masked);
-          std::fill(si, row, T(0));
-          std::fill(row + ni, si + n, T(0));
-        }
-        for (Index j = 0; j < n; j += kDecodeKeyBlock)
-          decode::pv_keys(p.L, s + j, chunk, v + j * p.v.row_stride, p.v.row_stride, std::min(kDecodeKeyBlock, n - j),
-                          p.dv, out + 2, part);
+      // The scores need L as a compile-time row count (score_keys' registers); nothing after does,
+      // so only score_keys is instantiated once per L, not the whole step.
+      mk::for_row_tiles<kDecodeRows>(p.L, [&](Index, auto rows) {
+        decode::score_keys<decltype(rows)::value>(p.q.row(b, h, 0), p.q.row_stride, k, p.k.row_stride, n, p.d, p.scale,
+                                                  s, chunk);
       });
+      // Row i's probabilities over the union: exp(s - m_i) on its own keys, 0 on the others
+      // (masked keys come out exactly 0 from exp_sum_row).
+      for (Index i = 0; i < p.L; ++i) {
+        T* const si = s + i * chunk;
+        T* const o = out + i * part;
+        const Index ni = std::max<Index>(0, hi[i] - lo[i]);
+        T* const row = ni > 0 ? si + (lo[i] - first_key) : si;
+        const bool masked = elementwise || hi[i] > p.mask_keys;
+        const T m = ni == 0 ? kNegInf : masked ? mask_row(p, b, h, i, lo[i], row, ni) : mk::max_of(row, ni);
+        if (m == kNegInf) {  // an empty partial: it takes no part in the merge
+          o[0] = kNegInf;
+          // The row max skips NaN logits: a row whose attended logits are all NaN lands here too,
+          // and its l = NaN makes the merged row NaN.
+          if (ni > 0 && Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>>(row, ni).isNaN().any())
+            o[1] = std::numeric_limits<T>::quiet_NaN();
+          std::fill(si, si + n, T(0));
+          continue;
+        }
+        o[0] = m;
+        o[1] = mk::exp_sum_row(row, ni, m, masked);
+        std::fill(si, row, T(0));
+        std::fill(row + ni, si + n, T(0));
+      }
+      for (Index j = 0; j < n; j += kDecodeKeyBlock)
+        decode::pv_keys(p.L, s + j, chunk, v + j * p.v.row_stride, p.v.row_stride, std::min(kDecodeKeyBlock, n - j),
+                        p.dv, out + 2, part);
     }
   });
 

@@ -16,7 +16,7 @@
 // enable), hence the tiles.
 #pragma once
 
-#include <Eigen/Core>
+#include "attn/detail/eigen.hpp"
 #include <algorithm>
 
 #include "attn/detail/check.hpp"
@@ -224,11 +224,30 @@ void linear_eigen(const ConstMatrixRef<T>& x, const ConstMatrixRef<T>& w, const 
   });
 }
 
+// The one-row path of linear_into: y [1, out] = x [1, in] W^T + b, a matrix-vector product in the
+// same column tiles, each one Eigen GEMV (W read in place, row by row) plus the bias. Eigen picks
+// the same GEMV for linear_eigen's one-row tiles; written as a vector product here, Eigen's GEMM
+// is not compiled at all where it is not used (most of what a projection cost to compile).
+template <class T>
+void linear_gemv(const ConstMatrixRef<T>& x, const ConstMatrixRef<T>& w, const T* bias, MatrixRef<T> y, int threads) {
+  ATTN_ASSERT(x.rows() <= 1);
+  const Index out = w.rows();
+  const GemmTiles tiles = gemm_tiles(x.rows(), x.cols(), out);  // one row of tiles; none when x is empty
+  parallel_tasks(tiles.count(), threads, [&](Index first, Index step) {
+    for (Index task = first; task < tiles.count(); task += step) {
+      const Index c0 = task * tiles.cols, nc = std::min(tiles.cols, out - c0);
+      auto tile = y.row(0).segment(c0, nc);
+      tile.noalias() = x.row(0) * w.middleRows(c0, nc).transpose();
+      if (bias) tile += Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>>(bias + c0, nc);
+    }
+  });
+}
+
 // The dispatch rule: linear_into takes the micro-kernel when Eigen vectorizes (a packet holds more
 // than one scalar) and x has at least 2 rows. One row is a matrix-vector product, bound by
 // reading W: packing W first costs 3-4x there, while from 2 rows up the packed kernel measured
-// 1.1-1.4x Eigen's. Without SIMD, Eigen's GEMM (the micro-kernel is still built and tested there,
-// tests/gemm_scalar_test, but not tuned for scalars).
+// 1.1-1.4x Eigen's; so one row goes to linear_gemv. Without SIMD, Eigen's GEMM (the micro-kernel
+// is still built and tested there, tests/gemm_scalar_test, but not tuned for scalars).
 template <class T>
 constexpr bool use_packed_gemm(Index n, Index /*in*/, Index /*out*/) {
   return mk::kLanes<T> > 1 && n >= 2;
@@ -245,10 +264,21 @@ void linear_into(const ConstMatrixRef<T>& x, const ConstMatrixRef<T>& w, const T
   const Index n = x.rows(), in = x.cols(), out = w.rows();
   // Under OpenMP, Eigen threads each GEMM itself; attn's threads on top would oversubscribe.
   const int t = Eigen::nbThreads() > 1 ? 1 : threads_for(2.0 * double(n) * double(in) * double(out), threads);
-  if (use_packed_gemm<T>(n, in, out))
+  if (use_packed_gemm<T>(n, in, out)) {
     linear_packed<T>(x, w, bias, y, t);
-  else
+  } else if constexpr (mk::kLanes<T> > 1) {
+    linear_gemv<T>(x, w, bias, y, t);  // n <= 1
+  } else {
     linear_eigen<T>(x, w, bias, y, t);
+  }
 }
+
+// With ATTN_EXTERN_TEMPLATES, compiled once per program (attn/instantiate.hpp); see attention().
+#ifdef ATTN_EXTERN_TEMPLATES
+extern template void linear_into<float>(const ConstMatrixRef<float>&, const ConstMatrixRef<float>&, const float*,
+                                        MatrixRef<float>, int);
+extern template void linear_into<double>(const ConstMatrixRef<double>&, const ConstMatrixRef<double>&, const double*,
+                                         MatrixRef<double>, int);
+#endif
 
 }  // namespace attn::detail

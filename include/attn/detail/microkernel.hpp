@@ -14,6 +14,7 @@
 //   score_rows<MR>   s[MR, cpad] = scale * Q[MR, d] K^T, and each row's max
 //   exp_sum_row      s = exp(s - m) (masked keys exactly 0), returns the row's sum
 //   pv_rows<MR>      O[MR, dv] = alpha * O + P[MR, c] V[c, dv]
+//   score_tile, pv_row_tiles   the same two for a row count known at run time (out of line)
 #pragma once
 
 #include <algorithm>
@@ -22,6 +23,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "attn/detail/check.hpp"
 #include "attn/types.hpp"
 
 namespace attn::detail::mk {
@@ -241,6 +243,26 @@ EIGEN_STRONG_INLINE void for_row_tiles(Index rows, F&& f) {
   Index r0 = 0;
   for (; r0 + Max <= rows; r0 += Max) f(r0, std::integral_constant<int, Max>{});
   remainder_tile(rows - r0, r0, f, std::make_integer_sequence<int, Max - 1>{});
+}
+
+// score_rows for a row tile of `rows` <= kScoreRows rows, the count at run time, out of line: for
+// the blocked kernel, which then compiles its register tiles in one function, not in its loops.
+template <class T>
+void score_tile(Index rows, const T* q, Index qs, const T* packed, Index panels, Index c, Index d, T scale, T* s,
+                Index ss, T* row_max) {
+  ATTN_ASSERT(rows >= 1 && rows <= kScoreRows);
+  for_row_tiles<kScoreRows>(rows, [&](Index, auto tile_rows) {  // one call, `rows` as a constant
+    score_rows<decltype(tile_rows)::value>(q, qs, packed, panels, c, d, scale, s, ss, row_max);
+  });
+}
+
+// pv_rows over `rows` rows (any count), in register tiles of kPvRows rows; out of line, as score_tile.
+template <class T>
+void pv_row_tiles(Index rows, const T* p, Index ps, const T* v, Index vs, Index c, Index dv, const T* alpha, T* o,
+                  Index os) {
+  for_row_tiles<kPvRows>(rows, [&](Index r0, auto tile_rows) {
+    pv_rows<decltype(tile_rows)::value>(p + r0 * ps, ps, v, vs, c, dv, alpha + r0, o + r0 * os, os);
+  });
 }
 
 }  // namespace attn::detail::mk

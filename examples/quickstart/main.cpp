@@ -1,38 +1,30 @@
-// quickstart: build a MultiHeadAttention, run self-attention on a small batch, print what came out.
-//
-//   cmake -S . -B build && cmake --build build --target quickstart && ./build/examples/quickstart
+// Self-attention over a batch of two sequences with torch.nn.MultiheadAttention's layer.
 #include <attn/attn.hpp>
 
+#include <cmath>
 #include <iostream>
 
 int main() {
-  const attn::Index B = 2, L = 5, E = 16, H = 4;
+  const attn::Index B = 2, L = 5, E = 16, H = 4;  // 2 sequences of 5 tokens, 16 features, 4 heads
 
-  // nn.MultiheadAttention(16, 4, batch_first=True), with PyTorch's initialisation from seed 0.
-  // To run a trained model, set its weights instead: mha.set_in_proj_weight(w) with w [3E, E] etc.
+  // nn.MultiheadAttention(16, 4, batch_first=True), initialised as PyTorch does (seed 0). For a
+  // trained model, set its weights: mha.set_in_proj_weight(w) with w [3E, E], and so on.
   attn::MhaOptions options;
   options.batch_first = true;
   attn::Generator gen(0);
   attn::MultiHeadAttention<float> mha(E, H, options, gen);
 
-  // A batch of B sequences of L tokens: a contiguous [B, L, E] buffer is a [B*L, E] matrix.
+  // The batch as one matrix, one token per row: a contiguous [B, L, E] tensor is [B*L, E].
   attn::Matrix<float> x(B * L, E);
   for (attn::Index r = 0; r < x.rows(); ++r)
-    for (attn::Index c = 0; c < E; ++c) x(r, c) = static_cast<float>(std::sin(0.3 * double(r) + 0.7 * double(c)));
+    for (attn::Index c = 0; c < E; ++c) x(r, c) = std::sin(0.3f * float(r) + 0.7f * float(c));
 
   attn::MhaArgs<float> args;
-  args.batch = B;
-  args.need_weights = true;  // head-averaged attention probabilities, [B*L, S]
-  auto [out, weights] = mha.forward(x, x, x, args);
+  args.batch = B;            // required: how many sequences the rows hold
+  args.need_weights = true;  // also return the attention probabilities, averaged over heads
+  auto [out, weights] = mha.forward(x, x, x, args);  // out [B*L, E], weights [B*L, L]
 
-  std::cout << "attn " << ATTN_VERSION_STRING << " quickstart\n"
-            << "input   [B*L, E] = [" << x.rows() << ", " << x.cols() << "]\n"
-            << "output  [B*L, E] = [" << out.rows() << ", " << out.cols() << "]\n"
-            << "weights [B*L, S] = [" << weights.rows() << ", " << weights.cols() << "]\n\n";
-  const Eigen::IOFormat fmt(4, 0, ", ", "\n", "  [", "]");
-  std::cout << "output, sequence 0, first 2 tokens, first 6 features:\n"
-            << out.topLeftCorner(2, 6).format(fmt) << "\n\n"
-            << "attention of sequence 0, token 0 over its 5 keys (sums to 1):\n"
-            << weights.topRows(1).format(fmt) << "  sum = " << weights.row(0).sum() << "\n";
-  return 0;
+  std::cout << "output [" << out.rows() << ", " << out.cols() << "], first token: "
+            << out.row(0).head(4) << " ...\n"
+            << "token 0 attends to its sequence's 5 tokens with " << weights.row(0) << "\n";
 }

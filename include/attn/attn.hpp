@@ -19,3 +19,6 @@
 #include "attn/transformer.hpp"
 #include "attn/types.hpp"
 #include "attn/version.hpp"
+
+// ATTN_EXTERN_TEMPLATES: the modules' members declared extern (attn/instantiate.hpp compiles them).
+#include "attn/detail/module_instances.hpp"

@@ -11,6 +11,8 @@
 #   FORBIDDEN           "|"-separated strings that must not occur in any compile command of the
 #                       consumer: the flags attn uses for its own targets, which it must never impose
 #   CONFIGURE_ONLY      ON: stop after a successful configure (a project that only checks CMake logic)
+#   CXX_FLAGS           the consumer's CMAKE_CXX_FLAGS (e.g. -Werror on a project that sets its own warnings)
+#   EXECUTABLE          the program to run (default: consumer)
 #   EXPECT_NO_INSTALL   ON: `cmake --install` of the consumer must install nothing of attn's
 cmake_minimum_required(VERSION 3.16)
 
@@ -50,6 +52,12 @@ if(ATTN_SOURCE_DIR)
 endif()
 if(ATTN_PREFIX)
   list(APPEND args "-DCMAKE_PREFIX_PATH=${ATTN_PREFIX}")
+endif()
+if(CXX_FLAGS)
+  list(APPEND args "-DCMAKE_CXX_FLAGS=${CXX_FLAGS}")
+endif()
+if(NOT EXECUTABLE)
+  set(EXECUTABLE consumer)
 endif()
 
 if(ATTN_ARCHIVE_FROM)
@@ -99,8 +107,8 @@ if(EXPECT_NO_INSTALL)
 endif()
 
 # Single-config generators put the program in the binary directory, multi-config ones in <config>/.
-set(exe "${CONSUMER_BINARY_DIR}/consumer")
+set(exe "${CONSUMER_BINARY_DIR}/${EXECUTABLE}")
 if(NOT EXISTS "${exe}")
-  set(exe "${CONSUMER_BINARY_DIR}/${BUILD_TYPE}/consumer")
+  set(exe "${CONSUMER_BINARY_DIR}/${BUILD_TYPE}/${EXECUTABLE}")
 endif()
 run_step(run "${exe}")

@@ -2,7 +2,7 @@
 # tools/deps.sh - install the Debian packages attn needs, if any are missing.
 #
 #   tools/deps.sh build   compiler, CMake, Eigen: enough to use the headers and build the examples
-#   tools/deps.sh test    + GoogleTest, nlohmann-json and Google Benchmark (tools/test.sh builds
+#   tools/deps.sh test    + GoogleTest, nlohmann-json, Google Benchmark and Python (tools/test.sh builds
 #                           the benchmarks too, so that they always compile)
 #   tools/deps.sh bench   + Google Benchmark and Python (tools/run.sh prints the results table)
 #   tools/deps.sh torch   + libtorch, OpenBLAS (libtorch's BLAS at its best) and matplotlib:
@@ -22,7 +22,7 @@ usage() {
 }
 
 build_pkgs=(cmake g++ make libeigen3-dev)
-test_pkgs=("${build_pkgs[@]}" googletest libgtest-dev nlohmann-json3-dev libbenchmark-dev)
+test_pkgs=("${build_pkgs[@]}" googletest libgtest-dev nlohmann-json3-dev libbenchmark-dev python3)
 bench_pkgs=("${build_pkgs[@]}" libbenchmark-dev python3)
 # Debian's libtorch calls whatever libblas.so.3 the alternatives system points at: the reference
 # BLAS unless an optimised one is installed. OpenBLAS's OpenMP build shares libtorch's libgomp

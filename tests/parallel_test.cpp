@@ -242,6 +242,11 @@ void expect_child_exits(Child child) {
 // A child forked while the pool has workers inherits none of them: exiting does not wait for
 // them, and a call in the child runs on threads of its own.
 TEST(ParallelTasks, ForkedChild) {
+#if defined(__SANITIZE_ADDRESS__)
+  // LeakSanitizer's exit-time check stops the world with ptrace, which in a child forked from a
+  // threaded process can hang: CI saw a 30 s hang once in many runs. The Release build runs this.
+  GTEST_SKIP() << "AddressSanitizer's leak check can hang in a forked child of a threaded process";
+#endif
   check_call(10, 3, 3);  // the pool has workers now
   expect_child_exits([] { return true; });
 #ifdef ATTN_TEST_TSAN

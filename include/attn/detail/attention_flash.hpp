@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <utility>
 
 #include "attn/detail/attention_problem.hpp"
@@ -147,27 +148,35 @@ void attention_flash(const AttentionProblem<T>& p, FlashBlocks blocks = {}, int 
       auto visit = [&](Index j0, Index c, bool maskable) {
         mk::pack_keys(p.k.row(b, hk, j0), p.k.row_stride, c, p.d, w.packed);
         const T* v = p.v.row(b, hk, j0);
-        // Row tiles of MR rows and a last one of R < MR. Only the micro-kernels take R at compile
-        // time (their registers); the masking and the softmax between them are compiled once. (The
-        // micro-kernels stay inline here: behind mk::score_tile's call they measured 1-4% slower.)
-        for (Index r0 = 0; r0 < n; r0 += MR) {
-          const Index R = std::min<Index>(MR, n - r0);
+        // One row tile: R rows from r0, `rows` either MR as a compile-time constant (every tile but
+        // the last) or the last tile's row count, at run time. Only the micro-kernels take R at
+        // compile time (their registers), so the tile is compiled twice, not once per row count.
+        // (With a run-time R for the full tiles too, once, the kernel measured 1-3% slower.)
+        const auto tile = [&](Index r0, auto rows) {
+          constexpr bool full = !std::is_integral_v<decltype(rows)>;
+          const Index R = rows;
           const Index i = i0 + r0;  // first query row of the tile
           // The keys of this block that some row of the tile may attend: causal masking, the
           // window and key padding end the tile's work early, a panel of keys at a time, and a
           // block left of every row's window is skipped.
           const Index cr = maskable ? std::min(c, attended_key_end(p, i + R, padded_end) - j0) : c;
-          if (cr <= 0) continue;
+          if (cr <= 0) return;
           const KeyRange top = maskable ? positional_keys(p, i) : KeyRange{0, p.S};  // the tile's first row's
-          if (top.begin >= j0 + cr) continue;
+          if (top.begin >= j0 + cr) return;
           const bool cuts = maskable && (top.end < j0 + cr || positional_keys(p, i + R - 1).begin > j0);
           const bool masked = maskable && (elementwise || cuts);
 
           T row_max[MR];
-          mk::for_row_tiles<MR>(R, [&](Index, auto tile_rows) {  // one call, R as a constant
-            mk::score_rows<decltype(tile_rows)::value>(q + r0 * p.q.row_stride, p.q.row_stride, w.packed,
-                                                       (cr + NR - 1) / NR, cr, p.d, p.scale, w.scores, bc_pad, row_max);
-          });
+          const T* const qt = q + r0 * p.q.row_stride;
+          const Index panels = (cr + NR - 1) / NR;
+          if constexpr (full) {
+            mk::score_rows<MR>(qt, p.q.row_stride, w.packed, panels, cr, p.d, p.scale, w.scores, bc_pad, row_max);
+          } else {
+            mk::for_row_tiles<MR>(R, [&](Index, auto tile_rows) {  // one call, R as a constant
+              mk::score_rows<decltype(tile_rows)::value>(qt, p.q.row_stride, w.packed, panels, cr, p.d, p.scale,
+                                                         w.scores, bc_pad, row_max);
+            });
+          }
           for (Index r = 0; r < R; ++r) {
             T* s = w.scores + r * bc_pad;
             Index lo = 0, hi = cr;  // keys outside [lo, hi) are hidden from this row by causal or window
@@ -199,12 +208,20 @@ void attention_flash(const AttentionProblem<T>& p, FlashBlocks blocks = {}, int 
             std::fill(s + hi, s + cr, T(0));
             m = m_new;
           }
-          mk::for_row_tiles<mk::kPvRows>(R, [&](Index r1, auto pv_rows) {
-            constexpr int RV = decltype(pv_rows)::value;
-            mk::pv_rows<RV>(w.scores + r1 * bc_pad, bc_pad, v, p.v.row_stride, cr, p.dv, w.alpha + r1,
-                            w.out + (r0 + r1) * p.dv, p.dv);
-          });
-        }
+          const auto pv = [&](Index r1, auto pv_rows) {
+            mk::pv_rows<decltype(pv_rows)::value>(w.scores + r1 * bc_pad, bc_pad, v, p.v.row_stride, cr, p.dv,
+                                                  w.alpha + r1, w.out + (r0 + r1) * p.dv, p.dv);
+          };
+          if constexpr (full) {
+            static_assert(MR % mk::kPvRows == 0, "a full score tile is whole P.V tiles");
+            for (Index r1 = 0; r1 < MR; r1 += mk::kPvRows) pv(r1, std::integral_constant<int, mk::kPvRows>{});
+          } else {
+            mk::for_row_tiles<mk::kPvRows>(R, pv);
+          }
+        };
+        Index r0 = 0;
+        for (; r0 + MR <= n; r0 += MR) tile(r0, std::integral_constant<int, MR>{});
+        if (r0 < n) tile(r0, n - r0);
       };
       for (Index j0 = key_begin; j0 < key_end; j0 += Bc) visit(j0, std::min(Bc, key_end - j0), true);
       for (Index j0 = p.mask_keys; j0 < p.S; j0 += Bc) visit(j0, std::min(Bc, p.S - j0), false);

@@ -680,20 +680,11 @@ StateDict<T> state_dict(const TransformerEncoder<T>& module, const std::string& 
 // metadata, each key under `prefix`, written as tools/export_state_dict.py writes PyTorch's: saved
 // beside the module's tensors, they let a later load_state_dict check the module it loads into.
 //   attn::io::save_safetensors(path, attn::io::state_dict(mha, "attn"), attn::io::hyperparameter_metadata(mha, "attn"));
-template <class T>
-Metadata hyperparameter_metadata(const MultiHeadAttention<T>& module, const std::string& prefix = "") {
-  return detail::to_metadata(detail::hyperparameters(module), prefix);
-}
-template <class T>
-Metadata hyperparameter_metadata(const TransformerEncoderLayer<T>& module, const std::string& prefix = "") {
-  return detail::to_metadata(detail::hyperparameters(module), prefix);
-}
-template <class T>
-Metadata hyperparameter_metadata(const TransformerDecoderLayer<T>& module, const std::string& prefix = "") {
-  return detail::to_metadata(detail::hyperparameters(module), prefix);
-}
-template <class T>
-Metadata hyperparameter_metadata(const TransformerEncoder<T>& module, const std::string& prefix = "") {
+// For MultiHeadAttention, the transformer layers and TransformerEncoder: the modules that have
+// hyperparameters to check (detail::hyperparameters); one template rather than an overload each.
+template <class Module>
+auto hyperparameter_metadata(const Module& module, const std::string& prefix = "")
+    -> decltype(detail::to_metadata(detail::hyperparameters(module), prefix)) {
   return detail::to_metadata(detail::hyperparameters(module), prefix);
 }
 

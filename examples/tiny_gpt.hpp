@@ -74,10 +74,11 @@ class Model {
     attn::io::load_state_dict(lm_head_, file, "lm_head");
   }
 
-  // A KV cache for each layer, for `batch` sequences of up to max_seq tokens.
-  Cache make_cache(Index batch = 1) const {
+  // A KV cache for each layer, for `batch` sequences of up to max_seq tokens, keys and values
+  // stored as `storage` (float, bf16, fp16 or int8: attn/kv_storage.hpp).
+  Cache make_cache(Index batch = 1, attn::KVStorage storage = attn::KVStorage::Native) const {
     Cache cache;
-    for (const Layer& l : layers_) cache.push_back(l.self_attn.make_cache(batch, c_.max_seq));
+    for (const Layer& l : layers_) cache.push_back(l.self_attn.make_cache(batch, c_.max_seq, storage));
     return cache;
   }
 
@@ -95,8 +96,9 @@ class Model {
 
   // Greedy decoding: the prompt in one call, then one token per step until the stop token (which
   // is included) or max_new tokens.
-  std::vector<int> generate(const std::vector<int>& prompt, Index max_new) const {
-    Cache cache = make_cache();
+  std::vector<int> generate(const std::vector<int>& prompt, Index max_new,
+                            attn::KVStorage storage = attn::KVStorage::Native) const {
+    Cache cache = make_cache(1, storage);
     std::vector<int> out;
     Matrix logits = forward(prompt, cache);
     for (Index step = 0; step < max_new; ++step) {

@@ -7,6 +7,7 @@
 #include "attn/grouped_query_attention.hpp"
 #include "attn/init.hpp"
 #include "attn/kv_cache.hpp"
+#include "attn/kv_storage.hpp"
 #include "attn/layer_norm.hpp"
 #include "attn/linear.hpp"
 #include "attn/mask.hpp"

@@ -109,8 +109,10 @@ class DecoderAttention {
 
   // A cache that fits this block: batch sequences of `capacity` positions each; a sliding-window
   // ring when the options set a window (capacity >= window; max_append() = capacity - window + 1).
-  KVCache<T> make_cache(Index batch, Index capacity) const {
-    return KVCache<T>(batch, Hkv_, D_, capacity, opt_.window);
+  // Keys and values stored as `storage` (attn/kv_storage.hpp: bf16 and fp16 halve the bytes a
+  // decoding step reads, int8 quarters them).
+  KVCache<T> make_cache(Index batch, Index capacity, KVStorage storage = KVStorage::Native) const {
+    return KVCache<T>(storage, batch, Hkv_, D_, capacity, opt_.window);
   }
 
   Index embed_dim() const { return E_; }

@@ -207,9 +207,7 @@ class GroupedQueryAttention {
                         " (attend after each append of at most max_append() rows)");
 
     detail::AttentionProblem<T> p = problem(B, L, S, d, dv, q, out);
-    const Index rows = cache.rows_per_head();  // [B, H_kv, rows, d]: each head's positions contiguous
-    p.k = {cache.key_data(b0), Hkv_ * rows * d, rows * d, d};
-    p.v = {cache.value_data(b0), Hkv_ * rows * dv, rows * dv, dv};
+    cache.bind(p, b0);  // K and V in place, in the cache's storage type
     Masks<T> masks = args;
     if (W > 0 && masks.window == 0) masks.window = W;
     detail::bind_masks(p, masks, where);

@@ -11,6 +11,13 @@
 //
 //   attn::KVCache<float> ring(1, 8, 128, /*capacity=*/4096 + 511, /*window=*/4096);  // Mistral
 //
+//   attn::KVCache<float> small(attn::KVStorage::BFloat16, 1, 8, 128, 4096);  // half the bytes
+//
+// Storage (attn/kv_storage.hpp): keys and values are kept in T (Native, the default), or rounded
+// on append to bf16 or fp16, or quantized to int8 with one scale per row (position and kv head).
+// A decoding step streams the whole cache, so its time follows bytes_per_token(); attention still
+// computes in T (the error bound per type is in kv_storage.hpp).
+//
 // * Full (window = 0): sequence b holds positions [0, size(b)), at most `capacity` of them;
 //   appending past the capacity throws, and the cache is left as it was.
 // * Sliding window (window = W > 0): a ring that keeps the last `capacity` positions of an endless
@@ -29,9 +36,15 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
+#include <cstdint>
 #include <vector>
 
+#include "attn/detail/attention_problem.hpp"
 #include "attn/detail/check.hpp"
+#include "attn/detail/page_buffer.hpp"
+#include "attn/detail/storage.hpp"
+#include "attn/kv_storage.hpp"
 #include "attn/types.hpp"
 
 namespace attn {
@@ -45,8 +58,22 @@ class KVCache {
   // window = 0: every position is kept, at most capacity per sequence. window > 0: the last
   // capacity positions are kept (capacity >= window) and attention sees the last `window`.
   KVCache(Index batch, Index kv_heads, Index head_dim, Index capacity, Index window = 0, Index value_dim = 0)
-      : B_(batch), Hkv_(kv_heads), D_(head_dim), Dv_(value_dim > 0 ? value_dim : head_dim), C_(capacity), W_(window) {
+      : KVCache(KVStorage::Native, batch, kv_heads, head_dim, capacity, window, value_dim) {}
+
+  // The same, keys and values stored as `storage` (Native: T).
+  KVCache(KVStorage storage, Index batch, Index kv_heads, Index head_dim, Index capacity, Index window = 0,
+          Index value_dim = 0)
+      : storage_(storage),
+        B_(batch),
+        Hkv_(kv_heads),
+        D_(head_dim),
+        Dv_(value_dim > 0 ? value_dim : head_dim),
+        C_(capacity),
+        W_(window) {
     const char* where = "attn::KVCache";
+    detail::require_arg(storage == KVStorage::Native || storage == KVStorage::BFloat16 ||
+                            storage == KVStorage::Float16 || storage == KVStorage::Int8,
+                        where, "storage ", int(storage), " is not a KVStorage");
     detail::require_shape(batch > 0 && kv_heads > 0 && head_dim > 0 && value_dim >= 0, where, "batch = ", batch,
                           ", kv_heads = ", kv_heads, ", head_dim = ", head_dim, " must be positive and value_dim = ",
                           value_dim, " >= 0");
@@ -55,12 +82,18 @@ class KVCache {
                         " must be >= 0 (0: keep every position) and at most capacity = ", capacity);
     // [B, Hkv, rows, max(D, Dv)] elements, each product checked: never a wrapped-around size.
     rows_ = detail::checked_mul(where, "rows per head (2 * capacity for a ring)", W_ > 0 ? 2 : 1, C_);
-    detail::checked_mul(where, "batch * kv_heads * rows * dim",
-                        detail::checked_mul(where, "batch * kv_heads * rows",
-                                            detail::checked_mul(where, "batch * kv_heads", B_, Hkv_), rows_),
-                        std::max(D_, Dv_));
-    k_.assign(static_cast<std::size_t>(B_ * Hkv_ * rows_ * D_), T(0));
-    v_.assign(static_cast<std::size_t>(B_ * Hkv_ * rows_ * Dv_), T(0));
+    const Index heads_rows =
+        detail::checked_mul(where, "batch * kv_heads * rows", detail::checked_mul(where, "batch * kv_heads", B_, Hkv_), rows_);
+    detail::checked_mul(where, "batch * kv_heads * rows * dim * bytes",
+                        detail::checked_mul(where, "batch * kv_heads * rows * dim", heads_rows, std::max(D_, Dv_)),
+                        storage_bytes<T>(storage_));
+    const auto bytes = [&](Index dim) { return static_cast<std::size_t>(heads_rows * dim * storage_bytes<T>(storage_)); };
+    k_ = detail::PageBuffer(bytes(D_));
+    v_ = detail::PageBuffer(bytes(Dv_));
+    if (storage_ == KVStorage::Int8) {
+      k_scale_.assign(static_cast<std::size_t>(heads_rows), T(0));
+      v_scale_.assign(static_cast<std::size_t>(heads_rows), T(0));
+    }
     size_.assign(static_cast<std::size_t>(B_), 0);
   }
 
@@ -72,6 +105,7 @@ class KVCache {
     detail::require_arg(b >= 0 && b < B_, where, "sequence ", b, " is outside the batch [0, ", B_, ")");
     check_rows(where, k, v, k.rows());
     check_room(where, b, k.rows());
+    check_values(where, k, v);
     write(b, k, v, 0, k.rows());
   }
 
@@ -83,6 +117,7 @@ class KVCache {
     const Index L = k.rows() / B_;
     check_rows(where, k, v, k.rows());
     for (Index b = 0; b < B_; ++b) check_room(where, b, L);  // all checks before any write
+    check_values(where, k, v);
     for (Index b = 0; b < B_; ++b) write(b, k, v, b * L, L);
   }
 
@@ -103,12 +138,11 @@ class KVCache {
   // The position of the first kept row of sequence b.
   Index first_kept(Index b) const { return size(b) - kept(b); }
 
-  // Keys or values of kv head h of sequence b: [kept(b), head_dim] (value_dim), rows in position
-  // order starting at first_kept(b). Valid until the next append or clear.
-  Eigen::Map<const Matrix<T>> keys(Index b, Index h) const { return head_map(k_, D_, b, h, "attn::KVCache::keys"); }
-  Eigen::Map<const Matrix<T>> values(Index b, Index h) const {
-    return head_map(v_, Dv_, b, h, "attn::KVCache::values");
-  }
+  // Keys or values of kv head h of sequence b as T: [kept(b), head_dim] (value_dim), rows in
+  // position order starting at first_kept(b); what attention reads (a copy: the stored values,
+  // converted back from a compressed storage type).
+  Matrix<T> keys(Index b, Index h) const { return head_matrix(false, b, h, "attn::KVCache::keys"); }
+  Matrix<T> values(Index b, Index h) const { return head_matrix(true, b, h, "attn::KVCache::values"); }
 
   // Forgets every sequence (or only sequence b): its size goes back to 0. No memory is released.
   void clear() { std::fill(size_.begin(), size_.end(), Index(0)); }
@@ -124,11 +158,43 @@ class KVCache {
   Index capacity() const { return C_; }
   Index window() const { return W_; }  // 0: a full cache
 
-  // For the attention kernels: the first element of sequence b's kept keys (values) of head 0, and
-  // the strides of the [batch, kv_heads, rows, dim] layout. Sequences of equal size start at the
-  // same row, so one batch stride covers them all.
-  const T* key_data(Index b) const { return k_.data() + offset(b, D_); }
-  const T* value_data(Index b) const { return v_.data() + offset(b, Dv_); }
+  // How keys and values are stored, and the bytes one position of one sequence takes: K and V of
+  // every kv head, plus int8's two scales per head (a ring stores each position twice).
+  KVStorage storage() const { return storage_; }
+  Index bytes_per_token() const {
+    return Hkv_ * (D_ + Dv_) * storage_bytes<T>(storage_) +
+           (storage_ == KVStorage::Int8 ? 2 * Hkv_ * Index(sizeof(T)) : 0);
+  }
+  // Bytes held for keys, values and scales: batch * rows * bytes_per_token().
+  Index memory_bytes() const {
+    return Index(k_.size() + v_.size() + (k_scale_.size() + v_scale_.size()) * sizeof(T));
+  }
+
+  // For the attention kernels: points p's K and V at sequences [b0, ..) of this cache, from their
+  // first kept row, with the strides of the [batch, kv_heads, rows, dim] layout. Sequences of
+  // equal size start at the same row, so one batch stride covers them all.
+  void bind(detail::AttentionProblem<T>& p, Index b0) const {
+    check_b("attn::KVCache::bind", b0);
+    const Index first = W_ > 0 ? first_kept(b0) % C_ : 0;
+    p.k = {nullptr, Hkv_ * rows_ * D_, rows_ * D_, D_};
+    p.v = {nullptr, Hkv_ * rows_ * Dv_, rows_ * Dv_, Dv_};
+    p.kv_storage = storage_;
+    detail::with_storage<T>(storage_, [&](auto tag) {
+      using S = typename decltype(tag)::type;
+      const S* k = reinterpret_cast<const S*>(k_.data()) + (b0 * Hkv_ * rows_ + first) * D_;
+      const S* v = reinterpret_cast<const S*>(v_.data()) + (b0 * Hkv_ * rows_ + first) * Dv_;
+      if constexpr (std::is_same_v<S, T>) {
+        p.k.data = k, p.v.data = v;
+      } else {
+        p.k_stored = k, p.v_stored = v;
+      }
+    });
+    if (storage_ == KVStorage::Int8) {
+      const Index at = b0 * Hkv_ * rows_ + first;
+      p.k_scale = {k_scale_.data() + at, Hkv_ * rows_, rows_, 1};
+      p.v_scale = {v_scale_.data() + at, Hkv_ * rows_, rows_, 1};
+    }
+  }
   Index rows_per_head() const { return rows_; }
 
  private:
@@ -152,6 +218,26 @@ class KVCache {
                           " more would exceed the capacity");
   }
 
+  // What the storage type cannot hold is an error, not a silent change: int8 needs finite values
+  // (a scale from max|x|), fp16 values below 65520 in magnitude (past that they round to inf).
+  void check_values(const char* where, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v) const {
+    if (storage_ != KVStorage::Int8 && storage_ != KVStorage::Float16) return;
+    const auto check = [&](const char* name, const ConstMatrixRef<T>& x) {
+      for (Index r = 0; r < x.rows(); ++r)
+        for (Index c = 0; c < x.cols(); ++c) {
+          const T a = x(r, c);
+          if (storage_ == KVStorage::Int8)
+            detail::require_arg(std::isfinite(a), where, name, "(", r, ", ", c, ") = ", a,
+                                " cannot be stored in an int8 cache (its row's scale needs finite values)");
+          else
+            detail::require_arg(!(std::abs(a) >= T(65520)) || !std::isfinite(a), where, name, "(", r, ", ", c, ") = ", a,
+                                " is beyond fp16's range (|x| < 65520): use a BFloat16 or Native cache");
+        }
+    };
+    check("key", k);
+    check("value", v);
+  }
+
   // Row of position t in a head's buffer (the first copy in a ring).
   Index slot(Index t) const { return W_ > 0 ? t % C_ : t; }
 
@@ -160,33 +246,57 @@ class KVCache {
     for (Index r = 0; r < L; ++r, ++n) {
       const Index s = slot(n);
       for (Index h = 0; h < Hkv_; ++h) {
-        copy_row(k_, D_, b, h, s, k.row(row0 + r).data() + h * D_);
-        copy_row(v_, Dv_, b, h, s, v.row(row0 + r).data() + h * Dv_);
+        copy_row(false, b, h, s, k.row(row0 + r).data() + h * D_);
+        copy_row(true, b, h, s, v.row(row0 + r).data() + h * Dv_);
       }
     }
   }
-  void copy_row(std::vector<T>& buf, Index dim, Index b, Index h, Index s, const T* src) {
-    T* head = buf.data() + ((b * Hkv_ + h) * rows_) * dim;
-    std::copy(src, src + dim, head + s * dim);
-    if (W_ > 0) std::copy(src, src + dim, head + (s + C_) * dim);  // the ring's second copy
+  // Stores row src[0, dim) of kv head h of sequence b at slot s (and s + C, the ring's second copy).
+  void copy_row(bool value, Index b, Index h, Index s, const T* src) {
+    const Index dim = value ? Dv_ : D_;
+    detail::PageBuffer& buf = value ? v_ : k_;
+    const Index row = (b * Hkv_ + h) * rows_ + s;
+    detail::with_storage<T>(storage_, [&](auto tag) {
+      using S = typename decltype(tag)::type;
+      S* const dst = reinterpret_cast<S*>(buf.data()) + row * dim;
+      if constexpr (std::is_same_v<S, T>) {
+        std::copy(src, src + dim, dst);
+      } else if constexpr (std::is_same_v<S, std::int8_t>) {
+        (value ? v_scale_ : k_scale_)[std::size_t(row)] = detail::quantize_row(src, dim, dst);
+      } else {
+        for (Index c = 0; c < dim; ++c) dst[c] = detail::round_to<S>(src[c]);
+      }
+      if (W_ > 0) {  // the ring's second copy, C rows on
+        std::copy(dst, dst + dim, dst + C_ * dim);
+        if constexpr (std::is_same_v<S, std::int8_t>) {
+          std::vector<T>& scale = value ? v_scale_ : k_scale_;
+          scale[std::size_t(row + C_)] = scale[std::size_t(row)];
+        }
+      }
+    });
   }
 
-  // Element offset of sequence b's first kept row in head 0.
-  Index offset(Index b, Index dim) const {
-    check_b("attn::KVCache", b);
-    const Index first = W_ > 0 ? first_kept(b) % C_ : 0;
-    return (b * Hkv_ * rows_ + first) * dim;
-  }
-  Eigen::Map<const Matrix<T>> head_map(const std::vector<T>& buf, Index dim, Index b, Index h,
-                                       const char* where) const {
+  Matrix<T> head_matrix(bool value, Index b, Index h, const char* where) const {
     check_b(where, b);
     detail::require_arg(h >= 0 && h < Hkv_, where, "kv head ", h, " is outside [0, ", Hkv_, ")");
-    return {buf.data() + offset(b, dim) + h * rows_ * dim, kept(b), dim};
+    detail::AttentionProblem<T> p;
+    bind(p, b);
+    p.d = D_, p.dv = Dv_;
+    Matrix<T> out(kept(b), value ? Dv_ : D_);
+    if (storage_ == KVStorage::Native) {
+      const T* first = value ? p.v.row(0, h, 0) : p.k.row(0, h, 0);
+      std::copy(first, first + out.size(), out.data());
+    } else {
+      detail::convert_rows(p, value, 0, h, 0, out.rows(), out.data(), out.cols());
+    }
+    return out;
   }
 
+  KVStorage storage_ = KVStorage::Native;
   Index B_, Hkv_, D_, Dv_, C_, W_;
   Index rows_ = 0;            // rows per head: C, or 2C for the ring
-  std::vector<T> k_, v_;      // [B, Hkv, rows, D] and [B, Hkv, rows, Dv]
+  detail::PageBuffer k_, v_;  // [B, Hkv, rows, D] and [B, Hkv, rows, Dv], in the storage type
+  std::vector<T> k_scale_, v_scale_;  // int8: [B, Hkv, rows], each row's scale
   std::vector<Index> size_;   // positions appended per sequence
 };
 

@@ -30,16 +30,30 @@ void attention_blocked(const AttentionProblem<T>& p, Index block_rows = mk::kSco
   const Index s_pad = (p.S + NR - 1) / NR * NR, panels = s_pad / NR;
   // The packed K [s_pad, d], one tile's scores [MR, s_pad], and MR zeros (pv_row_tiles' alpha:
   // O = 0 * O + P V, on output rows zeroed first).
-  Eigen::Matrix<T, Eigen::Dynamic, 1> arena(s_pad * p.d + MR * s_pad + MR);
+  // A compressed cache's K and V of one head are converted to T first ([S, d] and [S, dv]).
+  const bool stored = p.kv_storage != KVStorage::Native;
+  Eigen::Matrix<T, Eigen::Dynamic, 1> arena(s_pad * p.d + MR * s_pad + MR + (stored ? p.S * (p.d + p.dv) : 0));
   T* const packed = arena.data();
   T* const scores = packed + s_pad * p.d;
   T* const zeros = scores + MR * s_pad;
+  T* const keys = zeros + MR;
+  T* const values = keys + p.S * p.d;
   std::fill(zeros, zeros + MR, T(0));
   T row_max[mk::kScoreRows];
   for (Index b = 0; b < p.batch; ++b) {
     for (Index h = 0; h < p.heads; ++h) {
       const Index hk = kv_head(p, h);
-      mk::pack_keys(p.k.row(b, hk, 0), p.k.row_stride, p.S, p.d, packed);
+      const T* v;
+      Index vs;  // V's row stride
+      if (stored) {
+        convert_rows(p, false, b, hk, 0, p.S, keys, p.d);
+        convert_rows(p, true, b, hk, 0, p.S, values, p.dv);
+        mk::pack_keys(keys, p.d, p.S, p.d, packed);
+        v = values, vs = p.dv;
+      } else {
+        mk::pack_keys(p.k.row(b, hk, 0), p.k.row_stride, p.S, p.d, packed);
+        v = p.v.row(b, hk, 0), vs = p.v.row_stride;
+      }
       for (Index i0 = 0; i0 < p.L; i0 += MR) {
         const Index n = std::min(MR, p.L - i0);
         mk::score_tile(n, p.q.row(b, h, i0), p.q.row_stride, packed, panels, p.S, p.d, p.scale, scores, s_pad, row_max);
@@ -54,7 +68,7 @@ void attention_blocked(const AttentionProblem<T>& p, Index block_rows = mk::kSco
           for (Index j = 0; j < p.S; ++j) row[j] /= sum;
         }
         for (Index r = 0; r < n; ++r) std::fill(p.out.row(b, h, i0 + r), p.out.row(b, h, i0 + r) + p.dv, T(0));
-        mk::pv_row_tiles(n, scores, s_pad, p.v.row(b, hk, 0), p.v.row_stride, p.S, p.dv, zeros, p.out.row(b, h, i0),
+        mk::pv_row_tiles(n, scores, s_pad, v, vs, p.S, p.dv, zeros, p.out.row(b, h, i0),
                          p.out.row_stride);
         if (p.weights)
           for (Index r = 0; r < n; ++r)

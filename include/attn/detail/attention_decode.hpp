@@ -6,16 +6,26 @@
 // K and V in place, each exactly once, and splits the keys - not just the heads - over the
 // threads:
 //
-//   task (b, h, chunk c) over keys [c*C, (c+1)*C), all L <= 4 query rows of the head together:
+//   task (b, kv head g, chunk c) over keys [c*C, (c+1)*C), all R = G*L rows of the group together
+//   (the G query heads that share kv head g, each with its L <= 4 query rows):
 //     s = q K_c^T * scale, masked                      score_keys: each key row read once
 //     m_c = max s,  l_c = sum exp(s - m_c),  o_c = exp(s - m_c) V_c     pv_keys: each value row once
 //   merge, chunks in order:   m = max m_c,  out = sum o_c e^(m_c - m) / sum l_c e^(m_c - m)
 //
 // The merge is the online softmax's rescaling, applied once per chunk instead of once per key
-// block, so a task needs no rescaling of its own: its scores ([L, C], at most 8 KiB in float)
-// stay in L1 between the pass over K and the pass over V. The L query rows of a head share the
-// two passes (each row's keys outside its own causal or window range get weight 0), so K and V
-// are read once per chunk whatever L is.
+// block, so a task needs no rescaling of its own: its scores ([R, C]) stay in cache between the
+// pass over K and the pass over V. All R rows share the two passes, so K and V are read once per
+// chunk whatever L and the group size are: grouped-query and multi-query attention read their
+// (smaller) cache once, not once per query head. Within a chunk the scores go kDecodeKeyBlock keys
+// at a time through every row tile, so the key rows the first tile brought from memory are in L1
+// for the others; the P.V pass does the same with the value rows. (Each row's keys outside its own
+// causal or window range get weight 0.)
+//
+// K and V in a compressed storage type (bf16, fp16, int8: attn/kv_storage.hpp) are converted in
+// registers as they are loaded (load_as), never through a converted copy: the step reads the
+// stored bytes, half or a quarter of float's. Int8 rows carry a scale: the key's multiplies its
+// score (scale * s_j * q.k_j), the value's its probability (p_j * s_j) before P.V, one multiply
+// per key each. The kernel is compiled once per storage element type from this one source.
 //
 // Speed is how fast K and V stream from memory, and that depends on the order of the loads: both
 // passes walk K and V strictly forward, each row front to back, the pattern hardware prefetchers
@@ -41,6 +51,7 @@
 #include "attn/detail/microkernel.hpp"
 #include "attn/detail/parallel.hpp"
 #include "attn/detail/scratch.hpp"
+#include "attn/detail/storage.hpp"
 
 namespace attn::detail {
 
@@ -58,59 +69,83 @@ namespace decode {
 
 namespace ei = Eigen::internal;
 
-// s[r * ss + j] = scale * (q_r . k_j) for MR query rows (row stride qs) and keys j in [0, n)
-// (rows of k, row stride ks). Each key row is loaded once, front to back, and feeds all MR query
-// rows. Two accumulators per query row halve the FMA dependency chain; the horizontal sums cost
-// a few instructions per key, less than the key's bytes take to arrive (and less, measured, than
+// The loops over a tile's rows and packets must unroll, or their accumulators live on the stack:
+// g++ -O2 leaves score_keys<4> rolled (half the speed of -O3, measured), so it is asked for.
+#if defined(__clang__)
+#define ATTN_UNROLL _Pragma("unroll")
+#elif defined(__GNUC__)
+#define ATTN_UNROLL _Pragma("GCC unroll 32")
+#else
+#define ATTN_UNROLL
+#endif
+
+// s[r * ss + j] = scale * ks_j * (q_r . k_j) for MR query rows (q[r]) and keys j in [0, n) (rows of
+// k in storage type S, row stride ks; ks_j the int8 row scale, 1 without k_scale). Each key row is
+// loaded once, front to back, converted in registers, and feeds all MR query rows. Two
+// accumulators per query row halve the FMA dependency chain; the horizontal sums cost a few
+// instructions per key, less than the key's bytes take to arrive (and less, measured, than
 // summing 16 keys' accumulators at once through a transpose).
-template <int MR, class T>
-EIGEN_STRONG_INLINE void score_keys(const T* q, Index qs, const T* k, Index ks, Index n, Index d, T scale, T* s,
-                                    Index ss) {
+template <int MR, class T, class S>
+EIGEN_STRONG_INLINE void score_keys(const T* const* q, const S* k, Index ks, const T* k_scale, Index n, Index d,
+                                    T scale, T* s, Index ss) {
   using P = mk::Packet<T>;
   constexpr Index L = mk::kLanes<T>;
   for (Index j = 0; j < n; ++j) {
-    const T* const kj = k + j * ks;
+    const S* const kj = k + j * ks;
     P acc0[MR], acc1[MR];
+    ATTN_UNROLL
     for (int r = 0; r < MR; ++r) acc0[r] = acc1[r] = ei::pzero(P{});
     Index t = 0;
     for (; t + 2 * L <= d; t += 2 * L) {
-      const P x0 = ei::ploadu<P>(kj + t), x1 = ei::ploadu<P>(kj + t + L);
+      const P x0 = load_as<T>(kj + t), x1 = load_as<T>(kj + t + L);
+      ATTN_UNROLL
       for (int r = 0; r < MR; ++r) {
-        acc0[r] = ei::pmadd(ei::ploadu<P>(q + r * qs + t), x0, acc0[r]);
-        acc1[r] = ei::pmadd(ei::ploadu<P>(q + r * qs + t + L), x1, acc1[r]);
+        acc0[r] = ei::pmadd(ei::ploadu<P>(q[r] + t), x0, acc0[r]);
+        acc1[r] = ei::pmadd(ei::ploadu<P>(q[r] + t + L), x1, acc1[r]);
       }
     }
     if (t + L <= d) {
-      const P x0 = ei::ploadu<P>(kj + t);
-      for (int r = 0; r < MR; ++r) acc0[r] = ei::pmadd(ei::ploadu<P>(q + r * qs + t), x0, acc0[r]);
+      const P x0 = load_as<T>(kj + t);
+      ATTN_UNROLL
+      for (int r = 0; r < MR; ++r) acc0[r] = ei::pmadd(ei::ploadu<P>(q[r] + t), x0, acc0[r]);
       t += L;
     }
+    const T sj = k_scale ? scale * k_scale[j] : scale;
+    ATTN_UNROLL
     for (int r = 0; r < MR; ++r) {
       T dot = ei::predux(ei::padd(acc0[r], acc1[r]));
-      for (Index u = t; u < d; ++u) dot += q[r * qs + u] * kj[u];  // the columns that fill no packet
-      s[r * ss + j] = scale * dot;
+      for (Index u = t; u < d; ++u) dot += q[r][u] * to_compute<T>(kj[u]);  // the columns that fill no packet
+      s[r * ss + j] = sj * dot;
     }
   }
 }
 
-// O[MR, W packets] += P[MR, n] V[n, W packets]: probabilities p (row stride ps), values v read in
-// place (row stride vs), the output o (row stride os) held in registers over the n keys.
-template <int MR, int W, class T>
-EIGEN_STRONG_INLINE void pv_tile(const T* p, Index ps, const T* v, Index vs, Index n, T* o, Index os) {
+// O[MR, W packets] += P[MR, n] V[n, W packets]: probabilities p (row stride ps), values v in
+// storage type S read in place (row stride vs) and converted in registers, the output o (row
+// stride os) held in registers over the n keys.
+template <int MR, int W, class T, class S>
+EIGEN_STRONG_INLINE void pv_tile(const T* p, Index ps, const S* v, Index vs, Index n, T* o, Index os) {
   using P = mk::Packet<T>;
   constexpr Index L = mk::kLanes<T>;
   P acc[MR][W];
+  ATTN_UNROLL
   for (int r = 0; r < MR; ++r)
+    ATTN_UNROLL
     for (int w = 0; w < W; ++w) acc[r][w] = ei::ploadu<P>(o + r * os + w * L);
   for (Index j = 0; j < n; ++j) {
     P a[MR];
+    ATTN_UNROLL
     for (int r = 0; r < MR; ++r) a[r] = ei::pset1<P>(p[r * ps + j]);
+    ATTN_UNROLL
     for (int w = 0; w < W; ++w) {
-      const P x = ei::ploadu<P>(v + j * vs + w * L);
+      const P x = load_as<T>(v + j * vs + w * L);
+      ATTN_UNROLL
       for (int r = 0; r < MR; ++r) acc[r][w] = ei::pmadd(a[r], x, acc[r][w]);
     }
   }
+  ATTN_UNROLL
   for (int r = 0; r < MR; ++r)
+    ATTN_UNROLL
     for (int w = 0; w < W; ++w) ei::pstoreu(o + r * os + w * L, acc[r][w]);
 }
 
@@ -125,8 +160,8 @@ inline constexpr int kPvPackets = 8;
 // O[rows, dv] += P[rows, n] V[n, dv] for a few keys n (at most kDecodeKeyBlock): row tiles of
 // kPvRows, each over tiles of kPvPackets packets of columns, then 4, 2 and 1 packets, then the
 // columns that fill no packet. Row stride of o: os; of p: ps.
-template <class T>
-EIGEN_STRONG_INLINE void pv_keys(Index rows, const T* p, Index ps, const T* v, Index vs, Index n, Index dv, T* o,
+template <class T, class S>
+EIGEN_STRONG_INLINE void pv_keys(Index rows, const T* p, Index ps, const S* v, Index vs, Index n, Index dv, T* o,
                                  Index os) {
   constexpr Index L = mk::kLanes<T>;
   const auto row_tile = [&](Index r0, auto tile_rows) {
@@ -141,7 +176,7 @@ EIGEN_STRONG_INLINE void pv_keys(Index rows, const T* p, Index ps, const T* v, I
     for (; c < dv; ++c)
       for (int r = 0; r < MR; ++r) {
         T acc = orow[r * os + c];
-        for (Index j = 0; j < n; ++j) acc += pr[r * ps + j] * v[j * vs + c];
+        for (Index j = 0; j < n; ++j) acc += pr[r * ps + j] * to_compute<T>(v[j * vs + c]);
         orow[r * os + c] = acc;
       }
   };
@@ -152,39 +187,40 @@ EIGEN_STRONG_INLINE void pv_keys(Index rows, const T* p, Index ps, const T* v, I
   }
 }
 
-}  // namespace decode
-
-template <class T>
-void attention_decode(const AttentionProblem<T>& p, Index chunk = kDecodeChunk, int threads = 0) {
-  ATTN_ASSERT(!p.weights && p.L <= kDecodeRows && chunk > 0);
+// The decoding step for K and V stored as S (Stored<T, p.kv_storage>); see the top of the file.
+template <class S, class T>
+void run(const AttentionProblem<T>& p, Index chunk, int threads) {
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  const Index G = p.kv_heads > 0 ? p.heads / p.kv_heads : 1;  // query heads per kv head
+  const Index Hk = p.heads / G;
+  const Index R = G * p.L;  // the rows of a task: the group's heads' queries, row r = (head g*G + r / L, query r % L)
   const Index chunks = std::max<Index>(1, (p.S + chunk - 1) / chunk);
-  const Index tasks = p.batch * p.heads * chunks;
+  const Index tasks = p.batch * Hk * chunks;
   if (p.batch * p.heads * p.L == 0) return;
   const bool elementwise = p.mask || p.bias || p.key_padding || p.alibi_slopes || p.softcap > T(0);
 
-  // Each task's partials (m, l, o[dv]) of its L query rows, written by the task and merged after
-  // all tasks end; and each thread's [L, chunk] scores. One allocation, before the threads start.
+  // Each task's partials (m, l, o[dv]) of its R rows, written by the task and merged after all
+  // tasks end; and each thread's [R, chunk] scores. One allocation, before the threads start.
   const Index part = 2 + p.dv;  // m, l, o
-  // Threads by bytes streamed (K and V once per head: the query rows share the reads):
+  // Threads by bytes streamed (K and V once per kv head: the group's rows share the reads):
   // threads_for's 8 MFLOP a thread is ~80 us of FMAs, and a thread streams about 1 MB in that
   // time, so a byte counts as 8 FLOPs.
-  const double bytes = double(p.batch * p.heads) * double(p.S) * double(p.d + p.dv) * sizeof(T);
+  const double bytes = double(p.batch * Hk) * double(p.S) * double(p.d + p.dv) * double(sizeof(S));
   const int n_threads = static_cast<int>(std::min<Index>(threads > 0 ? threads : threads_for(8.0 * bytes, 0), tasks));
-  Eigen::Matrix<T, Eigen::Dynamic, 1> arena(tasks * p.L * part + Index(n_threads) * p.L * chunk);
+  Eigen::Matrix<T, Eigen::Dynamic, 1> arena(tasks * R * part + Index(n_threads) * R * chunk);
   T* const partials = arena.data();
 
   [[maybe_unused]] const NoEigenMalloc no_malloc;
   parallel_tasks(tasks, n_threads, [&](Index first, Index step) {
-    T* const s = partials + tasks * p.L * part + first * p.L * chunk;  // row i at s + i * chunk
+    T* const s = partials + tasks * R * part + first * R * chunk;  // row r at s + r * chunk
     for (Index task = first; task < tasks; task += step) {
-      const Index b = task / (p.heads * chunks), h = (task / chunks) % p.heads, c = task % chunks;
-      const Index kh = kv_head(p, h), padded_end = unpadded_end(p, b);
-      T* const out = partials + task * p.L * part;  // row i's m, l, o at out + i * part
-      std::fill(out, out + p.L * part, T(0));
+      const Index b = task / (Hk * chunks), g = (task / chunks) % Hk, c = task % chunks;
+      const Index padded_end = unpadded_end(p, b);
+      T* const out = partials + task * R * part;  // row r's m, l, o at out + r * part
+      std::fill(out, out + R * part, T(0));
       // The keys [lo_i, hi_i) of this chunk that causal masking, the window and padding leave to
-      // row i (keys past mask_keys are always attended), and their union [first_key, end_key):
-      // the one range of K and V the task reads for all its rows.
+      // query i (the same for every head: keys past mask_keys are always attended), and their
+      // union [first_key, end_key): the one range of K and V the task reads for all its rows.
       Index lo[kDecodeRows], hi[kDecodeRows];
       Index first_key = std::min(p.S, (c + 1) * chunk), end_key = c * chunk;
       for (Index i = 0; i < p.L; ++i) {
@@ -199,23 +235,34 @@ void attention_decode(const AttentionProblem<T>& p, Index chunk = kDecodeChunk, 
         if (lo[i] < hi[i]) first_key = std::min(first_key, lo[i]), end_key = std::max(end_key, hi[i]);
       }
       if (end_key <= first_key) {  // nothing attended: every row's partial is empty
-        for (Index i = 0; i < p.L; ++i) out[i * part] = kNegInf;
+        for (Index r = 0; r < R; ++r) out[r * part] = kNegInf;
         continue;
       }
       const Index n = end_key - first_key;
-      const T* const k = p.k.row(b, kh, first_key);
-      const T* const v = p.v.row(b, kh, first_key);
-      // The scores need L as a compile-time row count (score_keys' registers); nothing after does,
-      // so only score_keys is instantiated once per L, not the whole step.
-      mk::for_row_tiles<kDecodeRows>(p.L, [&](Index, auto rows) {
-        decode::score_keys<decltype(rows)::value>(p.q.row(b, h, 0), p.q.row_stride, k, p.k.row_stride, n, p.d, p.scale,
-                                                  s, chunk);
-      });
-      // Row i's probabilities over the union: exp(s - m_i) on its own keys, 0 on the others
-      // (masked keys come out exactly 0 from exp_sum_row).
-      for (Index i = 0; i < p.L; ++i) {
-        T* const si = s + i * chunk;
-        T* const o = out + i * part;
+      const S* const k = stored_row<S>(p, false, b, g, first_key);
+      const S* const v = stored_row<S>(p, true, b, g, first_key);
+      const T* const k_scale = p.k_scale ? p.k_scale.row(b, g, first_key) : nullptr;
+      const T* const v_scale = p.v_scale ? p.v_scale.row(b, g, first_key) : nullptr;
+      // Scores of all R rows, kDecodeKeyBlock keys at a time so that a block of K read from memory
+      // by the first row tile is in L1 for the others: the group reads K once. Only score_keys
+      // takes the tile's row count at compile time (its registers); nothing after does.
+      for (Index j = 0; j < n; j += kDecodeKeyBlock) {
+        const Index nj = std::min(kDecodeKeyBlock, n - j);
+        mk::for_row_tiles<kDecodeRows>(R, [&](Index r0, auto rows) {
+          constexpr int MR = decltype(rows)::value;
+          const T* q[MR];
+          for (int r = 0; r < MR; ++r) q[r] = p.q.row(b, g * G + (r0 + r) / p.L, (r0 + r) % p.L);
+          decode::score_keys<MR>(q, k + j * p.k.row_stride, p.k.row_stride, k_scale ? k_scale + j : nullptr, nj, p.d,
+                                 p.scale, s + r0 * chunk + j, chunk);
+        });
+      }
+      // Row r's probabilities over the union: exp(s - m_r) on its own keys, 0 on the others
+      // (masked keys come out exactly 0 from exp_sum_row); with int8 values, times each key's
+      // value scale (p_j * s_j weighs the integers of v_j), after the sum l.
+      for (Index r = 0; r < R; ++r) {
+        const Index h = g * G + r / p.L, i = r % p.L;
+        T* const si = s + r * chunk;
+        T* const o = out + r * part;
         const Index ni = std::max<Index>(0, hi[i] - lo[i]);
         T* const row = ni > 0 ? si + (lo[i] - first_key) : si;
         const bool masked = elementwise || hi[i] > p.mask_keys;
@@ -233,18 +280,23 @@ void attention_decode(const AttentionProblem<T>& p, Index chunk = kDecodeChunk, 
         o[1] = mk::exp_sum_row(row, ni, m, masked);
         std::fill(si, row, T(0));
         std::fill(row + ni, si + n, T(0));
+        if (v_scale) {
+          const T* const vs = v_scale + (lo[i] - first_key);
+          for (Index j = 0; j < ni; ++j) row[j] *= vs[j];
+        }
       }
       for (Index j = 0; j < n; j += kDecodeKeyBlock)
-        decode::pv_keys(p.L, s + j, chunk, v + j * p.v.row_stride, p.v.row_stride, std::min(kDecodeKeyBlock, n - j),
+        decode::pv_keys(R, s + j, chunk, v + j * p.v.row_stride, p.v.row_stride, std::min(kDecodeKeyBlock, n - j),
                         p.dv, out + 2, part);
     }
   });
 
   // Merge each row's chunks in chunk order: the same sums in the same order on any thread count.
   for (Index bh = 0; bh < p.batch * p.heads; ++bh) {
-    const Index b = bh / p.heads, h = bh % p.heads;
+    const Index b = bh / p.heads, h = bh % p.heads, g = h / G;
     for (Index i = 0; i < p.L; ++i) {
-      const auto part_of = [&](Index c) { return partials + ((bh * chunks + c) * p.L + i) * part; };
+      const Index r = (h - g * G) * p.L + i;
+      const auto part_of = [&](Index c) { return partials + (((b * Hk + g) * chunks + c) * R + r) * part; };
       T m = kNegInf;
       bool nan = false;  // a NaN logit in any chunk (l_c = NaN) makes the row NaN, as in the reference
       for (Index c = 0; c < chunks; ++c) m = std::max(m, part_of(c)[0]), nan = nan || std::isnan(part_of(c)[1]);
@@ -266,6 +318,16 @@ void attention_decode(const AttentionProblem<T>& p, Index chunk = kDecodeChunk, 
       o /= l;
     }
   }
+}
+
+}  // namespace decode
+
+// The decoding step, for K and V in any storage type: the one switch from p.kv_storage to the
+// element type the step is compiled for.
+template <class T>
+void attention_decode(const AttentionProblem<T>& p, Index chunk = kDecodeChunk, int threads = 0) {
+  ATTN_ASSERT(!p.weights && p.L <= kDecodeRows && chunk > 0);
+  with_storage<T>(p.kv_storage, [&](auto tag) { decode::run<typename decltype(tag)::type>(p, chunk, threads); });
 }
 
 }  // namespace attn::detail

@@ -91,6 +91,8 @@ struct FlashScratch {
   T* m;        // [Br]                      running row max
   T* l;        // [Br]                      running row sum
   T* alpha;    // [kScoreRows]              exp(m_old - m_new) of the row tile
+  T* keys;     // [Bc, d]   K and V blocks converted to T, when the cache stores them compressed
+  T* values;   // [Bc, dv]  (bf16, fp16, int8): once per block, reused by all Br rows
 };
 
 template <class T>
@@ -112,7 +114,9 @@ void attention_flash(const AttentionProblem<T>& p, FlashBlocks blocks = {}, int 
   const int n_threads = static_cast<int>(std::min<Index>(threads > 0 ? threads : threads_for(flops, 0), tasks));
   const Index bc_pad = (Bc + NR - 1) / NR * NR;
   const auto lines = [](Index n) { return (n + 15) / 16 * 16; };
-  const Index slice = lines(bc_pad * p.d) + lines(MR * bc_pad) + lines(Br * p.dv) + 2 * lines(Br) + lines(MR);
+  const bool stored = p.kv_storage != KVStorage::Native;
+  const Index slice = lines(bc_pad * p.d) + lines(MR * bc_pad) + lines(Br * p.dv) + 2 * lines(Br) + lines(MR) +
+                      (stored ? lines(Bc * p.d) + lines(Bc * p.dv) : 0);
   Eigen::Matrix<T, Eigen::Dynamic, 1> arena(slice * n_threads);
   const auto scratch_of = [&](Index t) {
     T* at = arena.data() + t * slice;
@@ -124,6 +128,8 @@ void attention_flash(const AttentionProblem<T>& p, FlashBlocks blocks = {}, int 
     w.m = take(Br);
     w.l = take(Br);
     w.alpha = take(MR);
+    w.keys = stored ? take(Bc * p.d) : nullptr;
+    w.values = stored ? take(Bc * p.dv) : nullptr;
     return w;
   };
 
@@ -146,8 +152,17 @@ void attention_flash(const AttentionProblem<T>& p, FlashBlocks blocks = {}, int 
 
       // One key block [j0, j0 + c): masks apply to it when `maskable` (keys below mask_keys).
       auto visit = [&](Index j0, Index c, bool maskable) {
-        mk::pack_keys(p.k.row(b, hk, j0), p.k.row_stride, c, p.d, w.packed);
-        const T* v = p.v.row(b, hk, j0);
+        const T* v;
+        Index vs;  // V's row stride
+        if (stored) {  // a compressed cache: the block converted once, for all Br rows
+          convert_rows(p, false, b, hk, j0, c, w.keys, p.d);
+          convert_rows(p, true, b, hk, j0, c, w.values, p.dv);
+          mk::pack_keys(w.keys, p.d, c, p.d, w.packed);
+          v = w.values, vs = p.dv;
+        } else {
+          mk::pack_keys(p.k.row(b, hk, j0), p.k.row_stride, c, p.d, w.packed);
+          v = p.v.row(b, hk, j0), vs = p.v.row_stride;
+        }
         // One row tile: R rows from r0, `rows` either MR as a compile-time constant (every tile but
         // the last) or the last tile's row count, at run time. Only the micro-kernels take R at
         // compile time (their registers), so the tile is compiled twice, not once per row count.
@@ -209,7 +224,7 @@ void attention_flash(const AttentionProblem<T>& p, FlashBlocks blocks = {}, int 
             m = m_new;
           }
           const auto pv = [&](Index r1, auto pv_rows) {
-            mk::pv_rows<decltype(pv_rows)::value>(w.scores + r1 * bc_pad, bc_pad, v, p.v.row_stride, cr, p.dv,
+            mk::pv_rows<decltype(pv_rows)::value>(w.scores + r1 * bc_pad, bc_pad, v, vs, cr, p.dv,
                                                   w.alpha + r1, w.out + (r0 + r1) * p.dv, p.dv);
           };
           if constexpr (full) {

@@ -11,6 +11,8 @@
 #include <limits>
 
 #include "attn/detail/check.hpp"
+#include "attn/detail/storage.hpp"
+#include "attn/kv_storage.hpp"
 #include "attn/mask.hpp"
 #include "attn/types.hpp"
 
@@ -71,7 +73,45 @@ struct AttentionProblem {
   bool key_padding_attends = false;
 
   Strided<T> weights;  // [B, H, L, S] probabilities, written only when data is set
+
+  // K and V as a KVCache stores them. Native: k and v above. Any other storage type: the elements
+  // are at k_stored / v_stored (Stored<T, kv_storage>), with k's and v's strides (k.data and
+  // v.data unused), and an int8 row stands for its scale times its integers (k_scale, v_scale:
+  // [B, H_kv, rows] with row stride 1).
+  KVStorage kv_storage = KVStorage::Native;
+  const void* k_stored = nullptr;
+  const void* v_stored = nullptr;
+  Strided<const T> k_scale, v_scale;
 };
+
+// Row j of kv head h of K (value = false) or V (true) in storage type S (Stored<T, p.kv_storage>).
+template <class S, class T>
+const S* stored_row(const AttentionProblem<T>& p, bool value, Index b, Index h, Index j) {
+  const Strided<const T>& view = value ? p.v : p.k;
+  if constexpr (std::is_same_v<S, T>) {
+    ATTN_ASSERT(p.kv_storage == KVStorage::Native);
+    return view.row(b, h, j);
+  } else {
+    return static_cast<const S*>(value ? p.v_stored : p.k_stored) + b * view.batch_stride + h * view.head_stride +
+           j * view.row_stride;
+  }
+}
+
+// Rows [j0, j0 + n) of kv head h of K (value = false) or V (true) as T, into dst (row stride ds):
+// the flash and blocked kernels' one conversion of a compressed block, where it is reused by many
+// query rows.
+template <class T>
+void convert_rows(const AttentionProblem<T>& p, bool value, Index b, Index h, Index j0, Index n, T* dst, Index ds) {
+  const Index cols = value ? p.dv : p.d;
+  const Strided<const T>& scales = value ? p.v_scale : p.k_scale;
+  with_storage<T>(p.kv_storage, [&](auto tag) {
+    using S = typename decltype(tag)::type;
+    for (Index j = 0; j < n; ++j) {
+      const S* row = stored_row<S>(p, value, b, h, j0 + j);
+      dequantize(row, cols, scales ? *scales.row(b, h, j0 + j) : T(1), dst + j * ds);
+    }
+  });
+}
 
 // Query head h reads K and V head kv_head(p, h): heads / kv_heads consecutive query heads share one.
 template <class T>

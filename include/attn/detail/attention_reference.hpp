@@ -29,9 +29,18 @@
 
 namespace attn::detail {
 
+// Row j of kv head h of K or V as T: in place when stored as T, else converted into buf.
+template <class T>
+const T* kv_row(const AttentionProblem<T>& p, bool value, Index b, Index h, Index j, T* buf) {
+  if (p.kv_storage == KVStorage::Native) return value ? p.v.row(b, h, j) : p.k.row(b, h, j);
+  convert_rows(p, value, b, h, j, 1, buf, 0);
+  return buf;
+}
+
 template <class T>
 void attention_reference(const AttentionProblem<T>& p) {
   std::vector<T> scores(static_cast<std::size_t>(p.S));
+  std::vector<T> row(static_cast<std::size_t>(std::max(p.d, p.dv)));  // a converted K or V row
   T* const s = scores.data();  // one query row's logits, then its exponentials
   for (Index b = 0; b < p.batch; ++b) {
     for (Index h = 0; h < p.heads; ++h) {
@@ -40,7 +49,7 @@ void attention_reference(const AttentionProblem<T>& p) {
         T m = -std::numeric_limits<T>::infinity();
         bool nan = false;  // a NaN logit (NaN in q_i or in an attended k_j) makes the row NaN
         for (Index j = 0; j < p.S; ++j) {
-          const T* kj = p.k.row(b, kv_head(p, h), j);
+          const T* kj = kv_row(p, false, b, kv_head(p, h), j, row.data());
           T dot = 0;
           for (Index c = 0; c < p.d; ++c) dot += qi[c] * kj[c];
           s[j] = masked_logit(p, b, h, i, j, p.scale * dot);
@@ -60,7 +69,7 @@ void attention_reference(const AttentionProblem<T>& p) {
           sum += s[j];
         }
         for (Index j = 0; j < p.S; ++j) {
-          const T* vj = p.v.row(b, kv_head(p, h), j);
+          const T* vj = kv_row(p, true, b, kv_head(p, h), j, row.data());
           for (Index c = 0; c < p.dv; ++c) oi[c] += s[j] * vj[c];
         }
         for (Index c = 0; c < p.dv; ++c) oi[c] /= sum;

@@ -1,0 +1,99 @@
+// attn/kv_storage.hpp - the number types a KV cache can store its keys and values in, and what
+// each one costs in accuracy.
+//
+// Decoding is bound by the bytes of K and V it streams, so the cache's storage type sets its speed:
+// bf16 and fp16 halve the bytes of an fp32 cache, int8 quarters them. Computation stays in the
+// module's T: queries are never rounded, scores, softmax and accumulation are in T, and a stored
+// row is converted back to T in registers as the kernel reads it.
+//
+//   attn::KVCache<float> cache(attn::KVStorage::BFloat16, /*batch=*/1, /*kv_heads=*/8, /*head_dim=*/128, 4096);
+//   cache.bytes_per_token();  // 8 heads * (128 + 128) * 2 bytes = 4096
+//
+// What append stores for a value x (one row = the head_dim keys, or value_dim values, of one
+// position and kv head):
+//   Native    x, in T                                         (exact)
+//   BFloat16  x rounded to nearest even, 8 significant bits    |err| <= 2^-8  |x|
+//   Float16   x rounded to nearest even, 11 significant bits   |err| <= 2^-11 |x|  (|x| <= 65504;
+//             subnormal below 2^-14: |err| <= 2^-25 absolute)
+//   Int8      round(x / s) in [-127, 127] with s = max|row| / 127 (symmetric, one scale in T per
+//             row, for keys and values alike)                  |err| <= s / 2 = max|row| / 254
+// so each stored value is within u * max|x| of x, with the unit roundoff u of storage_unit_roundoff
+// (max over the row for int8, over the value's own magnitude for the 16-bit types). Values that are
+// exactly representable (bf16/fp16 values; int8 rows that are integer multiples of a scale whose
+// row max is 127 steps, s a power of two) are stored exactly: compression loses nothing it does not
+// have to.
+//
+// Int8 keys take one scale per (position, kv head), as values do, rather than one per channel
+// (KIVI): a per-channel scale needs statistics over many positions, so the newest tokens would
+// have to wait in full precision until their group fills; per position, append stays a pure
+// function of the row, and the kernel folds the key scale into the score (scale * s_j * q.k_j)
+// and the value scale into the probability (p_j * s_j), one multiply per key each.
+//
+// Error of one attention row against exact arithmetic on the unrounded K and V. With
+// delta = scale * ||q||_1 * u * max|k| (the largest change of a logit by the rounding of K), every
+// probability moves by at most a factor e^(+-2 delta), so
+//   |out - exact| <= u * max|v| + (e^(2 delta) - 1) * max|v|                (kv_storage_error_bound)
+// elementwise, plus T's own rounding. The randomized differential tests hold every kernel to it.
+#pragma once
+
+#include <cmath>
+
+#include "attn/types.hpp"
+
+namespace attn {
+
+enum class KVStorage {
+  Native,    // T itself (float or double): exact
+  BFloat16,  // Eigen::bfloat16, 2 bytes: fp32's range, 8 significant bits
+  Float16,   // Eigen::half, 2 bytes: 11 significant bits, |x| <= 65504
+  Int8,      // std::int8_t, 1 byte, plus one T scale per row (position and kv head)
+};
+
+inline const char* storage_name(KVStorage s) {
+  switch (s) {
+    case KVStorage::Native:
+      return "native";
+    case KVStorage::BFloat16:
+      return "bf16";
+    case KVStorage::Float16:
+      return "fp16";
+    case KVStorage::Int8:
+      return "int8";
+  }
+  return "?";
+}
+
+// Bytes one stored element takes (int8's per-row scale not included).
+template <class T>
+constexpr Index storage_bytes(KVStorage s) {
+  return s == KVStorage::Native ? Index(sizeof(T)) : s == KVStorage::Int8 ? 1 : 2;
+}
+
+// The largest |stored - x| of one append, as a fraction of max|x| (of the value itself for the
+// 16-bit types, of its row for int8); 0 for Native.
+template <class T>
+constexpr T storage_unit_roundoff(KVStorage s) {
+  switch (s) {
+    case KVStorage::Native:
+      return T(0);
+    case KVStorage::BFloat16:
+      return T(1) / T(256);  // 2^-8: half an ulp of an 8-bit significand
+    case KVStorage::Float16:
+      return T(1) / T(2048);  // 2^-11
+    case KVStorage::Int8:
+      return T(1) / T(254);  // half a step of max|row| / 127
+  }
+  return T(0);
+}
+
+// The bound above on |out - exact| for one query row, elementwise: logit_scale_l1 = scale *
+// ||q||_1 (the query's L1 norm times the softmax scale), max_abs_k and max_abs_v over the keys and
+// values the row attends. T's own rounding comes on top.
+template <class T>
+T kv_storage_error_bound(KVStorage s, T logit_scale_l1, T max_abs_k, T max_abs_v) {
+  const T u = storage_unit_roundoff<T>(s);
+  const T delta = logit_scale_l1 * u * max_abs_k;
+  return u * max_abs_v + std::expm1(T(2) * delta) * max_abs_v;
+}
+
+}  // namespace attn

@@ -1,35 +1,80 @@
-// bench/decode_bench.cpp - one decoding step against a long KV cache, as a fraction of the
-// machine's streaming read bandwidth, measured by this program in the same run.
+// bench/decode_bench.cpp - the decoding step against a KV cache in every storage type, as a
+// fraction of this machine's best plain read rate, beside the decode kernel before the
+// grouped-query / KV-storage rewrite; and a prefill against a compressed cache. One run measures
+// everything it compares.
 //
 // A decode step is one query per head against S cached keys and values: 4*H*S*D FLOPs for
-// 2*H*S*D*sizeof(T) bytes of K and V, so it is bound by how fast memory streams, not by FMAs.
-// Rows:
-//   stream/f32/threads:n        read a 512 MiB buffer once (a vectorized sum, stream_sum, on attn's
-//                               thread pool, n threads, contiguous parts), best of 5: the
-//                               machine's streaming read rate, measured once at start-up
-//   decode/f32/attn/...         detail::attention on B=1, L=1, the cache laid out [H, S, D] per
-//                               K and V (each head's keys contiguous, as a KV cache stores them);
-//                               bytes/s counts K and V once
-//   decode/f32/torch_matmul     (decode_torch_bench only) libtorch on the same [1, H, S, D] cache:
-//   decode/f32/torch_sdpa       matmul(q * scale, K^T), softmax, matmul(., V); and
-//                               at::_scaled_dot_product_attention (is_causal false: the one query
-//                               sits at the end of the cache and sees every key)
-// Cold cache: K and V together (128 MiB at S=4096, H=32, D=128) are four times this machine's
-// 32 MiB L3, so every iteration streams them from memory. (The two smaller shapes, 32 and 24 MiB,
-// partly stay in L3: their of_stream can pass 1.)
+// B*S*bytes_per_token() bytes of K and V, so it is bound by how fast memory streams, not by FMAs.
 //
-// of_stream: the decode step's rate over the rate at which the same bytes stream, measured
-// alongside. Each timed iteration is followed by a plain read (stream_sum on the same threads, not
-// counted in the row's time) of the very K and V the step reads, and of_stream is the decode rate
-// over that read's rate across the same iterations (stream_GB/s). Both are cold: each reads
-// 128 MiB after the other has. Why the same bytes at the same moment: on this shared VM one loop
-// streams different 128 MiB buffers of one process at 16 to 22 GB/s (wherever the host put their
-// pages), and the bandwidth drifts by +-15 % within seconds; against a separate buffer measured
-// at start-up (the stream row, kept for reference) of_stream moved by as much as the goal it
-// checks.
+// Rows, in the order they run:
+//   read/<pages>/<pattern>  one pass over a 512 MiB buffer (16x the 32 MiB L3) of floats on attn's
+//                           thread pool and thread count, best of 5 passes (the patterns take turns):
+//                           the read rate each way of reading memory reaches (GB/s), measured once,
+//                           when the first row runs, before any cache is built. pages: huge = a
+//                           detail::PageBuffer (2 MiB aligned, madvise(MADV_HUGEPAGE): the KV cache's
+//                           memory), 4k = a std::vector (no madvise: 4 KiB pages unless the system's
+//                           transparent_hugepage, in the context, is "always"), for contiguous and
+//                           both interleaved patterns; thp_MiB is how much of the buffer's mapping
+//                           the kernel backed with huge pages (AnonHugePages in /proc/self/smaps;
+//                           -1: unreadable). Patterns:
+//     contiguous                 eight packet accumulators, thread t of T sums the t-th contiguous
+//                                part of the buffer
+//     contiguous/prefetch:N      the same with __builtin_prefetch N bytes ahead, once per 64-byte line
+//     interleaved:512KiB         thread t sums chunks t, t+T, t+2T, ... (parallel_tasks' schedule)
+//     two_streams                contiguous parts of both halves of the buffer in one loop (4 + 4
+//                                accumulators): two streams at once per thread, as K and V
+//     interleaved_kv:256KiB      chunk c = 256 KiB of the first half, then the same 256 KiB of the
+//                                second, chunks interleaved: the decode kernel's tasks (512 keys of
+//                                K, then of V, at D = 128 in fp32)
+//     nt_load                    contiguous, with non-temporal loads (_mm512_stream_load_si512; AVX2:
+//                                _mm256_stream_load_si256; not registered without either). On
+//                                ordinary write-back memory the hint does nothing on most CPUs: an
+//                                ordinary load, reported anyway
+//   read/best               the largest of them (label: which): best_read, the denominator below
+//   decode/f32/before/...   the decode kernel before the rewrite (decode_before.hpp: attn at commit
+//                           93eddd6), on the fp32 cache of the shape; under GQA it reads each kv head
+//                           once per query head
+//   decode/<s>/attn/...     detail::attention, s = f32 (KVStorage::Native), bf16, fp16, int8: a
+//                           KVCache<float>(s, B, Hkv, D, S) holding S random positions per sequence,
+//                           bound by cache.bind(p, 0); B sequences of one query each (q [B, H*D]),
+//                           causal bottom-right, scale 1/sqrt(D)
+//   decode/f32/torch_matmul (decode_torch_bench only) libtorch on the same fp32 cache, viewed in place
+//   decode/f32/torch_sdpa   as [B, Hkv, S, D]: the G = H/Hkv query heads of a group are G query rows
+//                           of their kv head (no copy of K or V, no mask: the one query per sequence
+//                           sees the whole cache); matmul(q * scale, K^T), softmax, matmul(., V); and
+//                           at::_scaled_dot_product_attention (is_causal false)
+//   prefill/<s>/attn/...    L = 2048 queries (the flash kernel) against a cache of S = 2048 in
+//                           storage s = f32, bf16, int8, causal bottom-right, H = 32, Hkv = 8, D = 128
+// Decode shapes: H = 32 query heads of D = 128, Hkv = 32 (MHA) and 8 (GQA), S = 2048 to 16384,
+// B = 1 and 8; the fp32 rows of B = 8, S = 16384, MHA are left out (a 4 GiB cache; the machine
+// shares 24 GiB), and so the bf16/fp16/int8 rows of that shape have no speedup counters.
 //
-// ATTN_BENCH_THREADS=n sets attn's threads (bench_common.hpp) and libtorch's:
+// Counters. Time: a step's wall-clock time (manual time, the mean over the iterations).
+//   GB/s               cache.bytes_per_token() * S * B (K, V and int8's scales, as stored) per second
+//   of_best_read       GB/s over read/best's
+//   speedup_vs_before  decode/f32/before's time of the same shape over this row's
+//   speedup_vs_f32     decode/f32/attn's time of the same shape over this row's
+//   attn_speedup       (torch rows) this row's time over decode/f32/attn's
+//   cache_MiB          the bytes above. Where it is at most about 32 (the L3), much of the cache
+//                      stays in L3 from one step to the next, and the row is not a cold-cache
+//                      figure (its of_best_read can pass 1): GQA at B = 1 up to S = 4096 in fp32,
+//                      8192 in bf16/fp16 and 16384 in int8; MHA at B = 1, S = 2048 in bf16/fp16 and
+//                      up to 4096 in int8; GQA at B = 8, S = 2048 in int8 (32 to 33 MiB: partly).
+//                      These rows are warm as they stand, not flushed between steps; a decoder that
+//                      runs other layers between its steps would find those caches cold.
+//   GFLOP/s, vs_f32    (prefill rows) the causal FLOPs per second; time over prefill/f32's time
+// The speedup counters come from rows that ran earlier in the same run (registration order):
+// filtering out the f32 rows, or --benchmark_enable_random_interleaving, leaves them out.
+//
+// Before each shape and storage type is timed, its output is held to detail::attention_reference
+// on the same stored cache (require_agreement): decode rows for the first and last sequence,
+// prefill rows for 16 query rows at the start, middle and end.
+//
+// ATTN_BENCH_THREADS=n sets attn's threads (bench_common.hpp) and libtorch's. Each row runs for
+// --benchmark_min_time seconds, 0.2 unless given. The whole run takes a few minutes on 2 cores, most
+// of it untimed: filling each cache (one at a time, at most 2 GiB) and the reference checks.
 //   ATTN_BENCH_THREADS=2 ./build-bench/bench/decode_bench
+//   ATTN_BENCH_THREADS=2 ./build-bench/bench/decode_bench --benchmark_filter='read/|S:4096'
 // decode_torch_bench is this program with the libtorch rows, built with -DATTN_BENCH_TORCH=ON where
 // libtorch is found; like torch_bench it re-executes itself with OMP_WAIT_POLICY=PASSIVE unless the
 // variable is set (spinning OpenMP threads would steal the second core from the next row).
@@ -37,13 +82,29 @@
 
 #include <algorithm>
 #include <attn/detail/attention.hpp>
+#include <attn/detail/page_buffer.hpp>
 #include <attn/detail/parallel.hpp>
+#include <attn/kv_cache.hpp>
+#include <attn/kv_storage.hpp>
 #include <chrono>
 #include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <functional>
+#include <limits>
+#include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 #include "bench_common.hpp"
+#include "decode_before.hpp"
 
 #ifdef ATTN_DECODE_BENCH_TORCH
 #include <ATen/ATen.h>
@@ -62,150 +123,483 @@ using Clock = std::chrono::steady_clock;
 
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
-// The sum of x[0, n) through eight packet accumulators: eight independent chains of loads in
-// flight. The stream rate must be the fastest plain read, or of_stream flatters the kernel: Eigen's
-// sum() keeps two accumulators, and read the same buffers 3-15 % slower than this from memory on
-// this VM (from L2 both run at ~115 GB/s: the difference is in how many misses are in flight).
-float stream_sum(const float* x, Index n) {
-  namespace ei = Eigen::internal;
-  using P = attn::detail::mk::Packet<float>;
-  constexpr Index L = attn::detail::mk::kLanes<float>, U = 8;
-  P acc[U];
-  for (P& a : acc) a = ei::pset1<P>(0.0f);
+// ---------------------------------------------------------------------------------------------
+// The best plain read rate.
+
+namespace ei = Eigen::internal;
+using Packet = attn::detail::mk::Packet<float>;
+constexpr Index kLanes = attn::detail::mk::kLanes<float>;
+constexpr Index kLine = 64 / Index(sizeof(float));  // floats per cache line
+
+// The sum of x[0, n) through eight packet accumulators: eight independent chains of loads in flight
+// (Eigen's sum() keeps two, and read 3-15 % slower from memory). kAhead > 0: each 64-byte line is
+// also prefetched kAhead bytes ahead of the loads. (noipa: one copy for every caller; g++ would
+// otherwise specialise it on a caller's constant n, and warn about its tail loop.)
+template <Index kAhead>
+__attribute__((noipa)) float sum8(const float* x, Index n) {
+  constexpr Index U = 8, kStep = U * kLanes;
+  Packet acc[U];
+  for (Packet& a : acc) a = ei::pset1<Packet>(0.0f);
   Index i = 0;
-  for (; i + U * L <= n; i += U * L)
-    for (Index u = 0; u < U; ++u) acc[u] = ei::padd(acc[u], ei::ploadu<P>(x + i + u * L));
+  for (; i + kStep <= n; i += kStep) {
+    if constexpr (kAhead > 0)
+      for (Index l = 0; l < kStep; l += kLine) __builtin_prefetch(x + i + l + kAhead / Index(sizeof(float)));
+    for (Index u = 0; u < U; ++u) acc[u] = ei::padd(acc[u], ei::ploadu<Packet>(x + i + u * kLanes));
+  }
   for (Index u = 1; u < U; ++u) acc[0] = ei::padd(acc[0], acc[u]);
   float total = ei::predux(acc[0]);
   for (; i < n; ++i) total += x[i];
   return total;
 }
 
-// Seconds to read the buffers `parts` once (stream_sum), each split into contiguous pieces over
-// `threads` threads. The sums go into *sink so the reads cannot be optimised away.
-struct Span {
-  const float* data;
-  Index n;
-};
-double stream_seconds(const std::vector<Span>& parts, int threads, double* sink) {
+// x[0, n) and y[0, n) summed in one loop, four accumulators each: two streams at once.
+__attribute__((noipa)) float sum_two(const float* x, const float* y, Index n) {
+  constexpr Index U = 4, kStep = U * kLanes;
+  Packet ax[U], ay[U];
+  for (Index u = 0; u < U; ++u) ax[u] = ay[u] = ei::pset1<Packet>(0.0f);
+  Index i = 0;
+  for (; i + kStep <= n; i += kStep)
+    for (Index u = 0; u < U; ++u) {
+      ax[u] = ei::padd(ax[u], ei::ploadu<Packet>(x + i + u * kLanes));
+      ay[u] = ei::padd(ay[u], ei::ploadu<Packet>(y + i + u * kLanes));
+    }
+  for (Index u = 1; u < U; ++u) ax[0] = ei::padd(ax[0], ax[u]), ay[0] = ei::padd(ay[0], ay[u]);
+  float total = ei::predux(ei::padd(ax[0], ay[0]));
+  for (; i < n; ++i) total += x[i] + y[i];
+  return total;
+}
+
+// sum8 with non-temporal loads; x must be 64-byte aligned. The loaded bits are added as floats (the
+// buffer holds floats).
+#if defined(__AVX512F__)
+constexpr bool kHaveNtLoad = true;
+constexpr const char* kNtLoadName = "_mm512_stream_load_si512";
+float sum_nt(const float* x, Index n) {
+  __m512 acc[8];
+  for (__m512& a : acc) a = _mm512_setzero_ps();
+  Index i = 0;
+  for (; i + 8 * 16 <= n; i += 8 * 16)
+    for (int u = 0; u < 8; ++u)
+      acc[u] = _mm512_add_ps(acc[u], _mm512_castsi512_ps(_mm512_stream_load_si512(const_cast<float*>(x + i + 16 * u))));
+  for (int u = 1; u < 8; ++u) acc[0] = _mm512_add_ps(acc[0], acc[u]);
+  float total = _mm512_reduce_add_ps(acc[0]);
+  for (; i < n; ++i) total += x[i];
+  return total;
+}
+#elif defined(__AVX2__)
+constexpr bool kHaveNtLoad = true;
+constexpr const char* kNtLoadName = "_mm256_stream_load_si256";
+float sum_nt(const float* x, Index n) {
+  __m256 acc[8];
+  for (__m256& a : acc) a = _mm256_setzero_ps();
+  Index i = 0;
+  for (; i + 8 * 8 <= n; i += 8 * 8)
+    for (int u = 0; u < 8; ++u)
+      acc[u] = _mm256_add_ps(
+          acc[u], _mm256_castsi256_ps(_mm256_stream_load_si256(reinterpret_cast<const __m256i*>(x + i + 8 * u))));
+  for (int u = 1; u < 8; ++u) acc[0] = _mm256_add_ps(acc[0], acc[u]);
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, acc[0]);
+  float total = 0;
+  for (float l : lanes) total += l;
+  for (; i < n; ++i) total += x[i];
+  return total;
+}
+#else
+constexpr bool kHaveNtLoad = false;
+constexpr const char* kNtLoadName = "";
+float sum_nt(const float* x, Index n) { return sum8<0>(x, n); }
+#endif
+
+// Seconds for attn's pool to run read(t) for every task t of [0, tasks), on `threads` threads, worker
+// w taking tasks w, w + T, w + 2T, ... (parallel_tasks). The sums go into *sink so the reads cannot
+// be optimised away.
+template <class Read>
+double timed_pass(Index tasks, int threads, const Read& read, double* sink) {
   std::vector<double> partial(static_cast<std::size_t>(threads), 0.0);
   const auto t0 = Clock::now();
-  attn::detail::parallel_tasks(threads, threads, [&](Index first, Index step) {
-    for (Index t = first; t < threads; t += step)
-      for (const Span& part : parts) {
-        const Index begin = part.n * t / threads, end = part.n * (t + 1) / threads;
-        partial[static_cast<std::size_t>(t)] += static_cast<double>(stream_sum(part.data + begin, end - begin));
-      }
+  attn::detail::parallel_tasks(tasks, threads, [&](Index first, Index step) {
+    double s = 0;
+    for (Index t = first; t < tasks; t += step) s += static_cast<double>(read(t));
+    partial[static_cast<std::size_t>(first)] += s;
   });
   const double seconds = seconds_since(t0);
   for (double p : partial) *sink += p;
   return seconds;
 }
 
-// The streaming read rate of a 512 MiB buffer (16 times the L3) on attn's current thread count,
-// best of 5, measured once per process.
-double machine_stream_rate() {
-  static const double rate = [] {
-    const Vec<float> buffer = Vec<float>::Constant(Index(128) << 20, 1.0f);
-    double sink = 0, best = 0;
-    for (int r = 0; r < 5; ++r)
-      best = std::max(best, double(buffer.size()) * sizeof(float) /
-                                stream_seconds({{buffer.data(), buffer.size()}}, attn::num_threads(), &sink));
-    benchmark::DoNotOptimize(sink);
-    return best;
-  }();
-  return rate;
+// Where part t of `parts` of x[0, n) begins: parts of whole cache lines.
+Index part_begin(Index n, Index t, Index parts) { return n / kLine * t / parts * kLine; }
+
+template <Index kAhead>
+double contiguous_pass(const float* x, Index n, int threads, double* sink) {
+  return timed_pass(
+      threads, threads,
+      [&](Index t) {
+        const Index b = part_begin(n, t, threads), e = part_begin(n, t + 1, threads);
+        return sum8<kAhead>(x + b, e - b);
+      },
+      sink);
 }
 
-void BM_stream(benchmark::State& state) {
-  const double rate = machine_stream_rate();
-  for (auto _ : state) {
-    benchmark::DoNotOptimize(rate);
+double interleaved_pass(const float* x, Index n, int threads, double* sink) {
+  constexpr Index chunk = (Index(512) << 10) / Index(sizeof(float));
+  return timed_pass(
+      n / chunk, threads, [&](Index t) { return sum8<0>(x + t * chunk, chunk); }, sink);
+}
+
+double two_streams_pass(const float* x, Index n, int threads, double* sink) {
+  const Index half = n / 2;
+  return timed_pass(
+      threads, threads,
+      [&](Index t) {
+        const Index b = part_begin(half, t, threads), e = part_begin(half, t + 1, threads);
+        return sum_two(x + b, x + half + b, e - b);
+      },
+      sink);
+}
+
+double interleaved_kv_pass(const float* x, Index n, int threads, double* sink) {
+  constexpr Index chunk = (Index(256) << 10) / Index(sizeof(float));
+  const Index half = n / 2;
+  return timed_pass(
+      half / chunk, threads,
+      [&](Index t) { return sum8<0>(x + t * chunk, chunk) + sum8<0>(x + half + t * chunk, chunk); }, sink);
+}
+
+double nt_load_pass(const float* x, Index n, int threads, double* sink) {
+  return timed_pass(
+      threads, threads,
+      [&](Index t) {
+        const Index b = part_begin(n, t, threads), e = part_begin(n, t + 1, threads);
+        return sum_nt(x + b, e - b);
+      },
+      sink);
+}
+
+struct ReadPattern {
+  std::string name;  // the row: read/<name>
+  bool huge;         // on the PageBuffer; else on the 4 KiB-page buffer
+  double (*pass)(const float* x, Index n, int threads, double* sink);  // seconds of one pass
+};
+
+const std::vector<ReadPattern>& read_patterns() {
+  static const std::vector<ReadPattern> patterns = [] {
+    std::vector<ReadPattern> p = {
+        {"huge/contiguous", true, contiguous_pass<0>},
+        {"huge/contiguous/prefetch:256B", true, contiguous_pass<256>},
+        {"huge/contiguous/prefetch:1KiB", true, contiguous_pass<1024>},
+        {"huge/contiguous/prefetch:4KiB", true, contiguous_pass<4096>},
+        {"huge/interleaved:512KiB", true, interleaved_pass},
+        {"huge/two_streams", true, two_streams_pass},
+        {"huge/interleaved_kv:256KiB", true, interleaved_kv_pass},
+        {"4k/contiguous", false, contiguous_pass<0>},
+        {"4k/interleaved:512KiB", false, interleaved_pass},
+        {"4k/interleaved_kv:256KiB", false, interleaved_kv_pass},
+    };
+    if (kHaveNtLoad) p.push_back({"huge/nt_load", true, nt_load_pass});
+    return p;
+  }();
+  return patterns;
+}
+
+// Bytes of the mapping holding address a that the kernel backs with transparent huge pages
+// (AnonHugePages in /proc/self/smaps); -1 where that cannot be read.
+double huge_page_bytes(const void* a) {
+  std::ifstream smaps("/proc/self/smaps");
+  const auto addr = reinterpret_cast<std::uintptr_t>(a);
+  std::string line;
+  bool inside = false;
+  while (std::getline(smaps, line)) {
+    unsigned long long lo = 0, hi = 0;
+    if (std::sscanf(line.c_str(), "%llx-%llx", &lo, &hi) == 2) {  // a mapping's first line
+      inside = addr >= lo && addr < hi;
+    } else if (inside && line.rfind("AnonHugePages:", 0) == 0) {
+      return 1024.0 * std::atof(line.c_str() + std::strlen("AnonHugePages:"));  // "  n kB"
+    }
   }
-  state.counters["GB/s"] = rate / 1e9;
+  return -1;
+}
+
+struct ReadRates {
+  std::vector<double> rate;  // bytes/s of each read_patterns() entry, best of its passes
+  double huge_thp = -1, small_thp = -1;
+  double best = 0;
+  std::size_t best_at = 0;
+};
+
+constexpr Index kReadFloats = Index(128) << 20;  // 512 MiB: 16 times the 32 MiB L3
+constexpr int kReadPasses = 5;
+
+// Measured once, at the first row that needs it (the first row of the run), before any KV cache is
+// built; the buffers are freed afterwards.
+const ReadRates& read_rates() {
+  static const ReadRates rates = [] {
+    const Index n = kReadFloats;
+    attn::detail::PageBuffer huge(static_cast<std::size_t>(n) * sizeof(float));
+    float* const h = reinterpret_cast<float*>(huge.data());
+    std::fill(h, h + n, 1.0f);
+    const std::vector<float> small(static_cast<std::size_t>(n), 1.0f);
+    const auto& patterns = read_patterns();
+    ReadRates r;
+    r.rate.assign(patterns.size(), 0.0);
+    r.huge_thp = huge_page_bytes(h);
+    r.small_thp = huge_page_bytes(small.data());
+    double sink = 0;
+    for (int pass = 0; pass < kReadPasses; ++pass)  // the patterns take turns: drift hits them alike
+      for (std::size_t i = 0; i < patterns.size(); ++i) {
+        const double seconds = patterns[i].pass(patterns[i].huge ? h : small.data(), n, attn::num_threads(), &sink);
+        r.rate[i] = std::max(r.rate[i], double(n) * sizeof(float) / seconds);
+      }
+    benchmark::DoNotOptimize(sink);
+    r.best_at = std::size_t(std::max_element(r.rate.begin(), r.rate.end()) - r.rate.begin());
+    r.best = r.rate[r.best_at];
+    return r;
+  }();
+  return rates;
+}
+
+void BM_read(benchmark::State& state, std::size_t i) {
+  const ReadRates& r = read_rates();
+  const double bytes = double(kReadFloats) * sizeof(float);
+  for (auto _ : state) state.SetIterationTime(bytes / r.rate[i]);
+  state.counters["GB/s"] = r.rate[i] / 1e9;
+  state.counters["of_best_read"] = r.rate[i] / r.best;
+  state.counters["thp_MiB"] = read_patterns()[i].huge ? r.huge_thp / double(1 << 20) : r.small_thp / double(1 << 20);
   state.counters["threads"] = attn::num_threads();
 }
 
-struct DecodeShape {
-  Index H, S, D;
-  double bytes() const { return 2.0 * double(H * S * D) * sizeof(float); }  // K and V
+void BM_read_best(benchmark::State& state) {
+  const ReadRates& r = read_rates();
+  const double bytes = double(kReadFloats) * sizeof(float);
+  for (auto _ : state) state.SetIterationTime(bytes / r.best);
+  state.counters["GB/s"] = r.best / 1e9;
+  state.counters["threads"] = attn::num_threads();
+  state.SetLabel(read_patterns()[r.best_at].name);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decode and prefill against a KVCache.
+
+struct Shape {
+  Index B, H, Hkv, L, S, D;
   std::string key() const {
-    return "H=" + std::to_string(H) + " S=" + std::to_string(S) + " D=" + std::to_string(D);
+    return "B=" + std::to_string(B) + " H=" + std::to_string(H) + " Hkv=" + std::to_string(Hkv) +
+           " L=" + std::to_string(L) + " S=" + std::to_string(S) + " D=" + std::to_string(D);
+  }
+  double f32_cache_bytes() const { return double(B * Hkv * S * 2 * D) * sizeof(float); }
+};
+
+// The fp32 caches the run builds; past this (MHA at B = 8, S = 16384: 4 GiB) the fp32 rows of a
+// shape are left out.
+constexpr double kMaxF32CacheBytes = 3.0 * double(1 << 30);
+
+// Uniform values in [-1, 1), fast: a 512 MiB cache fills in well under a second, where
+// attn::init::uniform would take several. splitmix64, two 24-bit values per step.
+class FastRandom {
+ public:
+  explicit FastRandom(std::uint64_t seed) : s_(seed) {}
+  void fill(float* x, Index n) {
+    constexpr float kUnit = 1.0f / float(1 << 23);
+    Index i = 0;
+    for (; i + 2 <= n; i += 2) {
+      const std::uint64_t z = next();
+      x[i] = static_cast<float>(z >> 40) * kUnit - 1.0f;
+      x[i + 1] = static_cast<float>(z & 0xFFFFFF) * kUnit - 1.0f;
+    }
+    if (i < n) x[i] = static_cast<float>(next() >> 40) * kUnit - 1.0f;
+  }
+
+ private:
+  std::uint64_t next() {
+    std::uint64_t z = (s_ += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+  }
+  std::uint64_t s_;
+};
+
+// Query rows [row0, row0 + rows) of q [B*L, H*D] as attention_reference computes them.
+struct Check {
+  Index row0, rows;
+  Mat<float> want;
+};
+
+// One shape's cache in one storage type, filled with S random positions per sequence (the same
+// values in every storage type: the seed depends on the shape only), its queries q [B*L, H*D]
+// (sequence b's rows at [b*L, (b+1)*L)), the output, the problem bound to both, and the reference's
+// rows to check the output against.
+struct CacheState {
+  Shape s;
+  attn::KVStorage storage;
+  attn::KVCache<float> cache;
+  Mat<float> q, out;
+  attn::detail::AttentionProblem<float> p;
+  std::vector<Check> checks;
+
+  CacheState(const Shape& shape, attn::KVStorage st)
+      : s(shape),
+        storage(st),
+        cache(st, shape.B, shape.Hkv, shape.D, shape.S),
+        out(shape.B * shape.L, shape.H * shape.D) {
+    FastRandom gen(std::hash<std::string>{}(s.key()));
+    q.resize(s.B * s.L, s.H * s.D);
+    gen.fill(q.data(), q.size());
+    out.setZero();
+    constexpr Index kBlock = 512;  // positions per append
+    Mat<float> k(kBlock, s.Hkv * s.D), v(kBlock, s.Hkv * s.D);
+    for (Index b = 0; b < s.B; ++b)
+      for (Index r0 = 0; r0 < s.S; r0 += kBlock) {
+        const Index rows = std::min(kBlock, s.S - r0);
+        gen.fill(k.data(), rows * k.cols());
+        gen.fill(v.data(), rows * v.cols());
+        cache.append(b, k.topRows(rows), v.topRows(rows));
+      }
+    p.batch = s.B, p.heads = s.H, p.kv_heads = s.Hkv, p.L = s.L, p.S = s.S, p.mask_keys = s.S;
+    p.d = p.dv = s.D;
+    p.q = {q.data(), s.L * s.H * s.D, s.D, s.H * s.D};
+    p.out = {out.data(), s.L * s.H * s.D, s.D, s.H * s.D};
+    p.scale = 1.0f / std::sqrt(static_cast<float>(s.D));
+    p.causal = attn::Causal::BottomRight;  // the newest query sits at the newest key
+    cache.bind(p, 0);
+    if (s.L == 1) {  // decode: the first and the last sequence
+      checks.push_back(reference(0, 0, 1));
+      if (s.B > 1) checks.push_back(reference(s.B - 1, 0, 1));
+    } else {  // prefill: 16 query rows at the start, middle and end of sequence 0
+      const Index n = std::min<Index>(16, s.L);
+      for (const Index r0 : {Index(0), (s.L - n) / 2, s.L - n}) checks.push_back(reference(0, r0, n));
+    }
+  }
+  CacheState(const CacheState&) = delete;  // p points into this object
+  CacheState& operator=(const CacheState&) = delete;
+
+  // attention_reference on query rows [r0, r0 + n) of sequence b: the problem of those n queries
+  // alone, with the keys they can see (S - L + r0 + n under bottom-right causal masking).
+  Check reference(Index b, Index r0, Index n) const {
+    attn::detail::AttentionProblem<float> sub = p;
+    sub.batch = 1;
+    cache.bind(sub, b);
+    sub.L = n;
+    sub.S = sub.mask_keys = s.S - s.L + r0 + n;
+    sub.q.data = q.data() + (b * s.L + r0) * s.H * s.D;
+    Check c{b * s.L + r0, n, Mat<float>::Zero(n, s.H * s.D)};
+    sub.out = {c.want.data(), 0, s.D, s.H * s.D};
+    attn::detail::attention_reference(sub);
+    return c;
+  }
+
+  // Runs step() on an output of NaNs and holds the rows it wrote to the reference's.
+  template <class Step>
+  void require_agreement(const std::string& what, const Step& step, double tolerance = 1e-4) {
+    out.setConstant(std::numeric_limits<float>::quiet_NaN());
+    step();
+    for (const Check& c : checks)
+      attn_bench::require_agreement(what, Mat<float>(out.middleRows(c.row0, c.rows)), c.want, tolerance);
   }
 };
 
-// The cache and one query, the same values for every implementation.
-struct DecodeInputs {
-  Mat<float> q, k, v, out;
-  explicit DecodeInputs(const DecodeShape& s) : out(1, s.H * s.D) {
-    attn::Generator gen(11);
-    q = random_matrix<float>(1, s.H * s.D, gen);
-    k = random_matrix<float>(s.H * s.S, s.D, gen);
-    v = random_matrix<float>(s.H * s.S, s.D, gen);
+// The cache of a shape and storage type: built on first use, and kept while the rows that follow
+// use the same one (the before, attn and torch rows of an fp32 shape share one). The previous
+// cache is freed before the next is built, so one lives at a time.
+CacheState& cache_for(const Shape& s, attn::KVStorage storage) {
+  static std::unique_ptr<CacheState> current;
+  if (!current || current->s.key() != s.key() || current->storage != storage) {
+    current.reset();
+    current = std::make_unique<CacheState>(s, storage);
   }
-};
+  return *current;
+}
 
-// Times step() once per iteration (the row's manual time), each followed by a plain read of the
-// cache's K and V, and sets the counters (see the top of this file).
+// Each row's mean seconds per step, by what ran and the shape, for the rows after it.
+std::map<std::string, double>& row_times() {
+  static std::map<std::string, double> times;
+  return times;
+}
+const double* recall(const std::string& key) {
+  const auto it = row_times().find(key);
+  return it == row_times().end() ? nullptr : &it->second;
+}
+
+std::string storage_row_name(attn::KVStorage s) { return s == attn::KVStorage::Native ? "f32" : attn::storage_name(s); }
+
+// Times step() once per iteration (the row's manual time) after one untimed call (first-touch and
+// the cache's first pass out of the timing); returns the mean seconds per step (0: no iterations).
 template <class Step>
-void time_against_stream(benchmark::State& state, const DecodeShape& s, const DecodeInputs& in, const Step& step) {
-  const std::vector<Span> cache = {{in.k.data(), in.k.size()}, {in.v.data(), in.v.size()}};
-  step();  // untimed: first-touch page faults and a first cold pass out of the timing
-  double decode_time = 0, stream_time = 0, sink = 0;
+double time_steps(benchmark::State& state, const Step& step) {
+  step();
+  double total = 0;
   Index n = 0;
   for (auto _ : state) {
     const auto t0 = Clock::now();
     step();
     const double seconds = seconds_since(t0);
     state.SetIterationTime(seconds);
-    decode_time += seconds;
-    stream_time += stream_seconds(cache, attn::num_threads(), &sink);
+    total += seconds;
     ++n;
   }
-  benchmark::DoNotOptimize(sink);
-  const double decode_rate = s.bytes() * double(n) / decode_time;
-  const double stream_rate = s.bytes() * double(n) / stream_time;
-  state.counters["bytes/s"] = benchmark::Counter(s.bytes(), benchmark::Counter::kIsIterationInvariantRate);
-  state.counters["flops"] =
-      benchmark::Counter(4.0 * double(s.H * s.S * s.D), benchmark::Counter::kIsIterationInvariantRate);
-  state.counters["of_stream"] = decode_rate / stream_rate;
-  state.counters["stream_GB/s"] = stream_rate / 1e9;
+  return n > 0 ? total / double(n) : 0.0;
 }
 
-attn::detail::AttentionProblem<float> decode_problem(const DecodeShape& s, const DecodeInputs& in, float* out) {
-  attn::detail::AttentionProblem<float> p;
-  p.batch = 1, p.heads = s.H, p.L = 1, p.S = s.S, p.mask_keys = s.S, p.d = s.D, p.dv = s.D;
-  p.q = {in.q.data(), 0, s.D, 0};
-  p.k = {in.k.data(), 0, s.S * s.D, s.D};  // [H, S, D]: head h's keys contiguous
-  p.v = {in.v.data(), 0, s.S * s.D, s.D};
-  p.out = {out, 0, s.D, 0};
-  p.scale = 1.0f / std::sqrt(static_cast<float>(s.D));
-  p.causal = attn::Causal::BottomRight;  // the newest query sees the whole cache
-  return p;
+// The counters every decode row has, for a step of `seconds` on cache c.
+void decode_counters(benchmark::State& state, const CacheState& c, double seconds) {
+  const double bytes = double(c.cache.bytes_per_token() * c.s.S * c.s.B);
+  state.counters["GB/s"] = bytes / seconds / 1e9;
+  state.counters["of_best_read"] = bytes / seconds / read_rates().best;
+  state.counters["cache_MiB"] = bytes / double(1 << 20);
+  state.counters["threads"] = attn::num_threads();
 }
 
-void BM_decode(benchmark::State& state, DecodeShape s) {
-  DecodeInputs in(s);
-  const auto p = decode_problem(s, in, in.out.data());
-  if (first_time("decode " + s.key())) {  // against the plain loops, once per shape
-    Mat<float> want(1, s.H * s.D);
-    attn::detail::attention_reference(decode_problem(s, in, want.data()));
-    attn::detail::attention(p);
-    require_agreement("decode " + s.key(), in.out, want);
-  }
-  time_against_stream(state, s, in, [&] { attn::detail::attention(p); });
+void BM_decode(benchmark::State& state, Shape s, attn::KVStorage storage, bool before) {
+  read_rates();  // measured before the first cache is built
+  CacheState& c = cache_for(s, storage);
+  const auto step = [&] {
+    if (before)
+      attn_bench::before::attention_decode(c.p);
+    else
+      attn::detail::attention(c.p);
+  };
+  const std::string row = (before ? "before " : storage_row_name(storage) + " ") + s.key();
+  if (first_time("decode " + row)) c.require_agreement("decode " + row, step);
+  const double seconds = time_steps(state, step);
+  if (seconds <= 0) return;
+  decode_counters(state, c, seconds);
+  row_times()[row] = seconds;
+  if (before) return;
+  if (const double* t = recall("before " + s.key())) state.counters["speedup_vs_before"] = *t / seconds;
+  if (const double* t = recall("f32 " + s.key())) state.counters["speedup_vs_f32"] = *t / seconds;
+}
+
+void BM_prefill(benchmark::State& state, Shape s, attn::KVStorage storage) {
+  CacheState& c = cache_for(s, storage);
+  const auto step = [&] { attn::detail::attention(c.p); };
+  const std::string row = "prefill " + storage_row_name(storage) + " " + s.key();
+  if (first_time(row)) c.require_agreement(row, step);
+  const double seconds = time_steps(state, step);
+  if (seconds <= 0) return;
+  // Query i sees keys [0, i + S - L]: 4*D FLOPs a key per head (q.k and p.v).
+  double keys = 0;
+  for (Index i = 0; i < s.L; ++i) keys += double(std::min(s.S, i + s.S - s.L + 1));
+  state.counters["GFLOP/s"] = 4.0 * double(s.B * s.H * s.D) * keys / seconds / 1e9;
+  state.counters["threads"] = attn::num_threads();
+  row_times()[row] = seconds;
+  if (const double* t = recall("prefill f32 " + s.key())) state.counters["vs_f32"] = seconds / *t;
 }
 
 #ifdef ATTN_DECODE_BENCH_TORCH
-// libtorch on the same cache, as [1, H, 1|S, D] views of the same buffers (no copy).
-void BM_decode_torch(benchmark::State& state, DecodeShape s, bool sdpa) {
+// libtorch on the fp32 cache, viewed in place as [B, Hkv, S, D] (the cache's strides), and the
+// queries q [B, H*D] as [B, Hkv, G, D]: the G query heads of kv head g are G query rows against it.
+// The result [B, Hkv, G, D] is laid out as attn's [B, H*D].
+void BM_decode_torch(benchmark::State& state, Shape s, bool sdpa) {
   c10::InferenceMode guard;
-  DecodeInputs in(s);
-  const auto view = [](const Mat<float>& m, at::IntArrayRef sizes) {
-    return at::from_blob(const_cast<float*>(m.data()), sizes, at::kFloat);
+  CacheState& c = cache_for(s, attn::KVStorage::Native);
+  const Index G = s.H / s.Hkv;
+  const at::Tensor q = at::from_blob(c.q.data(), {s.B, s.Hkv, G, s.D}, {s.H * s.D, G * s.D, s.D, 1}, at::kFloat);
+  const auto view = [&](const attn::detail::Strided<const float>& x) {
+    return at::from_blob(const_cast<float*>(x.data), {s.B, s.Hkv, s.S, s.D},
+                         {x.batch_stride, x.head_stride, x.row_stride, 1}, at::kFloat);
   };
-  const at::Tensor q = view(in.q, {1, s.H, 1, s.D}), k = view(in.k, {1, s.H, s.S, s.D}),
-                   v = view(in.v, {1, s.H, s.S, s.D});
+  const at::Tensor k = view(c.p.k), v = view(c.p.v);
   const double scale = 1.0 / std::sqrt(static_cast<double>(s.D));
   const auto step = [&] {
     at::Tensor out = sdpa ? std::get<0>(at::_scaled_dot_product_attention(q, k, v, c10::nullopt, 0.0, false))
@@ -213,14 +607,17 @@ void BM_decode_torch(benchmark::State& state, DecodeShape s, bool sdpa) {
     benchmark::DoNotOptimize(out.data_ptr());
     return out;
   };
-  const std::string what = std::string("decode ") + (sdpa ? "torch_sdpa " : "torch_matmul ") + s.key();
-  if (first_time(what)) {  // against attn, once per shape
-    attn::detail::attention(decode_problem(s, in, in.out.data()));
+  const std::string row = std::string(sdpa ? "torch_sdpa " : "torch_matmul ") + s.key();
+  if (first_time("decode " + row)) {  // against attn, once per shape
+    c.require_agreement("decode attn (before " + row + ")", [&] { attn::detail::attention(c.p); });
     const at::Tensor got = step().contiguous();
-    require_agreement(what,
-                      Mat<float>(Eigen::Map<const Mat<float>>(got.data_ptr<float>(), 1, s.H * s.D)), in.out, 1e-3);
+    require_agreement("decode " + row, Mat<float>(Eigen::Map<const Mat<float>>(got.data_ptr<float>(), s.B, s.H * s.D)),
+                      c.out, 1e-3);
   }
-  time_against_stream(state, s, in, step);
+  const double seconds = time_steps(state, step);
+  if (seconds <= 0) return;
+  decode_counters(state, c, seconds);
+  if (const double* t = recall("f32 " + s.key())) state.counters["attn_speedup"] = seconds / *t;
 }
 
 // libtorch's threads, and its BLAS's when that is OpenBLAS, to attn's thread count.
@@ -236,20 +633,58 @@ void configure_torch(int threads) {
 #endif
 
 void register_all() {
-  benchmark::RegisterBenchmark("stream/f32", BM_stream)->Iterations(1)->UseRealTime();
+  {
+    std::ifstream thp("/sys/kernel/mm/transparent_hugepage/enabled");
+    std::string mode;
+    std::getline(thp, mode);
+    benchmark::AddCustomContext("transparent_hugepage", mode.empty() ? "unknown" : mode);
+    if (kHaveNtLoad) benchmark::AddCustomContext("nt_load", kNtLoadName);
+  }
+  for (std::size_t i = 0; i < read_patterns().size(); ++i)
+    benchmark::RegisterBenchmark(("read/" + read_patterns()[i].name).c_str(), BM_read, i)
+        ->Iterations(1)
+        ->UseManualTime()
+        ->Unit(benchmark::kMillisecond);
+  benchmark::RegisterBenchmark("read/best", BM_read_best)
+      ->Iterations(1)
+      ->UseManualTime()
+      ->Unit(benchmark::kMillisecond);
 #ifdef ATTN_DECODE_BENCH_TORCH
   configure_torch(attn::num_threads());
 #endif
-  for (const DecodeShape s : {DecodeShape{32, 4096, 128}, DecodeShape{32, 1024, 128}, DecodeShape{12, 4096, 64}}) {
-    const auto args = [&](benchmark::internal::Benchmark* b) {
-      b->Args({1, s.H, 1, s.S, s.D})->ArgNames({"B", "H", "L", "S", "D"})->UseManualTime()->Unit(benchmark::kMicrosecond);
-    };
-    args(benchmark::RegisterBenchmark("decode/f32/attn", BM_decode, s));
+
+  using attn::KVStorage;
+  const auto args = [](benchmark::internal::Benchmark* b, const Shape& s, benchmark::TimeUnit unit) {
+    b->Args({s.B, s.H, s.Hkv, s.L, s.S, s.D})->ArgNames({"B", "H", "Hkv", "L", "S", "D"})->UseManualTime()->Unit(unit);
+  };
+  for (const Index Hkv : {32, 8})
+    for (const Index B : {1, 8})
+      for (const Index S : {2048, 4096, 8192, 16384}) {
+        const Shape s{B, 32, Hkv, 1, S, 128};
+        const bool f32 = s.f32_cache_bytes() <= kMaxF32CacheBytes;
+        if (f32)
+          args(benchmark::RegisterBenchmark("decode/f32/before", BM_decode, s, KVStorage::Native, true), s,
+               benchmark::kMicrosecond);
+        for (const KVStorage storage : {KVStorage::Native, KVStorage::BFloat16, KVStorage::Float16, KVStorage::Int8}) {
+          if (storage == KVStorage::Native && !f32) continue;
+          args(benchmark::RegisterBenchmark(("decode/" + storage_row_name(storage) + "/attn").c_str(), BM_decode, s,
+                                            storage, false),
+               s, benchmark::kMicrosecond);
 #ifdef ATTN_DECODE_BENCH_TORCH
-    args(benchmark::RegisterBenchmark("decode/f32/torch_matmul", BM_decode_torch, s, false));
-    args(benchmark::RegisterBenchmark("decode/f32/torch_sdpa", BM_decode_torch, s, true));
+          if (storage == KVStorage::Native) {
+            args(benchmark::RegisterBenchmark("decode/f32/torch_matmul", BM_decode_torch, s, false), s,
+                 benchmark::kMicrosecond);
+            args(benchmark::RegisterBenchmark("decode/f32/torch_sdpa", BM_decode_torch, s, true), s,
+                 benchmark::kMicrosecond);
+          }
 #endif
-  }
+        }
+      }
+  const Shape prefill{1, 32, 8, 2048, 2048, 128};
+  for (const KVStorage storage : {KVStorage::Native, KVStorage::BFloat16, KVStorage::Int8})
+    args(benchmark::RegisterBenchmark(("prefill/" + storage_row_name(storage) + "/attn").c_str(), BM_prefill, prefill,
+                                      storage),
+         prefill, benchmark::kMillisecond);
 }
 
 }  // namespace
@@ -263,5 +698,14 @@ int main(int argc, char** argv) {
     unsetenv("OMP_WAIT_POLICY");
   }
 #endif
-  return attn_bench::run(argc, argv, register_all);
+  // 0.2 s a row unless --benchmark_min_time is given (Google Benchmark's default, 0.5 s, would
+  // more than double the run).
+  std::vector<char*> args(argv, argv + argc);
+  static char default_min_time[] = "--benchmark_min_time=0.2";
+  if (std::none_of(args.begin(), args.end(),
+                   [](const char* a) { return std::strncmp(a, "--benchmark_min_time", 20) == 0; }))
+    args.push_back(default_min_time);
+  int n = static_cast<int>(args.size());
+  args.push_back(nullptr);
+  return attn_bench::run(n, args.data(), register_all);
 }

@@ -17,8 +17,10 @@
 // interval is exponentiated and the rest zeroed, and blocks wholly inside every row's interval are
 // not looked at twice. The per-score work (bool masks, biases, ALiBi) goes through mask_row;
 // soft-capping is one vectorized pass over the tile's scores. Work is split over
-// (batch, head, query block) tasks; each task owns its rows and reduces them in a fixed order,
-// so results are bitwise identical whatever the thread count.
+// (batch, kv head, query block) tasks - with grouped-query attention a task holds the block's rows
+// of every query head of the group, and packs each key block once for all of them; each task owns
+// its rows and reduces them in a fixed order, so results are bitwise identical whatever the thread
+// count.
 #pragma once
 
 #include <algorithm>
@@ -103,9 +105,13 @@ void attention_flash(const AttentionProblem<T>& p, FlashBlocks blocks = {}, int 
   constexpr Index NR = mk::kPanel<T>;
   const bool elementwise = p.mask || p.bias || p.key_padding || p.alibi_slopes;  // need every score looked at
   const bool softcap = p.softcap > T(0);
-  const Index Br = std::min(blocks.rows, p.L), Bc = std::min(blocks.cols, p.S);
+  // Grouped-query attention: a task takes the same query block of all G heads that share a kv head,
+  // so each key block is packed (and, from a compressed cache, converted) once for the group, not
+  // once per head; Br / G rows per head keep the task's rows, and its scratch, at Br.
+  const Index G = p.kv_heads > 0 ? p.heads / p.kv_heads : 1, Hk = p.heads / G;
+  const Index Br = std::min(std::max<Index>(MR, blocks.rows / G / MR * MR), p.L), Bc = std::min(blocks.cols, p.S);
   const Index q_blocks = (p.L + Br - 1) / Br;
-  const Index tasks = p.batch * p.heads * q_blocks;
+  const Index tasks = p.batch * Hk * q_blocks;
   if (tasks == 0) return;
 
   // Scratch for every thread, each slice a whole number of cache lines.
@@ -115,7 +121,7 @@ void attention_flash(const AttentionProblem<T>& p, FlashBlocks blocks = {}, int 
   const Index bc_pad = (Bc + NR - 1) / NR * NR;
   const auto lines = [](Index n) { return (n + 15) / 16 * 16; };
   const bool stored = p.kv_storage != KVStorage::Native;
-  const Index slice = lines(bc_pad * p.d) + lines(MR * bc_pad) + lines(Br * p.dv) + 2 * lines(Br) + lines(MR) +
+  const Index slice = lines(bc_pad * p.d) + lines(MR * bc_pad) + lines(G * Br * p.dv) + 2 * lines(G * Br) + lines(MR) +
                       (stored ? lines(Bc * p.d) + lines(Bc * p.dv) : 0);
   Eigen::Matrix<T, Eigen::Dynamic, 1> arena(slice * n_threads);
   const auto scratch_of = [&](Index t) {
@@ -124,9 +130,9 @@ void attention_flash(const AttentionProblem<T>& p, FlashBlocks blocks = {}, int 
     FlashScratch<T> w{};
     w.packed = take(bc_pad * p.d);
     w.scores = take(MR * bc_pad);
-    w.out = take(Br * p.dv);
-    w.m = take(Br);
-    w.l = take(Br);
+    w.out = take(G * Br * p.dv);
+    w.m = take(G * Br);
+    w.l = take(G * Br);
     w.alpha = take(MR);
     w.keys = stored ? take(Bc * p.d) : nullptr;
     w.values = stored ? take(Bc * p.dv) : nullptr;
@@ -135,26 +141,35 @@ void attention_flash(const AttentionProblem<T>& p, FlashBlocks blocks = {}, int 
 
   [[maybe_unused]] const NoEigenMalloc no_malloc;  // checked in tests built with EIGEN_RUNTIME_NO_MALLOC
   parallel_tasks(tasks, n_threads, [&](Index first, Index step) {
-    const FlashScratch<T> w = scratch_of(first);
+    const FlashScratch<T> group = scratch_of(first);
+    FlashScratch<T> w = group;  // out, m and l of the group's current head: head g*G + hh at hh * Br rows
     for (Index task = first; task < tasks; task += step) {
-      const Index b = task / (p.heads * q_blocks), h = (task / q_blocks) % p.heads, i0 = (task % q_blocks) * Br;
+      const Index b = task / (Hk * q_blocks), g = (task / q_blocks) % Hk, i0 = (task % q_blocks) * Br;
       const Index n = std::min(Br, p.L - i0);
-      const T* q = p.q.row(b, h, i0);
-      std::fill(w.out, w.out + n * p.dv, T(0));
-      std::fill(w.m, w.m + n, kNegInf);
-      std::fill(w.l, w.l + n, T(0));
+      std::fill(group.out, group.out + G * Br * p.dv, T(0));
+      std::fill(group.m, group.m + G * Br, kNegInf);
+      std::fill(group.l, group.l + G * Br, T(0));
+      Index h = g * G;  // the current head, and its queries
+      const T* q = nullptr;
+      const auto select_head = [&](Index hh) {
+        h = g * G + hh;
+        q = p.q.row(b, h, i0);
+        w.out = group.out + hh * Br * p.dv;
+        w.m = group.m + hh * Br;
+        w.l = group.l + hh * Br;
+      };
 
       // Keys [key_begin, key_end) may be attended by some row of this block; keys past mask_keys
-      // always are. K and V are those of h's kv head (grouped-query attention).
+      // always are. K and V are those of kv head g, which all the group's heads read.
       const Index padded_end = unpadded_end(p, b);
       const Index key_begin = attended_key_begin(p, i0), key_end = attended_key_end(p, i0 + n, padded_end);
-      const Index hk = kv_head(p, h);
+      const Index hk = g;
 
       // One key block [j0, j0 + c): masks apply to it when `maskable` (keys below mask_keys).
       auto visit = [&](Index j0, Index c, bool maskable) {
         const T* v;
         Index vs;  // V's row stride
-        if (stored) {  // a compressed cache: the block converted once, for all Br rows
+        if (stored) {  // a compressed cache: the block converted once, for all G * Br rows
           convert_rows(p, false, b, hk, j0, c, w.keys, p.d);
           convert_rows(p, true, b, hk, j0, c, w.values, p.dv);
           mk::pack_keys(w.keys, p.d, c, p.d, w.packed);
@@ -234,22 +249,28 @@ void attention_flash(const AttentionProblem<T>& p, FlashBlocks blocks = {}, int 
             mk::for_row_tiles<mk::kPvRows>(R, pv);
           }
         };
-        Index r0 = 0;
-        for (; r0 + MR <= n; r0 += MR) tile(r0, std::integral_constant<int, MR>{});
-        if (r0 < n) tile(r0, n - r0);
+        for (Index hh = 0; hh < G; ++hh) {
+          select_head(hh);
+          Index r0 = 0;
+          for (; r0 + MR <= n; r0 += MR) tile(r0, std::integral_constant<int, MR>{});
+          if (r0 < n) tile(r0, n - r0);
+        }
       };
       for (Index j0 = key_begin; j0 < key_end; j0 += Bc) visit(j0, std::min(Bc, key_end - j0), true);
       for (Index j0 = p.mask_keys; j0 < p.S; j0 += Bc) visit(j0, std::min(Bc, p.S - j0), false);
 
-      for (Index r = 0; r < n; ++r) {
-        T* out = p.out.row(b, h, i0 + r);
-        const T* o = w.out + r * p.dv;
-        const T l = w.l[r];
-        // l >= 1 once a key is attended (its exp(s - m) is 1 at the max), NaN after a NaN logit.
-        if (l != T(0))
-          for (Index j = 0; j < p.dv; ++j) out[j] = o[j] / l;
-        else
-          std::fill(out, out + p.dv, T(0));  // every key masked
+      for (Index hh = 0; hh < G; ++hh) {
+        select_head(hh);
+        for (Index r = 0; r < n; ++r) {
+          T* out = p.out.row(b, h, i0 + r);
+          const T* o = w.out + r * p.dv;
+          const T l = w.l[r];
+          // l >= 1 once a key is attended (its exp(s - m) is 1 at the max), NaN after a NaN logit.
+          if (l != T(0))
+            for (Index j = 0; j < p.dv; ++j) out[j] = o[j] / l;
+          else
+            std::fill(out, out + p.dv, T(0));  // every key masked
+        }
       }
     }
   });

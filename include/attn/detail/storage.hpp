@@ -149,7 +149,13 @@ EIGEN_STRONG_INLINE mk::Packet<T> load_as(const S* x) {
 // y[0, n) = s * x[0, n) in T (s = 1 for the 16-bit types and Native).
 template <class T, class S>
 void dequantize(const S* x, Index n, T s, T* y) {
-  for (Index c = 0; c < n; ++c) y[c] = s * to_compute<T>(x[c]);
+  namespace ei = Eigen::internal;
+  using P = mk::Packet<T>;
+  constexpr Index L = mk::kLanes<T>;
+  const P vs = ei::pset1<P>(s);
+  Index c = 0;
+  for (; c + L <= n; c += L) ei::pstoreu(y + c, ei::pmul(vs, load_as<T>(x + c)));
+  for (; c < n; ++c) y[c] = s * to_compute<T>(x[c]);
 }
 
 }  // namespace attn::detail

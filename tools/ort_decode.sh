@@ -19,7 +19,7 @@
 # Usage:
 #   tools/ort_decode.sh [--threads "1 2"] [--S 2048,4096,8192,16384] [--B 1,8]
 #                       [--heads 32:32,32:8] [--iters 20] [--warmup 3] [--noshare-S 4096]
-#                       [--max-cache-mib 1024]
+#                       [--max-cache-mib 1024] [--attn BUILD_DIR]
 #   --noshare-S LIST  also time the non-shared mode (ORT allocates present and copies past into
 #                     it; rows ort/gqa_noshare/...) at these S, B = 1 ("" to skip)
 #   --max-cache-mib M skip rows whose K+V exceed M MiB (default 1024: the B = 8, 32 kv head rows
@@ -27,6 +27,9 @@
 #                     present_key/value into fresh JavaScript arrays after every call (outside
 #                     the timed kernel), which at 4 GiB takes tens of seconds a call on a busy
 #                     2-core machine; --max-cache-mib 4096 runs them all.
+#   --attn BUILD_DIR  then run BUILD_DIR/bench/decode_bench on the same threads (its read rows,
+#                     and its decode rows for the same shapes in every storage type), so ORT's
+#                     rows and attn's come from one run of this script on one machine state
 # Environment: ORT_DECODE_DIR (default build-ort/, ignored by git: node_modules, models),
 #              PYTHON (default /usr/bin/python3, Debian's, which has python3-onnx).
 # Installs what is missing (root or sudo): apt-get install python3-onnx python3-numpy nodejs npm;
@@ -49,6 +52,7 @@ ITERS=20
 WARMUP=3
 NOSHARE_S=4096
 MAX_CACHE_MIB=1024
+ATTN_BUILD=
 while [[ $# -gt 0 ]]; do
   case $1 in
     --threads) THREADS=$2; shift 2 ;;
@@ -59,6 +63,7 @@ while [[ $# -gt 0 ]]; do
     --warmup) WARMUP=$2; shift 2 ;;
     --noshare-S) NOSHARE_S=$2; shift 2 ;;
     --max-cache-mib) MAX_CACHE_MIB=$2; shift 2 ;;
+    --attn) ATTN_BUILD=$2; shift 2 ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "ort_decode.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -117,6 +122,15 @@ if [[ -n $NOSHARE_S ]]; then
   for t in $THREADS; do
     node --expose-gc "$ROOT/tools/ort_decode.js" time --models "$DIR/models" --threads "$t" \
       --heads "$HEADS" --S "$NOSHARE_S" --B 1 --iters "$ITERS" --warmup "$WARMUP" --share 0
+  done
+fi
+if [[ -n $ATTN_BUILD ]]; then
+  # decode_bench's rows are named B:/H:/Hkv:/L:/S:/D:; the same shapes as above, every storage type.
+  s_alt=$(echo "$S_LIST" | tr ',' '|')
+  for t in $THREADS; do
+    echo "# attn: ATTN_BENCH_THREADS=$t $ATTN_BUILD/bench/decode_bench"
+    ATTN_BENCH_THREADS=$t "$ATTN_BUILD/bench/decode_bench" \
+      --benchmark_filter="^read/|^decode/.*/S:($s_alt)/" --benchmark_format=console 2>&1 | grep -v "^\*\*\*"
   done
 fi
 echo "# load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <attn/decoder_attention.hpp>
+#include <attn/kv_storage.hpp>
 #include <attn/threads.hpp>
 #include <vector>
 
@@ -198,6 +199,74 @@ TEST(DecoderAttention, AFailedCallLeavesTheCacheAsItWas) {
   EXPECT_EQ(ring.size(0), 0);
   attn::KVCache<float> other_window(1, 2, 4, 6, 5);
   EXPECT_THROW(windowed.forward(random(1, 16, 3), other_window, 0), attn::argument_error);
+}
+
+// make_cache(batch, capacity, storage): a block decoding against a bf16, fp16 or int8 cache does
+// exactly what its parts do by hand on a cache of the same storage - q/k/v projections, RoPE at
+// the cache's next position, append, GroupedQueryAttention against the cache, o_proj - so the
+// storage changes only what the cache holds (the accuracy of that: tests/kv_storage_test.cpp).
+TEST(DecoderAttention, AStepAgainstACompressedCacheEqualsTheCoreOnTheSameCache) {
+  struct StorageCase {
+    const char* name;
+    DecoderAttentionOptions opt;
+    Index capacity, prefill, steps;
+  };
+  std::vector<StorageCase> cases;
+  cases.push_back({"gqa 2:1", options(2), 24, 9, 6});
+  {
+    DecoderAttentionOptions o = options(1);  // multi-query, ring, every score option
+    o.window = 5;
+    o.softcap = 2.0;
+    o.alibi = true;
+    o.qkv_bias = o.o_bias = true;
+    o.scale = 0.6;
+    cases.push_back({"mqa, window (ring), softcap, alibi, biases, scale", o, 8, 4, 9});
+  }
+  unsigned seed = 40;
+  for (const attn::KVStorage storage : {attn::KVStorage::BFloat16, attn::KVStorage::Int8, attn::KVStorage::Float16}) {
+    for (const StorageCase& c : cases) {
+      SCOPED_TRACE(std::string(attn::storage_name(storage)) + ", " + c.name);
+      const Index E = 32, H = 4;
+      attn::Generator gen(++seed);
+      DecoderAttention<float> block(E, H, c.opt, gen);
+      const Index Hkv = block.num_kv_heads(), D = block.head_dim();
+      attn::KVCache<float> cache = block.make_cache(1, c.capacity, storage);
+      EXPECT_EQ(cache.storage(), storage);
+      EXPECT_EQ(cache.window(), c.opt.window);
+      attn::KVCache<float> by_hand(storage, 1, Hkv, D, c.capacity, c.opt.window);
+
+      const attn::RopeCache<float> rope(D, c.opt.max_positions, *c.opt.rope);
+      const attn::GroupedQueryAttention<float> core =
+          c.opt.scale > 0 ? attn::GroupedQueryAttention<float>(H, Hkv, float(c.opt.scale))
+                          : attn::GroupedQueryAttention<float>(H, Hkv);
+      attn::CacheArgs<float> args;  // causal bottom-right
+      args.window = c.opt.window;
+      args.softcap = float(c.opt.softcap);
+      if (c.opt.alibi) args.alibi_slopes = attn::alibi_slopes<float>(H);
+      // Rows x of the next positions [n, n + L): what forward(x, cache, 0) computes.
+      const auto step_by_hand = [&](const Matrix<float>& x) {
+        const Index n = by_hand.size(0);
+        Matrix<float> q = block.q_proj().forward(x), k = block.k_proj().forward(x), v = block.v_proj().forward(x);
+        rope.apply(q, H, 1, n);
+        rope.apply(k, Hkv, 1, n);
+        by_hand.append(0, k, v);
+        return Matrix<float>(block.o_proj().forward(core.forward(q, by_hand, 0, args)));
+      };
+
+      const Matrix<float> x = random(c.prefill + c.steps, E, ++seed);
+      const Matrix<float> prefill = x.topRows(c.prefill);
+      EXPECT_TRUE(matrices_near(block.forward(prefill, cache, 0), step_by_hand(prefill), 1e-6)) << "prefill";
+      for (Index t = c.prefill; t < c.prefill + c.steps; ++t) {
+        const Matrix<float> row = x.row(t);
+        ASSERT_TRUE(matrices_near(block.forward(row, cache, 0), step_by_hand(row), 1e-6)) << "position " << t;
+        for (Index h = 0; h < Hkv; ++h) {
+          EXPECT_EQ(cache.keys(0, h), by_hand.keys(0, h)) << "position " << t << ", kv head " << h;
+          EXPECT_EQ(cache.values(0, h), by_hand.values(0, h)) << "position " << t << ", kv head " << h;
+        }
+      }
+      EXPECT_EQ(cache.size(0), c.prefill + c.steps);
+    }
+  }
 }
 
 TEST(DecoderAttention, RejectsBadOptions) {

@@ -62,6 +62,7 @@
 
 #include "attn/attn.hpp"
 #include "attn/detail/attention_reference.hpp"
+#include "support/test_util.hpp"
 
 namespace {
 
@@ -124,18 +125,7 @@ Api api_of(std::uint64_t seed) { return static_cast<Api>(seed % 4); }
 
 // --- random choices --------------------------------------------------------------------------------
 
-struct Rng {
-  std::mt19937_64 g;
-  explicit Rng(std::uint64_t seed) : g(seed) {}
-  Index pick(Index lo, Index hi) { return std::uniform_int_distribution<Index>(lo, hi)(g); }
-  bool coin(double p) { return std::bernoulli_distribution(p)(g); }
-  double uniform(double lo, double hi) { return std::uniform_real_distribution<double>(lo, hi)(g); }
-  double normal() { return std::normal_distribution<double>(0.0, 1.0)(g); }
-  template <std::size_t N>
-  Index one_of(const Index (&xs)[N]) {
-    return xs[static_cast<std::size_t>(pick(0, Index(N) - 1))];
-  }
-};
+using attn_test::Rng;
 
 // Sequence lengths: mostly small, decode-sized (1..4) often, primes, and up to ~320 (past the flash
 // kernel's 192-row query blocks and 256-key blocks).

@@ -57,6 +57,7 @@ class GroupedQueryAttention {
   GroupedQueryAttention(Index num_heads, Index num_kv_heads, T scale) : GroupedQueryAttention(num_heads, num_kv_heads) {
     detail::require_arg(std::isfinite(scale), "attn::GroupedQueryAttention", "scale must be finite, got ", scale);
     scale_ = scale;
+    has_scale_ = true;
   }
 
   // q: [B*L, H*d]  k: [B*S, H_kv*d]  v: [B*S, H_kv*dv]  ->  [B*L, H*dv]; head h in columns [h*d, (h+1)*d)
@@ -120,7 +121,7 @@ class GroupedQueryAttention {
 
   Index num_heads() const { return H_; }
   Index num_kv_heads() const { return Hkv_; }
-  std::optional<T> scale() const { return scale_; }
+  std::optional<T> scale() const { return has_scale_ ? std::optional<T>(scale_) : std::nullopt; }
 
  private:
   // weights, when given, receives [B*H*L, S] probabilities (the blocked kernel writes them).
@@ -169,7 +170,7 @@ class GroupedQueryAttention {
     p.dv = dv;
     p.q = {q.data(), L * q.outerStride(), d, q.outerStride()};
     p.out = {out.data(), L * out.outerStride(), dv, out.outerStride()};
-    p.scale = scale_ ? *scale_ : T(1) / std::sqrt(static_cast<T>(d));
+    p.scale = has_scale_ ? scale_ : T(1) / std::sqrt(static_cast<T>(d));
     return p;
   }
 
@@ -216,7 +217,11 @@ class GroupedQueryAttention {
   }
 
   Index H_ = 0, Hkv_ = 0;
-  std::optional<T> scale_;
+  // The fixed scale, when has_scale_ (a plain T and a flag, not a std::optional member: g++ 12
+  // warns, wrongly, that a copied optional's value may be uninitialized - its bug 80635 - and the
+  // project builds with -Werror).
+  T scale_ = T(0);
+  bool has_scale_ = false;
 };
 
 }  // namespace attn

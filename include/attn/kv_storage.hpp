@@ -17,6 +17,8 @@
 //             subnormal below 2^-14: |err| <= 2^-25 absolute)
 //   Int8      round(x / s) in [-127, 127] with s = max|row| / 127 (symmetric, one scale in T per
 //             row, for keys and values alike)                  |err| <= s / 2 = max|row| / 254
+//             (for a normal s: a row whose max is below ~1.5e-36 in float has a subnormal scale,
+//             and its largest values may be clamped by up to a few denorm_min)
 // so each stored value is within u * max|x| of x, with the unit roundoff u of storage_unit_roundoff
 // (max over the row for int8, over the value's own magnitude for the 16-bit types). Values that are
 // exactly representable (bf16/fp16 values; int8 rows that are integer multiples of a scale whose
@@ -27,7 +29,12 @@
 // (KIVI): a per-channel scale needs statistics over many positions, so the newest tokens would
 // have to wait in full precision until their group fills; per position, append stays a pure
 // function of the row, and the kernel folds the key scale into the score (scale * s_j * q.k_j)
-// and the value scale into the probability (p_j * s_j), one multiply per key each.
+// and the value scale into the probability (p_j * s_j), one multiply per key each. What it costs,
+// measured (tools/int8_key_scales.cpp, one step over S = 2048 keys of 128, error / max|v|, median
+// of 40): Gaussian keys 1.3e-4 per position, 1.6e-4 per channel; with 4 outlier channels (x10, as
+// real keys have) 3.1e-3 per position, 8.8e-4 per channel. Per channel is the better scheme for
+// outlier keys, at the price of grouping; the tiny GPT generates the same tokens with the
+// per-position int8 cache as with float on all 72 test prompts.
 //
 // Error of one attention row against exact arithmetic on the unrounded K and V. With
 // delta = scale * ||q||_1 * u * max|k| (the largest change of a logit by the rounding of K), every

@@ -23,7 +23,7 @@ class ScaledDotProductAttention {
   // scale = 1 / sqrt(d), d taken from the query at each call.
   ScaledDotProductAttention() = default;
   // A fixed scale (any finite value; 0 gives uniform attention over the unmasked keys).
-  explicit ScaledDotProductAttention(T scale) : scale_(scale) {
+  explicit ScaledDotProductAttention(T scale) : scale_(scale), has_scale_(true) {
     detail::require_arg(std::isfinite(scale), "attn::ScaledDotProductAttention", "scale must be finite, got ", scale);
   }
 
@@ -51,7 +51,7 @@ class ScaledDotProductAttention {
   }
 
   // The fixed scale, or nullopt for 1 / sqrt(d).
-  std::optional<T> scale() const { return scale_; }
+  std::optional<T> scale() const { return has_scale_ ? std::optional<T>(scale_) : std::nullopt; }
 
  private:
   void run(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v, const Masks<T>& masks,
@@ -74,13 +74,17 @@ class ScaledDotProductAttention {
     p.k = {k.data(), 0, 0, k.outerStride()};
     p.v = {v.data(), 0, 0, v.outerStride()};
     p.out = {out.data(), 0, 0, out.outerStride()};
-    p.scale = scale_ ? *scale_ : T(1) / std::sqrt(static_cast<T>(d));
+    p.scale = has_scale_ ? scale_ : T(1) / std::sqrt(static_cast<T>(d));
     detail::bind_masks(p, masks, where);
     if (weights) p.weights = {weights->data(), 0, 0, S};
     detail::attention(p);
   }
 
-  std::optional<T> scale_;
+  // The fixed scale, when has_scale_ (a plain T and a flag, not a std::optional member: g++ 12
+  // warns, wrongly, that a copied optional's value may be uninitialized - its bug 80635 - and the
+  // project builds with -Werror).
+  T scale_ = T(0);
+  bool has_scale_ = false;
 };
 
 }  // namespace attn

@@ -4,6 +4,8 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdint>
+#include <random>
 #include <limits>
 #include <sstream>
 #include <string>
@@ -120,5 +122,19 @@ Args batch_of(attn::Index B) {
   a.batch = B;
   return a;
 }
+
+// Seeded random choices for the randomized tests (differential_test, kv_storage_test).
+struct Rng {
+  std::mt19937_64 g;
+  explicit Rng(std::uint64_t seed) : g(seed) {}
+  attn::Index pick(attn::Index lo, attn::Index hi) { return std::uniform_int_distribution<attn::Index>(lo, hi)(g); }
+  bool coin(double p) { return std::bernoulli_distribution(p)(g); }
+  double uniform(double lo, double hi) { return std::uniform_real_distribution<double>(lo, hi)(g); }
+  double normal() { return std::normal_distribution<double>(0.0, 1.0)(g); }
+  template <std::size_t N>
+  attn::Index one_of(const attn::Index (&xs)[N]) {
+    return xs[static_cast<std::size_t>(pick(0, attn::Index(N) - 1))];
+  }
+};
 
 }  // namespace attn_test

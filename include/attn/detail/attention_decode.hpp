@@ -69,55 +69,91 @@ namespace decode {
 
 namespace ei = Eigen::internal;
 
-// The loops over a tile's rows and packets must unroll, or their accumulators live on the stack:
-// g++ -O2 leaves score_keys<4> rolled (half the speed of -O3, measured), so it is asked for.
-#if defined(__clang__)
-#define ATTN_UNROLL _Pragma("unroll")
-#elif defined(__GNUC__)
-#define ATTN_UNROLL _Pragma("GCC unroll 32")
-#else
-#define ATTN_UNROLL
+
+// The sums of four packets: out[i] = sum of the lanes of x[i]. On AVX-512 one transposing
+// reduction (13 instructions for the four) instead of four horizontal sums (about 8 each): the
+// horizontal sums were a third of score_keys' instructions.
+template <class T>
+EIGEN_STRONG_INLINE void reduce4(const mk::Packet<T>* x, T* out) {
+#if defined(EIGEN_VECTORIZE_AVX512)
+  if constexpr (std::is_same_v<T, float> && mk::kLanes<float> == 16) {
+    // 128-bit blocks: ab = [a0+a2, a1+a3, b0+b2, b1+b3], cd likewise; v = [a, b, c, d] partials of 4
+    const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(x[0], x[1], 0x44), _mm512_shuffle_f32x4(x[0], x[1], 0xEE));
+    const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(x[2], x[3], 0x44), _mm512_shuffle_f32x4(x[2], x[3], 0xEE));
+    __m512 v = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
+    v = _mm512_add_ps(v, _mm512_permute_ps(v, 0xB1));  // pairs within each block
+    v = _mm512_add_ps(v, _mm512_permute_ps(v, 0x4E));  // halves: every lane of block i holds sum x[i]
+    _mm_storeu_ps(out, _mm512_castps512_ps128(_mm512_maskz_compress_ps(0x1111, v)));
+    return;
+  }
 #endif
+  for (int i = 0; i < 4; ++i) out[i] = ei::predux(x[i]);
+}
 
 // s[r * ss + j] = scale * ks_j * (q_r . k_j) for MR query rows (q[r]) and keys j in [0, n) (rows of
 // k in storage type S, row stride ks; ks_j the int8 row scale, 1 without k_scale). Each key row is
-// loaded once, front to back, converted in registers, and feeds all MR query rows. Two
-// accumulators per query row halve the FMA dependency chain; the horizontal sums cost a few
-// instructions per key, less than the key's bytes take to arrive (and less, measured, than
-// summing 16 keys' accumulators at once through a transpose).
+// loaded once, front to back, converted in registers, and feeds all MR query rows. The dot
+// products go 4 / MR keys at a time (MR = 1, 2; MR = 3 and 4 one key) so that each step ends in
+// one four-way reduction (reduce4) of its MR * keys accumulators; two accumulators per product
+// halve the FMA dependency chain.
 template <int MR, class T, class S>
 EIGEN_STRONG_INLINE void score_keys(const T* const* q, const S* k, Index ks, const T* k_scale, Index n, Index d,
                                     T scale, T* s, Index ss) {
   using P = mk::Packet<T>;
   constexpr Index L = mk::kLanes<T>;
-  for (Index j = 0; j < n; ++j) {
-    const S* const kj = k + j * ks;
-    P acc0[MR], acc1[MR];
+  constexpr int KB = MR == 1 ? 4 : MR == 2 ? 2 : 1;  // keys per step
+  static_assert(MR * KB <= 4, "one reduce4 per step");
+  const auto step = [&](Index j, auto keys) {
+    constexpr int NK = decltype(keys)::value;
+    P acc0[NK][MR], acc1[NK][MR];
     ATTN_UNROLL
-    for (int r = 0; r < MR; ++r) acc0[r] = acc1[r] = ei::pzero(P{});
-    Index t = 0;
-    for (; t + 2 * L <= d; t += 2 * L) {
-      const P x0 = load_as<T>(kj + t), x1 = load_as<T>(kj + t + L);
+    for (int kb = 0; kb < NK; ++kb) {
       ATTN_UNROLL
-      for (int r = 0; r < MR; ++r) {
-        acc0[r] = ei::pmadd(ei::ploadu<P>(q[r] + t), x0, acc0[r]);
-        acc1[r] = ei::pmadd(ei::ploadu<P>(q[r] + t + L), x1, acc1[r]);
+      for (int r = 0; r < MR; ++r) acc0[kb][r] = acc1[kb][r] = ei::pzero(P{});
+    }
+    // Key by key, each row front to back: the loads walk K strictly forward (the NK keys' rows read
+    // side by side instead streamed K from memory slower, as Eigen's GEMV did).
+    Index t = 0;
+    ATTN_UNROLL
+    for (int kb = 0; kb < NK; ++kb) {
+      const S* const kj = k + (j + kb) * ks;
+      for (t = 0; t + 2 * L <= d; t += 2 * L) {
+        const P x0 = load_as<T>(kj + t), x1 = load_as<T>(kj + t + L);
+        ATTN_UNROLL
+        for (int r = 0; r < MR; ++r) {
+          acc0[kb][r] = ei::pmadd(ei::ploadu<P>(q[r] + t), x0, acc0[kb][r]);
+          acc1[kb][r] = ei::pmadd(ei::ploadu<P>(q[r] + t + L), x1, acc1[kb][r]);
+        }
+      }
+      if (t + L <= d) {
+        const P x0 = load_as<T>(kj + t);
+        ATTN_UNROLL
+        for (int r = 0; r < MR; ++r) acc0[kb][r] = ei::pmadd(ei::ploadu<P>(q[r] + t), x0, acc0[kb][r]);
+        t += L;
       }
     }
-    if (t + L <= d) {
-      const P x0 = load_as<T>(kj + t);
-      ATTN_UNROLL
-      for (int r = 0; r < MR; ++r) acc0[r] = ei::pmadd(ei::ploadu<P>(q[r] + t), x0, acc0[r]);
-      t += L;
-    }
-    const T sj = k_scale ? scale * k_scale[j] : scale;
+    P sums[4];
     ATTN_UNROLL
-    for (int r = 0; r < MR; ++r) {
-      T dot = ei::predux(ei::padd(acc0[r], acc1[r]));
-      for (Index u = t; u < d; ++u) dot += q[r][u] * to_compute<T>(kj[u]);  // the columns that fill no packet
-      s[r * ss + j] = sj * dot;
+    for (int i = 0; i < 4; ++i) sums[i] = ei::pzero(P{});
+    ATTN_UNROLL
+    for (int i = 0; i < NK * MR; ++i) sums[i] = ei::padd(acc0[i / MR][i % MR], acc1[i / MR][i % MR]);
+    T dot[4];
+    reduce4<T>(sums, dot);
+    ATTN_UNROLL
+    for (int kb = 0; kb < NK; ++kb) {
+      const S* const kj = k + (j + kb) * ks;
+      const T sj = k_scale ? scale * k_scale[j + kb] : scale;
+      ATTN_UNROLL
+      for (int r = 0; r < MR; ++r) {
+        T dr = dot[kb * MR + r];
+        for (Index u = t; u < d; ++u) dr += q[r][u] * to_compute<T>(kj[u]);  // the columns that fill no packet
+        s[r * ss + j + kb] = sj * dr;
+      }
     }
-  }
+  };
+  Index j = 0;
+  for (; j + KB <= n; j += KB) step(j, std::integral_constant<int, KB>{});
+  for (; j < n; ++j) step(j, std::integral_constant<int, 1>{});
 }
 
 // O[MR, W packets] += P[MR, n] V[n, W packets]: probabilities p (row stride ps), values v in

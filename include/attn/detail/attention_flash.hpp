@@ -107,9 +107,11 @@ void attention_flash(const AttentionProblem<T>& p, FlashBlocks blocks = {}, int 
   const bool softcap = p.softcap > T(0);
   // Grouped-query attention: a task takes the same query block of all G heads that share a kv head,
   // so each key block is packed (and, from a compressed cache, converted) once for the group, not
-  // once per head; Br / G rows per head keep the task's rows, and its scratch, at Br.
+  // once per head; Br / G rows per head (at least a score tile) keep the task's rows, and its
+  // scratch, at Br.
   const Index G = p.kv_heads > 0 ? p.heads / p.kv_heads : 1, Hk = p.heads / G;
-  const Index Br = std::min(std::max<Index>(MR, blocks.rows / G / MR * MR), p.L), Bc = std::min(blocks.cols, p.S);
+  const Index Br = std::min(std::max(std::min<Index>(MR, blocks.rows), blocks.rows / G), p.L);
+  const Index Bc = std::min(blocks.cols, p.S);
   const Index q_blocks = (p.L + Br - 1) / Br;
   const Index tasks = p.batch * Hk * q_blocks;
   if (tasks == 0) return;

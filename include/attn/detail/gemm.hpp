@@ -102,18 +102,25 @@ EIGEN_STRONG_INLINE void gemm_tile(const T* a, Index as, const T* b, Index kc, T
   constexpr int L = kLanes<T>;
   constexpr Index NR = Index(NP) * L;
   P acc[MR][NP];
+  ATTN_UNROLL
   for (int r = 0; r < MR; ++r)
+    ATTN_UNROLL
     for (int j = 0; j < NP; ++j) acc[r][j] = ei::pzero(P{});
   for (Index t = 0; t < kc; ++t) {
     P bt[NP];
+    ATTN_UNROLL
     for (int j = 0; j < NP; ++j) bt[j] = ei::pload<P>(b + t * NR + j * L);
+    ATTN_UNROLL
     for (int r = 0; r < MR; ++r) {
       const P at = ei::pset1<P>(a[r * as + t]);
+      ATTN_UNROLL
       for (int j = 0; j < NP; ++j) acc[r][j] = ei::pmadd(at, bt[j], acc[r][j]);
     }
   }
   if (cols == NR) {
+    ATTN_UNROLL
     for (int r = 0; r < MR; ++r)
+      ATTN_UNROLL
       for (int j = 0; j < NP; ++j) {
         T* out = y + r * ys + j * L;
         P v = acc[r][j];

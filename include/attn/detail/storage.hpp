@@ -70,16 +70,25 @@ S round_to(T x) {
   if constexpr (std::is_same_v<T, float>) {
     return guess;
   } else {
-    if (!std::isfinite(x) || !std::isfinite(static_cast<float>(guess))) return guess;
+    if (!std::isfinite(x)) return guess;
     const auto bits = [](S v) { return Eigen::numext::bit_cast<std::uint16_t>(v); };
     const auto from_bits = [](std::uint16_t u) { return Eigen::numext::bit_cast<S>(u); };
+    if (!std::isfinite(static_cast<float>(guess))) {
+      // x went to float's rounding of the overflow threshold (or past it): overflow is decided in
+      // double. The largest finite S has an odd significand, so the tie goes to inf.
+      const S top = Eigen::NumTraits<S>::highest();
+      const double hi = double(static_cast<float>(top)),
+                   below = double(static_cast<float>(from_bits(std::uint16_t(bits(top) - 1))));
+      if (std::abs(x) < hi + (hi - below) / 2) return x < 0 ? S(-static_cast<float>(top)) : top;
+      return guess;
+    }
     S best = guess;
     double err = std::abs(double(static_cast<float>(guess)) - x);
     const std::uint16_t g = bits(guess);
     for (const std::uint16_t n : {std::uint16_t(g + 1), std::uint16_t(g - 1)}) {
       const S c = from_bits(n);
       const float cf = static_cast<float>(c);
-      if (!std::isfinite(cf) || (cf < 0) != (static_cast<float>(guess) < 0)) continue;  // stay on the same side
+      if (!std::isfinite(cf) || std::signbit(cf) != std::signbit(x)) continue;  // stay on x's side of zero
       const double e = std::abs(double(cf) - x);
       if (e < err || (e == err && (n & 1) == 0)) best = c, err = e;
     }

@@ -92,68 +92,54 @@ EIGEN_STRONG_INLINE void reduce4(const mk::Packet<T>* x, T* out) {
 
 // s[r * ss + j] = scale * ks_j * (q_r . k_j) for MR query rows (q[r]) and keys j in [0, n) (rows of
 // k in storage type S, row stride ks; ks_j the int8 row scale, 1 without k_scale). Each key row is
-// loaded once, front to back, converted in registers, and feeds all MR query rows. The dot
-// products go 4 / MR keys at a time (MR = 1, 2; MR = 3 and 4 one key) so that each step ends in
-// one four-way reduction (reduce4) of its MR * keys accumulators; two accumulators per product
-// halve the FMA dependency chain.
+// loaded once, front to back, converted in registers, and feeds all MR query rows. Two
+// accumulators per query row halve the FMA dependency chain. The MR sums of a key end in one
+// four-way reduction (reduce4) when MR >= 3, in horizontal sums otherwise. (Taking 4 / MR keys per
+// step to fill the reduction measured 8-15 % slower for one row from memory: kept to MR >= 3.)
 template <int MR, class T, class S>
 EIGEN_STRONG_INLINE void score_keys(const T* const* q, const S* k, Index ks, const T* k_scale, Index n, Index d,
                                     T scale, T* s, Index ss) {
   using P = mk::Packet<T>;
   constexpr Index L = mk::kLanes<T>;
-  constexpr int KB = MR == 1 ? 4 : MR == 2 ? 2 : 1;  // keys per step
-  static_assert(MR * KB <= 4, "one reduce4 per step");
-  const auto step = [&](Index j, auto keys) {
-    constexpr int NK = decltype(keys)::value;
-    P acc0[NK][MR], acc1[NK][MR];
+  static_assert(MR <= 4, "one reduce4 per key");
+  for (Index j = 0; j < n; ++j) {
+    const S* const kj = k + j * ks;
+    P acc0[MR], acc1[MR];
     ATTN_UNROLL
-    for (int kb = 0; kb < NK; ++kb) {
-      ATTN_UNROLL
-      for (int r = 0; r < MR; ++r) acc0[kb][r] = acc1[kb][r] = ei::pzero(P{});
-    }
-    // Key by key, each row front to back: the loads walk K strictly forward (the NK keys' rows read
-    // side by side instead streamed K from memory slower, as Eigen's GEMV did).
+    for (int r = 0; r < MR; ++r) acc0[r] = acc1[r] = ei::pzero(P{});
     Index t = 0;
-    ATTN_UNROLL
-    for (int kb = 0; kb < NK; ++kb) {
-      const S* const kj = k + (j + kb) * ks;
-      for (t = 0; t + 2 * L <= d; t += 2 * L) {
-        const P x0 = load_as<T>(kj + t), x1 = load_as<T>(kj + t + L);
-        ATTN_UNROLL
-        for (int r = 0; r < MR; ++r) {
-          acc0[kb][r] = ei::pmadd(ei::ploadu<P>(q[r] + t), x0, acc0[kb][r]);
-          acc1[kb][r] = ei::pmadd(ei::ploadu<P>(q[r] + t + L), x1, acc1[kb][r]);
-        }
-      }
-      if (t + L <= d) {
-        const P x0 = load_as<T>(kj + t);
-        ATTN_UNROLL
-        for (int r = 0; r < MR; ++r) acc0[kb][r] = ei::pmadd(ei::ploadu<P>(q[r] + t), x0, acc0[kb][r]);
-        t += L;
-      }
-    }
-    P sums[4];
-    ATTN_UNROLL
-    for (int i = 0; i < 4; ++i) sums[i] = ei::pzero(P{});
-    ATTN_UNROLL
-    for (int i = 0; i < NK * MR; ++i) sums[i] = ei::padd(acc0[i / MR][i % MR], acc1[i / MR][i % MR]);
-    T dot[4];
-    reduce4<T>(sums, dot);
-    ATTN_UNROLL
-    for (int kb = 0; kb < NK; ++kb) {
-      const S* const kj = k + (j + kb) * ks;
-      const T sj = k_scale ? scale * k_scale[j + kb] : scale;
+    for (; t + 2 * L <= d; t += 2 * L) {
+      const P x0 = load_as<T>(kj + t), x1 = load_as<T>(kj + t + L);
       ATTN_UNROLL
       for (int r = 0; r < MR; ++r) {
-        T dr = dot[kb * MR + r];
-        for (Index u = t; u < d; ++u) dr += q[r][u] * to_compute<T>(kj[u]);  // the columns that fill no packet
-        s[r * ss + j + kb] = sj * dr;
+        acc0[r] = ei::pmadd(ei::ploadu<P>(q[r] + t), x0, acc0[r]);
+        acc1[r] = ei::pmadd(ei::ploadu<P>(q[r] + t + L), x1, acc1[r]);
       }
     }
-  };
-  Index j = 0;
-  for (; j + KB <= n; j += KB) step(j, std::integral_constant<int, KB>{});
-  for (; j < n; ++j) step(j, std::integral_constant<int, 1>{});
+    if (t + L <= d) {
+      const P x0 = load_as<T>(kj + t);
+      ATTN_UNROLL
+      for (int r = 0; r < MR; ++r) acc0[r] = ei::pmadd(ei::ploadu<P>(q[r] + t), x0, acc0[r]);
+      t += L;
+    }
+    T dot[4];
+    if constexpr (MR >= 3) {
+      P sums[4];
+      sums[3] = ei::pzero(P{});
+      ATTN_UNROLL
+      for (int r = 0; r < MR; ++r) sums[r] = ei::padd(acc0[r], acc1[r]);
+      reduce4<T>(sums, dot);
+    } else {
+      ATTN_UNROLL
+      for (int r = 0; r < MR; ++r) dot[r] = ei::predux(ei::padd(acc0[r], acc1[r]));
+    }
+    const T sj = k_scale ? scale * k_scale[j] : scale;
+    ATTN_UNROLL
+    for (int r = 0; r < MR; ++r) {
+      for (Index u = t; u < d; ++u) dot[r] += q[r][u] * to_compute<T>(kj[u]);  // the columns that fill no packet
+      s[r * ss + j] = sj * dot[r];
+    }
+  }
 }
 
 // O[MR, W packets] += P[MR, n] V[n, W packets]: probabilities p (row stride ps), values v in
@@ -282,8 +268,10 @@ void run(const AttentionProblem<T>& p, Index chunk, int threads) {
       // Scores of all R rows, kDecodeKeyBlock keys at a time so that a block of K read from memory
       // by the first row tile is in L1 for the others: the group reads K once. Only score_keys
       // takes the tile's row count at compile time (its registers); nothing after does.
-      for (Index j = 0; j < n; j += kDecodeKeyBlock) {
-        const Index nj = std::min(kDecodeKeyBlock, n - j);
+      // (With one row tile, R <= kDecodeRows, the blocks are not needed: the whole range at once.)
+      const Index score_block = R <= kDecodeRows ? n : kDecodeKeyBlock;
+      for (Index j = 0; j < n; j += score_block) {
+        const Index nj = std::min(score_block, n - j);
         mk::for_row_tiles<kDecodeRows>(R, [&](Index r0, auto rows) {
           constexpr int MR = decltype(rows)::value;
           const T* q[MR];

@@ -296,7 +296,7 @@ class KVCache {
   }
 
   KVStorage storage_ = KVStorage::Native;
-  Index B_, Hkv_, D_, Dv_, C_, W_;
+  Index B_ = 0, Hkv_ = 0, D_ = 0, Dv_ = 0, C_ = 0, W_ = 0;
   Index rows_ = 0;            // rows per head: C, or 2C for the ring
   detail::PageBuffer k_, v_;  // [B, Hkv, rows, D] and [B, Hkv, rows, Dv], in the storage type
   std::vector<T> k_scale_, v_scale_;  // int8: [B, Hkv, rows], each row's scale

@@ -43,8 +43,8 @@ void attention_blocked(const AttentionProblem<T>& p, Index block_rows = mk::kSco
   for (Index b = 0; b < p.batch; ++b) {
     for (Index h = 0; h < p.heads; ++h) {
       const Index hk = kv_head(p, h);
-      const T* v;
-      Index vs;  // V's row stride
+      const T* v = nullptr;
+      Index vs = 0;  // V's row stride
       if (stored) {
         convert_rows(p, false, b, hk, 0, p.S, keys, p.d);
         convert_rows(p, true, b, hk, 0, p.S, values, p.dv);

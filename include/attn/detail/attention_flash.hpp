@@ -169,8 +169,8 @@ void attention_flash(const AttentionProblem<T>& p, FlashBlocks blocks = {}, int 
 
       // One key block [j0, j0 + c): masks apply to it when `maskable` (keys below mask_keys).
       auto visit = [&](Index j0, Index c, bool maskable) {
-        const T* v;
-        Index vs;  // V's row stride
+        const T* v = nullptr;
+        Index vs = 0;  // V's row stride
         if (stored) {  // a compressed cache: the block converted once, for all G * Br rows
           convert_rows(p, false, b, hk, j0, c, w.keys, p.d);
           convert_rows(p, true, b, hk, j0, c, w.values, p.dv);

@@ -50,6 +50,7 @@ class PageBuffer {
     size_ = std::exchange(o.size_, 0);
     return *this;
   }
+  ~PageBuffer() = default;
 
   unsigned char* data() { return data_.get(); }
   const unsigned char* data() const { return data_.get(); }

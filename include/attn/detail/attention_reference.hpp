@@ -18,6 +18,9 @@
 // its weight 0 here: NaN or inf there gives NaN (0 * NaN, as in PyTorch), while the fast kernels
 // never read the key blocks that causal masking, the window or trailing padding remove - so the
 // result for non-finite values in masked keys' v_j is unspecified: keep them finite.
+//
+// K and V stored compressed (a KVCache of bf16, fp16 or int8) are converted to T a row at a time
+// (kv_row): the reference computes on the stored values, as every kernel does.
 #pragma once
 
 #include <algorithm>

@@ -179,18 +179,15 @@ class KVCache {
     p.k = {nullptr, Hkv_ * rows_ * D_, rows_ * D_, D_};
     p.v = {nullptr, Hkv_ * rows_ * Dv_, rows_ * Dv_, Dv_};
     p.kv_storage = storage_;
-    detail::with_storage<T>(storage_, [&](auto tag) {
-      using S = typename decltype(tag)::type;
-      const S* k = reinterpret_cast<const S*>(k_.data()) + (b0 * Hkv_ * rows_ + first) * D_;
-      const S* v = reinterpret_cast<const S*>(v_.data()) + (b0 * Hkv_ * rows_ + first) * Dv_;
-      if constexpr (std::is_same_v<S, T>) {
-        p.k.data = k, p.v.data = v;
-      } else {
-        p.k_stored = k, p.v_stored = v;
-      }
-    });
+    const Index at = b0 * Hkv_ * rows_ + first, bytes = storage_bytes<T>(storage_);
+    const void* k = k_.data() + at * D_ * bytes;
+    const void* v = v_.data() + at * Dv_ * bytes;
+    if (storage_ == KVStorage::Native) {
+      p.k.data = static_cast<const T*>(k), p.v.data = static_cast<const T*>(v);
+    } else {
+      p.k_stored = k, p.v_stored = v;
+    }
     if (storage_ == KVStorage::Int8) {
-      const Index at = b0 * Hkv_ * rows_ + first;
       p.k_scale = {k_scale_.data() + at, Hkv_ * rows_, rows_, 1};
       p.v_scale = {v_scale_.data() + at, Hkv_ * rows_, rows_, 1};
     }
@@ -286,12 +283,7 @@ class KVCache {
     bind(p, b);
     p.d = D_, p.dv = Dv_;
     Matrix<T> out(kept(b), value ? Dv_ : D_);
-    if (storage_ == KVStorage::Native) {
-      const T* first = value ? p.v.row(0, h, 0) : p.k.row(0, h, 0);
-      std::copy(first, first + out.size(), out.data());
-    } else {
-      detail::convert_rows(p, value, 0, h, 0, out.rows(), out.data(), out.cols());
-    }
+    detail::convert_rows(p, value, 0, h, 0, out.rows(), out.data(), out.cols());  // Native: a copy
     return out;
   }
 

@@ -215,27 +215,9 @@ class KVCache {
                           " more would exceed the capacity");
   }
 
-  // What the storage type cannot hold is an error, not a silent change: int8 needs finite values
-  // (a scale from max|x|), fp16 values below 65520 in magnitude (past that they round to inf).
   void check_values(const char* where, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v) const {
-    if (storage_ != KVStorage::Int8 && storage_ != KVStorage::Float16) return;
-    const auto check = [&](const char* name, const ConstMatrixRef<T>& x) {
-      const bool fine = storage_ == KVStorage::Int8 ? x.allFinite()
-                                                    : !((x.array().abs() >= T(65520)) && x.array().isFinite()).any();
-      if (fine) return;  // one vectorized pass; the loop below names the first bad element
-      for (Index r = 0; r < x.rows(); ++r)
-        for (Index c = 0; c < x.cols(); ++c) {
-          const T a = x(r, c);
-          if (storage_ == KVStorage::Int8)
-            detail::require_arg(std::isfinite(a), where, name, "(", r, ", ", c, ") = ", a,
-                                " cannot be stored in an int8 cache (its row's scale needs finite values)");
-          else
-            detail::require_arg(!(std::abs(a) >= T(65520)) || !std::isfinite(a), where, name, "(", r, ", ", c, ") = ", a,
-                                " is beyond fp16's range (|x| < 65520): use a BFloat16 or Native cache");
-        }
-    };
-    check("key", k);
-    check("value", v);
+    detail::check_storable(storage_, k, where, "key", "cache");
+    detail::check_storable(storage_, v, where, "value", "cache");
   }
 
   // Row of position t in a head's buffer (the first copy in a ring).
@@ -259,19 +241,12 @@ class KVCache {
     detail::with_storage<T>(storage_, [&](auto tag) {
       using S = typename decltype(tag)::type;
       S* const dst = reinterpret_cast<S*>(buf.data()) + row * dim;
-      if constexpr (std::is_same_v<S, T>) {
-        std::copy(src, src + dim, dst);
-      } else if constexpr (std::is_same_v<S, std::int8_t>) {
-        (value ? v_scale_ : k_scale_)[std::size_t(row)] = detail::quantize_row(src, dim, dst);
-      } else {
-        for (Index c = 0; c < dim; ++c) dst[c] = detail::round_to<S>(src[c]);
-      }
+      const T scale = detail::store_row(src, dim, dst);
+      std::vector<T>& scales = value ? v_scale_ : k_scale_;
+      if constexpr (std::is_same_v<S, std::int8_t>) scales[std::size_t(row)] = scale;
       if (W_ > 0) {  // the ring's second copy, C rows on
         std::copy(dst, dst + dim, dst + C_ * dim);
-        if constexpr (std::is_same_v<S, std::int8_t>) {
-          std::vector<T>& scale = value ? v_scale_ : k_scale_;
-          scale[std::size_t(row + C_)] = scale[std::size_t(row)];
-        }
+        if constexpr (std::is_same_v<S, std::int8_t>) scales[std::size_t(row + C_)] = scale;
       }
     });
   }

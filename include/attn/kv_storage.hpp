@@ -45,53 +45,13 @@
 
 #include <cmath>
 
+#include "attn/storage.hpp"
 #include "attn/types.hpp"
 
 namespace attn {
 
-enum class KVStorage {
-  Native,    // T itself (float or double): exact
-  BFloat16,  // Eigen::bfloat16, 2 bytes: fp32's range, 8 significant bits
-  Float16,   // Eigen::half, 2 bytes: 11 significant bits, |x| <= 65504
-  Int8,      // std::int8_t, 1 byte, plus one T scale per row (position and kv head)
-};
-
-inline const char* storage_name(KVStorage s) {
-  switch (s) {
-    case KVStorage::Native:
-      return "native";
-    case KVStorage::BFloat16:
-      return "bf16";
-    case KVStorage::Float16:
-      return "fp16";
-    case KVStorage::Int8:
-      return "int8";
-  }
-  return "?";
-}
-
-// Bytes one stored element takes (int8's per-row scale not included).
-template <class T>
-constexpr Index storage_bytes(KVStorage s) {
-  return s == KVStorage::Native ? Index(sizeof(T)) : s == KVStorage::Int8 ? 1 : 2;
-}
-
-// The largest |stored - x| of one append, as a fraction of max|x| (of the value itself for the
-// 16-bit types, of its row for int8); 0 for Native.
-template <class T>
-constexpr T storage_unit_roundoff(KVStorage s) {
-  switch (s) {
-    case KVStorage::Native:
-      return T(0);
-    case KVStorage::BFloat16:
-      return T(1) / T(256);  // 2^-8: half an ulp of an 8-bit significand
-    case KVStorage::Float16:
-      return T(1) / T(2048);  // 2^-11
-    case KVStorage::Int8:
-      return T(1) / T(254);  // half a step of max|row| / 127
-  }
-  return T(0);
-}
+// The cache's storage type is attn::Storage (attn/storage.hpp), under the name it had first.
+using KVStorage = Storage;
 
 // The bound above on |out - exact| for one query row, elementwise: logit_scale_l1 = scale *
 // ||q||_1 (the query's L1 norm times the softmax scale), max_abs_k and max_abs_v over the keys and

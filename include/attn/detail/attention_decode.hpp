@@ -8,7 +8,7 @@
 //
 //   task (b, kv head g, chunk c) over keys [c*C, (c+1)*C), all R = G*L rows of the group together
 //   (the G query heads that share kv head g, each with its L <= 4 query rows):
-//     s = q K_c^T * scale, masked                      score_keys: each key row read once
+//     s = q K_c^T * scale, masked                      mk::dot_rows: each key row read once
 //     m_c = max s,  l_c = sum exp(s - m_c),  o_c = exp(s - m_c) V_c     pv_keys: each value row once
 //   merge, chunks in order:   m = max m_c,  out = sum o_c e^(m_c - m) / sum l_c e^(m_c - m)
 //
@@ -48,6 +48,7 @@
 
 #include "attn/detail/attention_flash.hpp"  // unpadded_end
 #include "attn/detail/attention_problem.hpp"
+#include "attn/detail/dot_rows.hpp"
 #include "attn/detail/microkernel.hpp"
 #include "attn/detail/parallel.hpp"
 #include "attn/detail/scratch.hpp"
@@ -69,78 +70,6 @@ namespace decode {
 
 namespace ei = Eigen::internal;
 
-
-// The sums of four packets: out[i] = sum of the lanes of x[i]. On AVX-512 one transposing
-// reduction (13 instructions for the four) instead of four horizontal sums (about 8 each): the
-// horizontal sums were a third of score_keys' instructions.
-template <class T>
-EIGEN_STRONG_INLINE void reduce4(const mk::Packet<T>* x, T* out) {
-#if defined(EIGEN_VECTORIZE_AVX512)
-  if constexpr (std::is_same_v<T, float> && mk::kLanes<float> == 16) {
-    // 128-bit blocks: ab = [a0+a2, a1+a3, b0+b2, b1+b3], cd likewise; v = [a, b, c, d] partials of 4
-    const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(x[0], x[1], 0x44), _mm512_shuffle_f32x4(x[0], x[1], 0xEE));
-    const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(x[2], x[3], 0x44), _mm512_shuffle_f32x4(x[2], x[3], 0xEE));
-    __m512 v = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
-    v = _mm512_add_ps(v, _mm512_permute_ps(v, 0xB1));  // pairs within each block
-    v = _mm512_add_ps(v, _mm512_permute_ps(v, 0x4E));  // halves: every lane of block i holds sum x[i]
-    _mm_storeu_ps(out, _mm512_castps512_ps128(_mm512_maskz_compress_ps(0x1111, v)));
-    return;
-  }
-#endif
-  for (int i = 0; i < 4; ++i) out[i] = ei::predux(x[i]);
-}
-
-// s[r * ss + j] = scale * ks_j * (q_r . k_j) for MR query rows (q[r]) and keys j in [0, n) (rows of
-// k in storage type S, row stride ks; ks_j the int8 row scale, 1 without k_scale). Each key row is
-// loaded once, front to back, converted in registers, and feeds all MR query rows. Two
-// accumulators per query row halve the FMA dependency chain. The MR sums of a key end in one
-// four-way reduction (reduce4) when MR >= 3, in horizontal sums otherwise. (Taking 4 / MR keys per
-// step to fill the reduction measured 8-15 % slower for one row from memory: kept to MR >= 3.)
-template <int MR, class T, class S>
-EIGEN_STRONG_INLINE void score_keys(const T* const* q, const S* k, Index ks, const T* k_scale, Index n, Index d,
-                                    T scale, T* s, Index ss) {
-  using P = mk::Packet<T>;
-  constexpr Index L = mk::kLanes<T>;
-  static_assert(MR <= 4, "one reduce4 per key");
-  for (Index j = 0; j < n; ++j) {
-    const S* const kj = k + j * ks;
-    P acc0[MR], acc1[MR];
-    ATTN_UNROLL
-    for (int r = 0; r < MR; ++r) acc0[r] = acc1[r] = ei::pzero(P{});
-    Index t = 0;
-    for (; t + 2 * L <= d; t += 2 * L) {
-      const P x0 = load_as<T>(kj + t), x1 = load_as<T>(kj + t + L);
-      ATTN_UNROLL
-      for (int r = 0; r < MR; ++r) {
-        acc0[r] = ei::pmadd(ei::ploadu<P>(q[r] + t), x0, acc0[r]);
-        acc1[r] = ei::pmadd(ei::ploadu<P>(q[r] + t + L), x1, acc1[r]);
-      }
-    }
-    if (t + L <= d) {
-      const P x0 = load_as<T>(kj + t);
-      ATTN_UNROLL
-      for (int r = 0; r < MR; ++r) acc0[r] = ei::pmadd(ei::ploadu<P>(q[r] + t), x0, acc0[r]);
-      t += L;
-    }
-    T dot[4];
-    if constexpr (MR >= 3) {
-      P sums[4];
-      sums[3] = ei::pzero(P{});
-      ATTN_UNROLL
-      for (int r = 0; r < MR; ++r) sums[r] = ei::padd(acc0[r], acc1[r]);
-      reduce4<T>(sums, dot);
-    } else {
-      ATTN_UNROLL
-      for (int r = 0; r < MR; ++r) dot[r] = ei::predux(ei::padd(acc0[r], acc1[r]));
-    }
-    const T sj = k_scale ? scale * k_scale[j] : scale;
-    ATTN_UNROLL
-    for (int r = 0; r < MR; ++r) {
-      for (Index u = t; u < d; ++u) dot[r] += q[r][u] * to_compute<T>(kj[u]);  // the columns that fill no packet
-      s[r * ss + j] = sj * dot[r];
-    }
-  }
-}
 
 // O[MR, W packets] += P[MR, n] V[n, W packets]: probabilities p (row stride ps), values v in
 // storage type S read in place (row stride vs) and converted in registers, the output o (row
@@ -209,7 +138,7 @@ EIGEN_STRONG_INLINE void pv_keys(Index rows, const T* p, Index ps, const S* v, I
   }
 }
 
-// The decoding step for K and V stored as S (Stored<T, p.kv_storage>); see the top of the file.
+// The decoding step for K and V stored as S (the element type of p.kv_storage); see the top of the file.
 template <class S, class T>
 void run(const AttentionProblem<T>& p, Index chunk, int threads) {
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
@@ -266,7 +195,7 @@ void run(const AttentionProblem<T>& p, Index chunk, int threads) {
       const T* const k_scale = p.k_scale ? p.k_scale.row(b, g, first_key) : nullptr;
       const T* const v_scale = p.v_scale ? p.v_scale.row(b, g, first_key) : nullptr;
       // Scores of all R rows, kDecodeKeyBlock keys at a time so that a block of K read from memory
-      // by the first row tile is in L1 for the others: the group reads K once. Only score_keys
+      // by the first row tile is in L1 for the others: the group reads K once. Only dot_rows
       // takes the tile's row count at compile time (its registers); nothing after does.
       // (With one row tile, R <= kDecodeRows, the blocks are not needed: the whole range at once.)
       const Index score_block = R <= kDecodeRows ? n : kDecodeKeyBlock;
@@ -276,7 +205,7 @@ void run(const AttentionProblem<T>& p, Index chunk, int threads) {
           constexpr int MR = decltype(rows)::value;
           const T* q[MR];
           for (int r = 0; r < MR; ++r) q[r] = p.q.row(b, g * G + (r0 + r) / p.L, (r0 + r) % p.L);
-          decode::score_keys<MR>(q, k + j * p.k.row_stride, p.k.row_stride, k_scale ? k_scale + j : nullptr, nj, p.d,
+          mk::dot_rows<MR>(q, k + j * p.k.row_stride, p.k.row_stride, k_scale ? k_scale + j : nullptr, nj, p.d,
                                  p.scale, s + r0 * chunk + j, chunk);
         });
       }

@@ -75,7 +75,7 @@ struct AttentionProblem {
   Strided<T> weights;  // [B, H, L, S] probabilities, written only when data is set
 
   // K and V as a KVCache stores them. Native: k and v above. Any other storage type: the elements
-  // are at k_stored / v_stored (Stored<T, kv_storage>), with k's and v's strides (k.data and
+  // are at k_stored / v_stored (the element type of kv_storage), with k's and v's strides (k.data and
   // v.data unused), and an int8 row stands for its scale times its integers (k_scale, v_scale:
   // [B, H_kv, rows] with row stride 1).
   KVStorage kv_storage = KVStorage::Native;
@@ -84,7 +84,7 @@ struct AttentionProblem {
   Strided<const T> k_scale, v_scale;
 };
 
-// Row j of kv head h of K (value = false) or V (true) in storage type S (Stored<T, p.kv_storage>).
+// Row j of kv head h of K (value = false) or V (true) in storage type S (the element type of p.kv_storage).
 template <class S, class T>
 const S* stored_row(const AttentionProblem<T>& p, bool value, Index b, Index h, Index j) {
   const Strided<const T>& view = value ? p.v : p.k;

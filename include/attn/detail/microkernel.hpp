@@ -9,7 +9,7 @@
 // place, and the softmax's exponentials and row sum are one pass over the scores.
 //
 //   pack_panels<NP>  rows [c, d] -> panels of NP packets of rows, each stored d-major (also the
-//                    W^T panels of the GEMM micro-kernel, detail/gemm.hpp)
+//                    W^T panels of the GEMM micro-kernel, detail/gemm.hpp, from any storage type)
 //   pack_keys        K [c, d] -> panels of kPanel keys, each stored k-major ([d][kPanel])
 //   score_rows<MR>   s[MR, cpad] = scale * Q[MR, d] K^T, and each row's max
 //   exp_sum_row      s = exp(s - m) (masked keys exactly 0), returns the row's sum
@@ -24,33 +24,14 @@
 #include <utility>
 
 #include "attn/detail/check.hpp"
+#include "attn/detail/packet.hpp"
 #include "attn/types.hpp"
 
-// The loops over a register tile's rows and packets must unroll completely, or the accumulators
-// live on the stack: g++ -O2 (CMake's RelWithDebInfo) leaves them rolled, and the flash kernel ran
-// 3x slower than at -O3 (350 vs 117 ms, prefill H = 32 L = S = 2048, 2 threads), the decode
-// kernel's score_keys<4> 2x. So the unrolling is asked for, not left to the optimizer level.
-#if defined(__clang__)
-#define ATTN_UNROLL _Pragma("unroll")
-#elif defined(__GNUC__)
-#define ATTN_UNROLL _Pragma("GCC unroll 32")
-#else
-#define ATTN_UNROLL
-#endif
-
 namespace attn::detail::mk {
-
-namespace ei = Eigen::internal;
-
-template <class T>
-using Packet = typename ei::packet_traits<T>::type;
-template <class T>
-inline constexpr int kLanes = ei::unpacket_traits<Packet<T>>::size;
 
 // Register tiles, from the number of vector registers: the score tile holds MR x 2 packets of
 // accumulators, the P.V tile MR x 4; with 32 registers (AVX-512, NEON) that is 24 of them plus
 // the operands, with 16 (SSE, AVX2) 12.
-inline constexpr int kWideRegisters = EIGEN_ARCH_DEFAULT_NUMBER_OF_REGISTERS >= 32;
 inline constexpr int kScoreRows = kWideRegisters ? 12 : 6;
 inline constexpr int kPanelPackets = 2;
 inline constexpr int kPvRows = kWideRegisters ? 6 : 3;
@@ -63,18 +44,24 @@ inline constexpr Index kPanel = Index(kPanelPackets) * kLanes<T>;  // keys per p
 // of rows, each panel stored column-major ([d][NP * kLanes]): panel p holds rows
 // [p*W, (p+1)*W) as d rows of W values, rows past c are zero. This is the layout of B panels
 // for a micro-kernel that broadcasts A: keys for score_rows, weight rows (columns of W^T) for the
-// GEMM. Square tiles of kLanes rows x kLanes columns are transposed in registers; the edges go
-// one value at a time. `packed` is aligned to a packet.
+// GEMM. The rows may be in a storage type S (attn/storage.hpp), converted to T as they are loaded
+// (load_as), each times its row_scale when there is one (int8): the panel holds exactly the
+// values dequantize would give. Square tiles of kLanes rows x kLanes columns are transposed in
+// registers; the edges go one value at a time. `packed` is aligned to a packet.
 // (PacketBlock<__m512, 16> makes GCC warn that the vector type's alignment attribute is dropped
 // from the template argument; Eigen silences the same warning inside its own headers.)
 #if defined(__GNUC__)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wignored-attributes"
 #endif
-template <int NP, class T>
-void pack_panels(const T* k, Index ks, Index c, Index d, T* packed) {
+template <int NP, class S, class T>
+void pack_panels(const S* k, Index ks, Index c, Index d, T* packed, const T* row_scale = nullptr) {
   using P = Packet<T>;
   constexpr Index L = kLanes<T>, NR = Index(NP) * kLanes<T>;
+  const auto value = [&](Index row, Index t) {
+    const T x = to_compute<T>(k[row * ks + t]);
+    return row_scale ? row_scale[row] * x : x;
+  };
   for (Index j0 = 0; j0 < c; j0 += NR) {
     T* panel = packed + j0 * d;
     const Index w = std::min(NR, c - j0);
@@ -83,15 +70,18 @@ void pack_panels(const T* k, Index ks, Index c, Index d, T* packed) {
       Index t = 0;
       for (; t + L <= d; t += L) {
         ei::PacketBlock<P, L> tile{};  // filled below: g++ 12 and clang 14 -O3 emit no zeroing
-        for (Index r = 0; r < L; ++r) tile.packet[r] = ei::ploadu<P>(k + (j0 + jj + r) * ks + t);
+        for (Index r = 0; r < L; ++r) {
+          tile.packet[r] = load_as<T>(k + (j0 + jj + r) * ks + t);
+          if (row_scale) tile.packet[r] = ei::pmul(ei::pset1<P>(row_scale[j0 + jj + r]), tile.packet[r]);
+        }
         ei::ptranspose(tile);
         for (Index r = 0; r < L; ++r) ei::pstore(panel + (t + r) * NR + jj, tile.packet[r]);
       }
       for (; t < d; ++t)
-        for (Index r = 0; r < L; ++r) panel[t * NR + jj + r] = k[(j0 + jj + r) * ks + t];
+        for (Index r = 0; r < L; ++r) panel[t * NR + jj + r] = value(j0 + jj + r, t);
     }
     for (; jj < w; ++jj)
-      for (Index t = 0; t < d; ++t) panel[t * NR + jj] = k[(j0 + jj) * ks + t];
+      for (Index t = 0; t < d; ++t) panel[t * NR + jj] = value(j0 + jj, t);
     for (; jj < NR; ++jj)
       for (Index t = 0; t < d; ++t) panel[t * NR + jj] = T(0);
   }

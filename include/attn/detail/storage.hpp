@@ -1,13 +1,12 @@
-// attn/detail/storage.hpp - converting to and from a KV cache's storage types (attn/kv_storage.hpp).
+// attn/detail/storage.hpp - converting to and from the storage types of attn/storage.hpp (KV
+// caches, weights). Loading stored elements into packets is attn/detail/packet.hpp's load_as.
 //
-//   Stored<T, s>          the element type of storage s: T, Eigen::bfloat16, Eigen::half, std::int8_t
-//   with_storage(s, f)    f(tag) with tag::type the element type: the one switch from the run-time
-//                         KVStorage to the compile-time type the decode kernel is instantiated on
-//   round_to<S>(x)        x rounded to nearest even in S (bf16, fp16), for append
-//   quantize_row          a row to int8 with its scale max|x| / 127, for append
-//   to_compute<T>(x)      one stored element as T (without int8's scale)
-//   load_as<T>(x)         a packet of stored elements as a Packet<T>, converted in registers (AVX-512
-//                         and AVX2 instructions where the storage has them, one lane at a time otherwise)
+//   with_storage(s, f)    f(tag) with tag::type the element type (T, Eigen::bfloat16, Eigen::half,
+//                         std::int8_t): the one switch from the run-time Storage to the compile-time
+//                         type a kernel is instantiated on
+//   round_to<S>(x)        x rounded to nearest even in S (bf16, fp16)
+//   quantize_row          a row to int8 with its scale max|x| / 127
+//   store_row             a row of T in storage s (one of the two above, or a copy); returns the scale
 //   dequantize(x, n, s, y)  y[0, n) = s * x[0, n) as T
 #pragma once
 
@@ -16,16 +15,11 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "attn/detail/microkernel.hpp"
-#include "attn/kv_storage.hpp"
+#include "attn/detail/check.hpp"
+#include "attn/detail/packet.hpp"
+#include "attn/storage.hpp"
 
 namespace attn::detail {
-
-template <class T, KVStorage s>
-using Stored = std::conditional_t<
-    s == KVStorage::Native, T,
-    std::conditional_t<s == KVStorage::BFloat16, Eigen::bfloat16,
-                       std::conditional_t<s == KVStorage::Float16, Eigen::half, std::int8_t>>>;
 
 template <class S>
 struct StorageTag {
@@ -34,30 +28,18 @@ struct StorageTag {
 
 // f(StorageTag<S>{}) for the element type S of storage s.
 template <class T, class F>
-decltype(auto) with_storage(KVStorage s, F&& f) {
+decltype(auto) with_storage(Storage s, F&& f) {
   switch (s) {
-    case KVStorage::BFloat16:
+    case Storage::BFloat16:
       return f(StorageTag<Eigen::bfloat16>{});
-    case KVStorage::Float16:
+    case Storage::Float16:
       return f(StorageTag<Eigen::half>{});
-    case KVStorage::Int8:
+    case Storage::Int8:
       return f(StorageTag<std::int8_t>{});
-    case KVStorage::Native:
+    case Storage::Native:
       break;
   }
   return f(StorageTag<T>{});
-}
-
-template <class S>
-inline constexpr bool is_16bit_float = std::is_same_v<S, Eigen::bfloat16> || std::is_same_v<S, Eigen::half>;
-
-// One stored element as T (int8: the integer, before its row's scale).
-template <class T, class S>
-EIGEN_STRONG_INLINE T to_compute(S x) {
-  if constexpr (is_16bit_float<S>)
-    return static_cast<T>(static_cast<float>(x));
-  else
-    return static_cast<T>(x);
 }
 
 // x rounded to the nearest S (bf16 or fp16), ties to even. From float, Eigen's conversion is that
@@ -112,46 +94,39 @@ T quantize_row(const T* x, Index n, std::int8_t* q) {
   return s;
 }
 
-// A packet of kLanes<T> stored elements from x (unaligned) as a Packet<T>. The storage types
-// convert in registers: bf16 by a shift into the high half of a float, fp16 by VCVTPH2PS (F16C,
-// part of AVX-512F), int8 by sign extension and VCVTDQ2PS (the caller applies int8's scale to the
-// result, or folds it). Written with the intrinsics: Eigen 3.4's half2float goes one lane at a time
-// unless EIGEN_HAS_FP16_C, which it leaves unset under g++ (an fp16 step ran 15x slower).
-template <class T, class S>
-EIGEN_STRONG_INLINE mk::Packet<T> load_as(const S* x) {
-  using P = mk::Packet<T>;
-  namespace ei = Eigen::internal;
+// What storage s cannot hold is an error, not a silent change: int8 needs finite values (a scale
+// from max|x|), fp16 values below 65520 in magnitude (past that they round to inf). x is `name`,
+// the values of `where`'s `holder` ("cache", "weight").
+template <class T>
+void check_storable(Storage s, const ConstMatrixRef<T>& x, const char* where, const char* name, const char* holder) {
+  if (s != Storage::Int8 && s != Storage::Float16) return;
+  const bool fine =
+      s == Storage::Int8 ? x.allFinite() : !((x.array().abs() >= T(65520)) && x.array().isFinite()).any();
+  if (fine) return;  // one vectorized pass; the loop below names the first bad element
+  for (Index r = 0; r < x.rows(); ++r)
+    for (Index c = 0; c < x.cols(); ++c) {
+      const T a = x(r, c);
+      if (s == Storage::Int8)
+        require_arg(std::isfinite(a), where, name, "(", r, ", ", c, ") = ", a, " cannot be stored in an int8 ",
+                    holder, " (its row's scale needs finite values)");
+      else
+        require_arg(!(std::abs(a) >= T(65520)) || !std::isfinite(a), where, name, "(", r, ", ", c, ") = ", a,
+                    " is beyond fp16's range (|x| < 65520): use BFloat16 or Native storage for this ", holder);
+    }
+}
+
+// Row src[0, n) in storage type S at dst: copied (S = T), rounded (bf16, fp16) or quantized (int8).
+// Returns the row's scale: int8's, 1 for the others.
+template <class S, class T>
+T store_row(const T* src, Index n, S* dst) {
   if constexpr (std::is_same_v<S, T>) {
-    return ei::ploadu<P>(x);
+    std::copy(src, src + n, dst);
+    return T(1);
+  } else if constexpr (std::is_same_v<S, std::int8_t>) {
+    return quantize_row(src, n, dst);
   } else {
-#if defined(EIGEN_VECTORIZE_AVX512)
-    if constexpr (std::is_same_v<T, float> && mk::kLanes<float> == 16) {
-      const auto* at = reinterpret_cast<const __m128i*>(x);
-      if constexpr (std::is_same_v<S, std::int8_t>)
-        return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(at)));
-      else if constexpr (std::is_same_v<S, Eigen::bfloat16>)  // bf16 is the high half of a float
-        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
-                                                         reinterpret_cast<const __m256i*>(x))), 16));
-      else
-        return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
-    }
-#elif defined(EIGEN_VECTORIZE_AVX2)
-    if constexpr (std::is_same_v<T, float> && mk::kLanes<float> == 8) {
-      const auto* at = reinterpret_cast<const __m128i*>(x);
-      if constexpr (std::is_same_v<S, std::int8_t>)
-        return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(at)));
-      else if constexpr (std::is_same_v<S, Eigen::bfloat16>)
-        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(at)), 16));
-#if defined(__F16C__)
-      else
-        return _mm256_cvtph_ps(_mm_loadu_si128(at));
-#endif
-    }
-#endif
-    // Anywhere else (double, SSE, NEON, EIGEN_DONT_VECTORIZE): one lane at a time.
-    EIGEN_ALIGN_MAX T lanes[mk::kLanes<T>];
-    for (int l = 0; l < mk::kLanes<T>; ++l) lanes[l] = to_compute<T>(x[l]);
-    return ei::pload<P>(lanes);
+    for (Index c = 0; c < n; ++c) dst[c] = round_to<S>(src[c]);
+    return T(1);
   }
 }
 

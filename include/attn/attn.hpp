@@ -15,11 +15,13 @@
 #include "attn/rms_norm.hpp"
 #include "attn/rope.hpp"
 #include "attn/scaled_dot_product_attention.hpp"
+#include "attn/storage.hpp"
 #include "attn/swiglu.hpp"
 #include "attn/threads.hpp"
 #include "attn/transformer.hpp"
 #include "attn/types.hpp"
 #include "attn/version.hpp"
+#include "attn/weight.hpp"
 
 // ATTN_EXTERN_TEMPLATES: the modules' members declared extern (attn/instantiate.hpp compiles them).
 #include "attn/detail/module_instances.hpp"

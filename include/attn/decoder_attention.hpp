@@ -29,6 +29,7 @@
 #include "attn/linear.hpp"
 #include "attn/mask.hpp"
 #include "attn/rope.hpp"
+#include "attn/storage.hpp"
 #include "attn/types.hpp"
 
 namespace attn {
@@ -130,6 +131,8 @@ class DecoderAttention {
   Linear<T>& k_proj() { return k_proj_; }
   Linear<T>& v_proj() { return v_proj_; }
   Linear<T>& o_proj() { return o_proj_; }
+  // Keeps the four projection weights in storage s (attn/storage.hpp); all or none changes.
+  void set_weight_storage(Storage s) { detail::set_storage_of_all<T, 4>(s, {&q_proj_, &k_proj_, &v_proj_, &o_proj_}); }
 
  private:
   static DecoderAttentionOptions checked(Index E, Index H, DecoderAttentionOptions opt) {

@@ -13,6 +13,7 @@
 #include "attn/detail/scratch.hpp"
 #include "attn/init.hpp"
 #include "attn/linear.hpp"
+#include "attn/storage.hpp"
 #include "attn/types.hpp"
 
 namespace attn {
@@ -76,6 +77,8 @@ class FeedForward {
   Linear<T>& linear1() { return linear1_; }
   const Linear<T>& linear2() const { return linear2_; }
   Linear<T>& linear2() { return linear2_; }
+  // Keeps both weights in storage s (attn/storage.hpp); all or none changes.
+  void set_weight_storage(Storage s) { detail::set_storage_of_all<T, 2>(s, {&linear1_, &linear2_}); }
 
  private:
   static Index checked(Index d_model, Index dim_feedforward) {

@@ -27,9 +27,9 @@ namespace attn::detail {
 // detail/gemm.hpp); every kernel behind them is instantiated with them.
 template void attention<float>(const AttentionProblem<float>&);
 template void attention<double>(const AttentionProblem<double>&);
-template void linear_into<float>(const ConstMatrixRef<float>&, const ConstMatrixRef<float>&, const float*,
+template void linear_into<float>(const ConstMatrixRef<float>&, const WeightView<float>&, const float*,
                                  MatrixRef<float>, int);
-template void linear_into<double>(const ConstMatrixRef<double>&, const ConstMatrixRef<double>&, const double*,
+template void linear_into<double>(const ConstMatrixRef<double>&, const WeightView<double>&, const double*,
                                   MatrixRef<double>, int);
 
 }  // namespace attn::detail

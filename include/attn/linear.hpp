@@ -3,14 +3,23 @@
 //   attn::Linear<float> fc(/*in=*/4, /*out=*/3);
 //   fc.set_weight(w);                       // w: [3, 4], PyTorch's fc.weight
 //   attn::Matrix<float> y = fc.forward(x);  // x: [N, 4] -> y: [N, 3]
+//   fc.set_storage(attn::Storage::BFloat16);  // the weight kept in bf16 (attn/weight.hpp)
+//
+// The weight can be kept in bf16, fp16 or int8 (attn/storage.hpp) at a half or a quarter of the
+// memory, and of the bytes a decoding step reads; x, y, the bias and the arithmetic stay in T.
 #pragma once
 
+#include <array>
+#include <cstddef>
 #include <utility>
+#include <vector>
 
 #include "attn/detail/check.hpp"
 #include "attn/detail/gemm.hpp"
 #include "attn/init.hpp"
+#include "attn/storage.hpp"
 #include "attn/types.hpp"
+#include "attn/weight.hpp"
 
 namespace attn {
 
@@ -26,8 +35,9 @@ class Linear {
                           "in_features and out_features must be positive, got ", "in_features = ", in_features,
                           ", out_features = ", out_features);
     detail::checked_mul("attn::Linear", "out_features * in_features", out_features, in_features);
-    weight_.resize(out_, in_);
-    init::linear_weight(weight_, gen);
+    Matrix<T> w(out_, in_);
+    init::linear_weight(w, gen);
+    weight_ = Weight<T>(w);
     if (bias) {
       const double bound = 1.0 / std::sqrt(static_cast<double>(in_));
       bias_.resize(out_);
@@ -51,21 +61,36 @@ class Linear {
                          "]");
     detail::require_dims("attn::Linear::forward", "y", y.rows(), y.cols(), x.rows(), out_,
                          "[N, out_features] = ", detail::shape(x.rows(), out_));
-    detail::linear_into<T>(x, weight_, has_bias() ? bias_.data() : nullptr, y);
+    detail::linear_into<T>(x, weight_.view(), has_bias() ? bias_.data() : nullptr, y);
   }
 
   Index in_features() const { return in_; }
   Index out_features() const { return out_; }
   bool has_bias() const { return bias_.size() > 0; }
 
-  const Matrix<T>& weight() const { return weight_; }  // [out, in]
-  const Vector<T>& bias() const { return bias_; }      // [out]; empty without bias
+  // [out, in]: the stored values as T (a copy; int8 rows times their scales).
+  Matrix<T> weight() const { return weight_.matrix(); }
+  const Vector<T>& bias() const { return bias_; }  // [out]; empty without bias
+  // The weight as stored, what forward reads.
+  const Weight<T>& stored_weight() const { return weight_; }
+  Storage storage() const { return weight_.storage(); }
 
+  // w: [out, in], kept in the current storage type (rounded or quantized: attn/storage.hpp).
   void set_weight(const ConstMatrixRef<T>& w) {
     detail::require_dims("attn::Linear::set_weight", "weight", w.rows(), w.cols(), out_, in_,
                          "[out_features, in_features] = ", detail::shape(out_, in_));
-    weight_ = w;
+    weight_.set(w);
   }
+  // A weight already in its storage type (its shape must be [out, in]): kept as it is, a view
+  // included (Weight::view).
+  void set_stored_weight(Weight<T> w) {
+    detail::require_dims("attn::Linear::set_stored_weight", "weight", w.rows(), w.cols(), out_, in_,
+                         "[out_features, in_features] = ", detail::shape(out_, in_));
+    weight_ = std::move(w);
+  }
+  // Keeps the weight in storage s from now on (converted from its current values; Int8 needs
+  // finite weights, Float16 |w| < 65520). The bias stays in T.
+  void set_storage(Storage s) { weight_.set_storage(s); }
   void set_bias(const ConstVectorRef<T>& b) {
     detail::require_arg(has_bias(), "attn::Linear::set_bias", "this Linear was built with bias = false");
     detail::require_len("attn::Linear::set_bias", "bias", b.size(), out_, "[out_features] = [", out_, "]");
@@ -78,8 +103,25 @@ class Linear {
     return gen;
   }
   Index in_ = 0, out_ = 0;
-  Matrix<T> weight_;
+  Weight<T> weight_;  // [out, in]
   Vector<T> bias_;
 };
+
+namespace detail {
+
+// linears[i]->set_storage(s) for all of them, or for none: a module's set_weight_storage, which
+// must change nothing when one weight cannot be stored (each is converted in a copy first).
+template <class T, std::size_t N>
+void set_storage_of_all(Storage s, const std::array<Linear<T>*, N>& linears) {
+  std::vector<Linear<T>> converted;
+  converted.reserve(N);
+  for (Linear<T>* l : linears) {
+    converted.push_back(*l);
+    converted.back().set_storage(s);
+  }
+  for (std::size_t i = 0; i < N; ++i) *linears[i] = std::move(converted[i]);
+}
+
+}  // namespace detail
 
 }  // namespace attn

@@ -28,7 +28,9 @@
 #include "attn/init.hpp"
 #include "attn/linear.hpp"
 #include "attn/mask.hpp"
+#include "attn/storage.hpp"
 #include "attn/types.hpp"
+#include "attn/weight.hpp"
 
 namespace attn {
 
@@ -64,16 +66,17 @@ class MultiHeadAttention {
         vdim_(options.vdim ? options.vdim : embed_dim),
         opt_(options),
         out_proj_(checked_dim(embed_dim, num_heads, options), embed_dim, options.bias, gen) {
+    const auto xavier = [&gen](Index rows, Index cols) {
+      Matrix<T> w(rows, cols);
+      init::xavier_uniform(w, gen);
+      return Weight<T>(w);
+    };
     if (packed()) {
-      in_proj_weight_.resize(3 * E_, E_);
-      init::xavier_uniform(in_proj_weight_, gen);
+      in_proj_weight_ = xavier(3 * E_, E_);
     } else {
-      q_proj_weight_.resize(E_, E_);
-      k_proj_weight_.resize(E_, kdim_);
-      v_proj_weight_.resize(E_, vdim_);
-      init::xavier_uniform(q_proj_weight_, gen);
-      init::xavier_uniform(k_proj_weight_, gen);
-      init::xavier_uniform(v_proj_weight_, gen);
+      q_proj_weight_ = xavier(E_, E_);
+      k_proj_weight_ = xavier(E_, kdim_);
+      v_proj_weight_ = xavier(E_, vdim_);
     }
     if (opt_.bias) {
       in_proj_bias_ = Vector<T>::Zero(3 * E_);
@@ -121,16 +124,30 @@ class MultiHeadAttention {
   // q_proj_weight, k_proj_weight and v_proj_weight - PyTorch's rule.
   bool packed() const { return kdim_ == E_ && vdim_ == E_; }
 
-  // Parameters by PyTorch's names. Setters check the shape and throw shape_error.
-  const Matrix<T>& in_proj_weight() const { return need_packed(true, "in_proj_weight"), in_proj_weight_; }  // [3E, E]
-  const Matrix<T>& q_proj_weight() const { return need_packed(false, "q_proj_weight"), q_proj_weight_; }    // [E, E]
-  const Matrix<T>& k_proj_weight() const { return need_packed(false, "k_proj_weight"), k_proj_weight_; }    // [E, kdim]
-  const Matrix<T>& v_proj_weight() const { return need_packed(false, "v_proj_weight"), v_proj_weight_; }    // [E, vdim]
+  // Parameters by PyTorch's names. Setters check the shape and throw shape_error. The weights come
+  // as T (copies of the stored values: set_weight_storage).
+  Matrix<T> in_proj_weight() const { return need_packed(true, "in_proj_weight"), in_proj_weight_.matrix(); }  // [3E, E]
+  Matrix<T> q_proj_weight() const { return need_packed(false, "q_proj_weight"), q_proj_weight_.matrix(); }    // [E, E]
+  Matrix<T> k_proj_weight() const { return need_packed(false, "k_proj_weight"), k_proj_weight_.matrix(); }    // [E, kdim]
+  Matrix<T> v_proj_weight() const { return need_packed(false, "v_proj_weight"), v_proj_weight_.matrix(); }    // [E, vdim]
   const Vector<T>& in_proj_bias() const { return in_proj_bias_; }  // [3E]; empty without bias
   const Vector<T>& bias_k() const { return bias_k_; }              // [E]; empty without add_bias_kv
   const Vector<T>& bias_v() const { return bias_v_; }              // [E]; empty without add_bias_kv
   const Linear<T>& out_proj() const { return out_proj_; }          // weight [E, E], bias [E]
   Linear<T>& out_proj() { return out_proj_; }
+  // Keeps every projection weight (in_proj or q/k/v_proj, out_proj) in storage s from now on
+  // (attn/storage.hpp); biases stay in T. Int8 needs finite weights, Float16 |w| < 65520; a
+  // rejected call changes nothing.
+  void set_weight_storage(Storage s) {
+    Weight<T> in = in_proj_weight_, q = q_proj_weight_, k = k_proj_weight_, v = v_proj_weight_;
+    Linear<T> out = out_proj_;
+    for (Weight<T>* w : {&in, &q, &k, &v}) w->set_storage(s);
+    out.set_storage(s);
+    in_proj_weight_ = std::move(in), q_proj_weight_ = std::move(q), k_proj_weight_ = std::move(k);
+    v_proj_weight_ = std::move(v), out_proj_ = std::move(out);
+  }
+  // The storage of the projection weights (out_proj's may differ if set on it alone).
+  Storage weight_storage() const { return (packed() ? in_proj_weight_ : q_proj_weight_).storage(); }
 
   void set_in_proj_weight(const ConstMatrixRef<T>& w) { set(in_proj_weight_, w, true, "in_proj_weight", 3 * E_, E_); }
   void set_q_proj_weight(const ConstMatrixRef<T>& w) { set(q_proj_weight_, w, false, "q_proj_weight", E_, E_); }
@@ -172,10 +189,10 @@ class MultiHeadAttention {
         " (embed_dim = ", E_, ", kdim = ", kdim_, ", vdim = ", vdim_, ")");
   }
 
-  void set(Matrix<T>& dst, const ConstMatrixRef<T>& w, bool packed_param, const char* name, Index rows, Index cols) {
+  void set(Weight<T>& dst, const ConstMatrixRef<T>& w, bool packed_param, const char* name, Index rows, Index cols) {
     need_packed(packed_param, name);
     detail::require_dims("attn::MultiHeadAttention", name, w.rows(), w.cols(), rows, cols, detail::shape(rows, cols));
-    dst = w;
+    dst.set(w);
   }
 
   static void set_vec(Vector<T>& dst, const ConstVectorRef<T>& b, bool exists, const char* name, const char* why_not,
@@ -193,10 +210,10 @@ class MultiHeadAttention {
 
   // The projection weight of `parts` consecutive parts from `first`: 0 (q), 1 (k), 2 (v). More
   // than one part exists only as rows of the packed in_proj_weight.
-  ConstMatrixRef<T> proj_weight(int first, int parts = 1) const {
+  detail::WeightView<T> proj_weight(int first, int parts = 1) const {
     ATTN_ASSERT(parts == 1 || packed());
-    if (packed()) return in_proj_weight_.middleRows(first * E_, parts * E_);
-    return first == 0 ? q_proj_weight_ : first == 1 ? k_proj_weight_ : v_proj_weight_;
+    if (packed()) return in_proj_weight_.view().middle_rows(first * E_, parts * E_);
+    return (first == 0 ? q_proj_weight_ : first == 1 ? k_proj_weight_ : v_proj_weight_).view();
   }
   // Their bias, the same parts of in_proj_bias; nullptr without bias.
   const T* proj_bias(int first) const { return opt_.bias ? in_proj_bias_.data() + first * E_ : nullptr; }
@@ -329,8 +346,8 @@ class MultiHeadAttention {
 
   Index E_ = 0, H_ = 0, kdim_ = 0, vdim_ = 0;
   MhaOptions opt_;
-  Matrix<T> in_proj_weight_;                                 // [3E, E] when packed()
-  Matrix<T> q_proj_weight_, k_proj_weight_, v_proj_weight_;  // otherwise
+  Weight<T> in_proj_weight_;                                 // [3E, E] when packed()
+  Weight<T> q_proj_weight_, k_proj_weight_, v_proj_weight_;  // otherwise
   Vector<T> in_proj_bias_;                                   // [3E]
   Vector<T> bias_k_, bias_v_;                                // [E]
   Linear<T> out_proj_;

@@ -15,6 +15,7 @@
 #include "attn/detail/scratch.hpp"
 #include "attn/init.hpp"
 #include "attn/linear.hpp"
+#include "attn/storage.hpp"
 #include "attn/types.hpp"
 
 namespace attn {
@@ -56,6 +57,8 @@ class SwiGLU {
   Linear<T>& up_proj() { return up_proj_; }
   const Linear<T>& down_proj() const { return down_proj_; }
   Linear<T>& down_proj() { return down_proj_; }
+  // Keeps the three weights in storage s (attn/storage.hpp); all or none changes.
+  void set_weight_storage(Storage s) { detail::set_storage_of_all<T, 3>(s, {&gate_proj_, &up_proj_, &down_proj_}); }
 
  private:
   static Index checked(Index d_model, Index ffn_dim) {

@@ -40,6 +40,7 @@
 #include "attn/layer_norm.hpp"
 #include "attn/mask.hpp"
 #include "attn/multi_head_attention.hpp"
+#include "attn/storage.hpp"
 #include "attn/types.hpp"
 
 namespace attn {
@@ -182,6 +183,15 @@ class TransformerEncoderLayer {
   MultiHeadAttention<T>& self_attn() { return self_attn_; }
   const FeedForward<T>& feed_forward() const { return ff_; }
   FeedForward<T>& feed_forward() { return ff_; }
+  // Keeps every projection weight (self_attn's, linear1's, linear2's) in storage s
+  // (attn/storage.hpp); all or none changes.
+  void set_weight_storage(Storage s) {
+    MultiHeadAttention<T> attn = self_attn_;
+    FeedForward<T> ff = ff_;
+    attn.set_weight_storage(s);
+    ff.set_weight_storage(s);
+    self_attn_ = std::move(attn), ff_ = std::move(ff);
+  }
   const Linear<T>& linear1() const { return ff_.linear1(); }
   Linear<T>& linear1() { return ff_.linear1(); }
   const Linear<T>& linear2() const { return ff_.linear2(); }
@@ -283,6 +293,16 @@ class TransformerDecoderLayer {
   MultiHeadAttention<T>& multihead_attn() { return multihead_attn_; }
   const FeedForward<T>& feed_forward() const { return ff_; }
   FeedForward<T>& feed_forward() { return ff_; }
+  // Keeps every projection weight (self_attn's, multihead_attn's, linear1's, linear2's) in storage
+  // s (attn/storage.hpp); all or none changes.
+  void set_weight_storage(Storage s) {
+    MultiHeadAttention<T> self = self_attn_, cross = multihead_attn_;
+    FeedForward<T> ff = ff_;
+    self.set_weight_storage(s);
+    cross.set_weight_storage(s);
+    ff.set_weight_storage(s);
+    self_attn_ = std::move(self), multihead_attn_ = std::move(cross), ff_ = std::move(ff);
+  }
   const Linear<T>& linear1() const { return ff_.linear1(); }
   Linear<T>& linear1() { return ff_.linear1(); }
   const Linear<T>& linear2() const { return ff_.linear2(); }
@@ -382,6 +402,12 @@ class TransformerEncoder {
   // PyTorch's layers[i]; throws argument_error outside [0, num_layers).
   const TransformerEncoderLayer<T>& layer(Index i) const { return layers_[checked_index(i)]; }
   TransformerEncoderLayer<T>& layer(Index i) { return layers_[checked_index(i)]; }
+  // Keeps every layer's projection weights in storage s (attn/storage.hpp); all or none changes.
+  void set_weight_storage(Storage s) {
+    std::vector<TransformerEncoderLayer<T>> layers = layers_;
+    for (auto& l : layers) l.set_weight_storage(s);
+    layers_ = std::move(layers);
+  }
   // PyTorch's norm: the final LayerNorm, or nullptr when there is none.
   const LayerNorm<T>* norm() const { return norm_ ? &*norm_ : nullptr; }
   LayerNorm<T>* norm() { return norm_ ? &*norm_ : nullptr; }

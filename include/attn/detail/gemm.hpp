@@ -1,16 +1,19 @@
 // attn/detail/gemm.hpp - y = x W^T + b on attn's threads: the one projection kernel behind
-// Linear and MultiHeadAttention's in and out projections.
+// Linear and MultiHeadAttention's in and out projections, for a weight W in any storage type
+// (attn/storage.hpp: T itself, bf16, fp16, or int8 with a scale per row of W).
 //
-// linear_into cuts y into fixed tiles (gemm_tiles) and runs them with parallel_tasks; every tile
-// is computed by one of two kernels, chosen by linear_into alone (use_packed_gemm):
+// linear_into cuts the work into tasks and runs them with parallel_tasks; every task is computed by
+// one of three kernels, chosen by linear_into alone (kRowsMax, use_packed_gemm):
 //
+//   linear_rows     x of at most kRowsMax (4) rows - decoding - against W read in place, each row
+//                   of W once, front to back, converted in registers (mk::dot_rows, the decode
+//                   step's score kernel): bound by streaming W, so its bytes set the speed.
 //   linear_packed   attn's register-blocked micro-kernel on Eigen's packets (mk::gemm_tile): W
-//                   packed once per tile and K block, x read in place. The fast path: on Zen 4
-//                   (AVX-512), float, one thread, 83-107 GFLOP/s at transformer shapes where
+//                   packed (and converted to T) once per tile and K block, x read in place. On
+//                   Zen 4 (AVX-512), float, one thread, 83-107 GFLOP/s at transformer shapes where
 //                   Eigen's GEMM runs 60-76 (bench/linear_bench).
-//   linear_eigen    one Eigen GEMM per tile plus the bias: the reference the tests hold the fast
-//                   path to, and the path for one-row products (matrix-vector, bound by reading
-//                   W, which Eigen's GEMV does without a copy) and builds without SIMD.
+//   linear_eigen    one Eigen GEMM per tile plus the bias, for a weight in T: the reference the
+//                   tests hold the fast paths to, and the path of builds without SIMD.
 //
 // Eigen's GEMM is single-threaded here (it threads only under OpenMP, which attn does not
 // enable), hence the tiles.
@@ -18,14 +21,52 @@
 
 #include "attn/detail/eigen.hpp"
 #include <algorithm>
+#include <type_traits>
 
 #include "attn/detail/check.hpp"
+#include "attn/detail/dot_rows.hpp"
 #include "attn/detail/microkernel.hpp"
 #include "attn/detail/parallel.hpp"
 #include "attn/detail/scratch.hpp"
+#include "attn/detail/storage.hpp"
+#include "attn/storage.hpp"
 #include "attn/types.hpp"
 
 namespace attn::detail {
+
+// A weight W [rows, cols], row-major (row stride `stride` elements), in storage type `storage`; with
+// Int8, W's row r is scales[r] times its stored integers. What the kernels read; owned elsewhere
+// (attn::Weight, or a caller's matrix).
+template <class T>
+struct WeightView {
+  Storage storage = Storage::Native;
+  const void* data = nullptr;
+  Index rows = 0, cols = 0, stride = 0;
+  const T* scales = nullptr;  // Int8: [rows]
+
+  // Row r as stored (S must be the storage's element type).
+  template <class S>
+  const S* row(Index r) const {
+    return static_cast<const S*>(data) + r * stride;
+  }
+  // Rows [r0, r0 + n).
+  WeightView middle_rows(Index r0, Index n) const {
+    WeightView v = *this;
+    v.data = static_cast<const unsigned char*>(data) + r0 * stride * storage_bytes<T>(storage);
+    v.rows = n;
+    if (scales) v.scales = scales + r0;
+    return v;
+  }
+};
+
+// A matrix in T, as a view (its rows must be contiguous: row-major, inner stride 1).
+template <class T>
+WeightView<T> weight_view(const ConstMatrixRef<T>& w) {
+  WeightView<T> v;
+  v.data = w.data();
+  v.rows = w.rows(), v.cols = w.cols(), v.stride = w.outerStride();
+  return v;
+}
 
 // How linear_into cuts y [n, out] into tiles of `rows` x `cols` (the last row and column tiles
 // may be smaller). A function of (n, in, out) only, never of the thread count: Eigen's blocking,
@@ -156,14 +197,16 @@ EIGEN_STRONG_INLINE void with_packets(Index packets, F&& f, std::integer_sequenc
 // The micro-kernel path of linear_into, on the same tiles. A tile's W rows [cols, in] are cut
 // into K blocks (gemm_k_blocks); per block they are packed once into panels of kGemmPackets
 // packets (the last panel narrower when the columns end early: no work on padding past a
-// packet), the panels stay in L2, and every kGemmRows-row tile of x runs the micro-kernel across
-// them, its rows read in place from L1. The first K block writes y (with the bias), later ones
-// add to it. Per-thread scratch (one packed W block) is taken before the threads start.
-template <class T, int MR = mk::kGemmRows, int NP = mk::kGemmPackets>
-void linear_packed(const ConstMatrixRef<T>& x, const ConstMatrixRef<T>& w, const T* bias, MatrixRef<T> y, int threads,
+// packet), converted from W's storage type S to T as they are packed, the panels stay in L2, and
+// every kGemmRows-row tile of x runs the micro-kernel across them, its rows read in place from L1.
+// The first K block writes y (with the bias), later ones add to it. Per-thread scratch (one packed
+// W block) is taken before the threads start. The packed values are those of W dequantized, so
+// the result is the same bits as this kernel on the dequantized matrix in T.
+template <class T, class S = T, int MR = mk::kGemmRows, int NP = mk::kGemmPackets>
+void linear_packed(const ConstMatrixRef<T>& x, const WeightView<T>& w, const T* bias, MatrixRef<T> y, int threads,
                    Index max_kc = kGemmMaxKc) {
   constexpr Index L = mk::kLanes<T>, NR = Index(NP) * L;
-  const Index n = x.rows(), in = x.cols(), out = w.rows();
+  const Index n = x.rows(), in = x.cols(), out = w.rows;
   const GemmTiles tiles = gemm_tiles(n, in, out);
   if (tiles.count() == 0) return;
   if (in == 0) {  // an empty sum: y is the bias
@@ -177,7 +220,7 @@ void linear_packed(const ConstMatrixRef<T>& x, const ConstMatrixRef<T>& w, const
   Scratch<T> scratch(slice * t);
   T* const y0 = y.data();
   const T* const x0 = x.data();
-  const Index ys = y.outerStride(), xs = x.outerStride(), ws = w.outerStride();
+  const Index ys = y.outerStride(), xs = x.outerStride(), ws = w.stride;
   [[maybe_unused]] const NoEigenMalloc no_malloc;  // checked in tests built with EIGEN_RUNTIME_NO_MALLOC
   parallel_tasks(tiles.count(), t, [&](Index first, Index step) {
     T* const packed = scratch.data() + first * slice;
@@ -189,11 +232,15 @@ void linear_packed(const ConstMatrixRef<T>& x, const ConstMatrixRef<T>& w, const
       for (Index k0 = 0; k0 < in; k0 += kb.size) {
         const Index kc = std::min(kb.size, in - k0);
         const bool accumulate = k0 > 0;
-        const T* wk = w.data() + c0 * ws + k0;
-        mk::pack_panels<NP>(wk, ws, full, kc, packed);
+        const S* wk = w.template row<S>(c0) + k0;
+        const T* scale = w.scales ? w.scales + c0 : nullptr;
+        mk::pack_panels<NP>(wk, ws, full, kc, packed, scale);
         mk::with_packets(
             tail_packets,
-            [&](auto q) { mk::pack_panels<decltype(q)::value>(wk + full * ws, ws, nc - full, kc, packed + full * kc); },
+            [&](auto q) {
+              mk::pack_panels<decltype(q)::value>(wk + full * ws, ws, nc - full, kc, packed + full * kc,
+                                                  scale ? scale + full : nullptr);
+            },
             std::make_integer_sequence<int, NP>{});
         mk::for_row_tiles<MR>(nr, [&](Index i, auto tile_rows) {
           constexpr int R = decltype(tile_rows)::value;
@@ -231,60 +278,94 @@ void linear_eigen(const ConstMatrixRef<T>& x, const ConstMatrixRef<T>& w, const 
   });
 }
 
-// The one-row path of linear_into: y [1, out] = x [1, in] W^T + b, a matrix-vector product in the
-// same column tiles, each one Eigen GEMV (W read in place, row by row) plus the bias. Eigen picks
-// the same GEMV for linear_eigen's one-row tiles; written as a vector product here, Eigen's GEMM
-// is not compiled at all where it is not used (most of what a projection cost to compile).
-template <class T>
-void linear_gemv(const ConstMatrixRef<T>& x, const ConstMatrixRef<T>& w, const T* bias, MatrixRef<T> y, int threads) {
-  ATTN_ASSERT(x.rows() <= 1);
-  const Index out = w.rows();
-  const GemmTiles tiles = gemm_tiles(x.rows(), x.cols(), out);  // one row of tiles; none when x is empty
-  parallel_tasks(tiles.count(), threads, [&](Index first, Index step) {
-    for (Index task = first; task < tiles.count(); task += step) {
-      const Index c0 = task * tiles.cols, nc = std::min(tiles.cols, out - c0);
-      auto tile = y.row(0).segment(c0, nc);
-      tile.noalias() = x.row(0) * w.middleRows(c0, nc).transpose();
-      if (bias) tile += Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>>(bias + c0, nc);
+// x of at most this many rows goes to linear_rows: decoding, L <= 4 tokens per step.
+inline constexpr Index kRowsMax = 4;
+
+// The few-rows path of linear_into: y [n, out] = x [n, in] W^T + b for n <= kRowsMax, W (storage
+// type S) read in place, each row once, by mk::dot_rows, which computes all n dots of a W row
+// from one pass over it. Bound by streaming W (a GEMV does 2n FLOPs per element read), so packing
+// W, as the GEMM does, would only add a pass; the threads split W's rows into contiguous ranges.
+// Each y element is one dot_rows sum whatever the ranges, so the result does not depend on the
+// thread count.
+template <class T, class S = T>
+void linear_rows(const ConstMatrixRef<T>& x, const WeightView<T>& w, const T* bias, MatrixRef<T> y, int threads) {
+  const Index n = x.rows(), in = x.cols(), out = w.rows;
+  ATTN_ASSERT(n >= 1 && n <= kRowsMax);
+  // A few ranges per thread, each a multiple of 16 rows of W.
+  const Index tasks = std::max<Index>(1, std::min<Index>((out + 15) / 16, Index(4) * threads));
+  const Index cols = ((out + tasks - 1) / tasks + 15) / 16 * 16;
+  const Index count = (out + cols - 1) / cols;
+  const T* q[kRowsMax] = {};
+  for (Index r = 0; r < n; ++r) q[r] = x.row(r).data();
+  T* const y0 = y.data();
+  const Index ys = y.outerStride();
+  parallel_tasks(count, threads, [&](Index first, Index step) {
+    for (Index task = first; task < count; task += step) {
+      const Index c0 = task * cols, nc = std::min(cols, out - c0);
+      mk::for_row_tiles<kRowsMax>(n, [&](Index, auto rows) {  // one call: n as a constant
+        mk::dot_rows<decltype(rows)::value>(q, w.template row<S>(c0), w.stride, w.scales ? w.scales + c0 : nullptr,
+                                            nc, in, T(1), y0 + c0, ys);
+      });
+      if (bias)
+        for (Index r = 0; r < n; ++r)
+          for (Index c = c0; c < c0 + nc; ++c) y0[r * ys + c] += bias[c];
     }
   });
 }
 
-// The dispatch rule: linear_into takes the micro-kernel when Eigen vectorizes (a packet holds more
-// than one scalar) and x has at least 2 rows. One row is a matrix-vector product, bound by
-// reading W: packing W first costs 3-4x there, while from 2 rows up the packed kernel measured
-// 1.1-1.4x Eigen's; so one row goes to linear_gemv. Without SIMD, Eigen's GEMM (the micro-kernel
-// is still built and tested there, tests/gemm_scalar_test, but not tuned for scalars).
-template <class T>
-constexpr bool use_packed_gemm(Index n, Index /*in*/, Index /*out*/) {
-  return mk::kLanes<T> > 1 && n >= 2;
-}
+// The dispatch rule: x of at most kRowsMax rows goes to linear_rows (bound by reading W: packing
+// W first cost 3-4x there, and Eigen's GEMV, which reads four W rows side by side a packet at a
+// time, streamed at half the rate); more rows to the micro-kernel when Eigen vectorizes (a packet
+// holds more than one scalar): it measured 1.1-1.4x Eigen's GEMM. Without SIMD, a weight in T
+// goes to Eigen's GEMM (the micro-kernel is still built and tested there, tests/gemm_scalar_test,
+// but not tuned for scalars), a stored one to the micro-kernel, which converts it.
+// (A compile-time choice for more than kRowsMax rows: where it is false, Eigen's GEMM is not
+// compiled at all, most of what a projection costs to compile.)
+template <class T, class S>
+inline constexpr bool use_packed_gemm = mk::kLanes<T> > 1 || !std::is_same_v<S, T>;
 
-// x: [n, in]  w: [out, in]  bias: [out] or nullptr  ->  y: [n, out] = x w^T + bias
+// x: [n, in]  w: [out, in] in any storage  bias: [out] or nullptr  ->  y: [n, out] = x w^T + bias
 // y is sized by the caller and must not overlap x or w. threads: 0 = attn::num_threads(); fewer
 // run when the product is small (threads_for). The result is the same, bit for bit, on any
 // number of threads: the tiles, the kernel and its K blocks are functions of the shape only.
 template <class T>
+void linear_into(const ConstMatrixRef<T>& x, const WeightView<T>& w, const T* bias, MatrixRef<T> y, int threads = 0) {
+  ATTN_ASSERT(x.cols() == w.cols && y.rows() == x.rows() && y.cols() == w.rows);
+  const Index n = x.rows(), in = x.cols(), out = w.rows;
+  if (n == 0 || out == 0) return;
+  // Under OpenMP, Eigen threads each GEMM itself; attn's threads on top would oversubscribe.
+  const bool eigen_threads = Eigen::nbThreads() > 1;
+  with_storage<T>(w.storage, [&](auto tag) {
+    using S = typename decltype(tag)::type;
+    if (n <= kRowsMax) {
+      // Work by the bytes of W: a thread's worth of streaming is about 1 MiB.
+      const double bytes = double(in) * double(out) * double(sizeof(S));
+      linear_rows<T, S>(x, w, bias, y, eigen_threads ? 1 : threads_for(8.0 * bytes, threads));
+      return;
+    }
+    const int t = eigen_threads ? 1 : threads_for(2.0 * double(n) * double(in) * double(out), threads);
+    if constexpr (use_packed_gemm<T, S>) {
+      linear_packed<T, S>(x, w, bias, y, t);
+    } else {
+      linear_eigen<T>(x, Eigen::Map<const Matrix<T>, 0, Eigen::OuterStride<>>(static_cast<const T*>(w.data), out, in,
+                                                                               Eigen::OuterStride<>(w.stride)),
+                      bias, y, t);
+    }
+  });
+}
+
+// The same for a weight matrix in T.
+template <class T>
 void linear_into(const ConstMatrixRef<T>& x, const ConstMatrixRef<T>& w, const T* bias, MatrixRef<T> y,
                  int threads = 0) {
-  ATTN_ASSERT(x.cols() == w.cols() && y.rows() == x.rows() && y.cols() == w.rows());
-  const Index n = x.rows(), in = x.cols(), out = w.rows();
-  // Under OpenMP, Eigen threads each GEMM itself; attn's threads on top would oversubscribe.
-  const int t = Eigen::nbThreads() > 1 ? 1 : threads_for(2.0 * double(n) * double(in) * double(out), threads);
-  if (use_packed_gemm<T>(n, in, out)) {
-    linear_packed<T>(x, w, bias, y, t);
-  } else if constexpr (mk::kLanes<T> > 1) {
-    linear_gemv<T>(x, w, bias, y, t);  // n <= 1
-  } else {
-    linear_eigen<T>(x, w, bias, y, t);
-  }
+  linear_into<T>(x, weight_view<T>(w), bias, y, threads);
 }
 
 // With ATTN_EXTERN_TEMPLATES, compiled once per program (attn/instantiate.hpp); see attention().
 #ifdef ATTN_EXTERN_TEMPLATES
-extern template void linear_into<float>(const ConstMatrixRef<float>&, const ConstMatrixRef<float>&, const float*,
+extern template void linear_into<float>(const ConstMatrixRef<float>&, const WeightView<float>&, const float*,
                                         MatrixRef<float>, int);
-extern template void linear_into<double>(const ConstMatrixRef<double>&, const ConstMatrixRef<double>&, const double*,
+extern template void linear_into<double>(const ConstMatrixRef<double>&, const WeightView<double>&, const double*,
                                          MatrixRef<double>, int);
 #endif
 

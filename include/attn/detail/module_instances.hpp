@@ -19,10 +19,12 @@
 #include "attn/scaled_dot_product_attention.hpp"
 #include "attn/swiglu.hpp"
 #include "attn/transformer.hpp"
+#include "attn/weight.hpp"
 
 // The module class templates, as X(Module) each: attn::Module<float> and attn::Module<double> are
 // declared extern below and defined by attn/instantiate.hpp.
 #define ATTN_DETAIL_MODULES(X) \
+  X(Weight)                    \
   X(Linear)                    \
   X(ScaledDotProductAttention) \
   X(MultiHeadAttention)        \

@@ -358,6 +358,9 @@ class SafeTensors {
 
   // The raw little-endian bytes of a tensor: info(name).end - info(name).begin of them.
   const unsigned char* bytes(const std::string& name) const { return data_ + info(name).begin; }
+  // Shared ownership of the file's bytes: a view of bytes() stays valid while a copy lives (as the
+  // views tensor() hands out do).
+  std::shared_ptr<const void> keep_alive() const { return file_; }
 
   // A float tensor as an owned matrix [d0, d1*...*dn] (1-D: [1, n]; scalar: [1, 1]), converted
   // from F64, F32, F16, BF16, F8_E5M2 or F8_E4M3 as a static_cast would (F64 -> float rounds to

@@ -53,8 +53,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <functional>
 #include <locale>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <type_traits>
@@ -73,7 +75,9 @@
 #include "attn/rms_norm.hpp"
 #include "attn/swiglu.hpp"
 #include "attn/transformer.hpp"
+#include "attn/storage.hpp"
 #include "attn/types.hpp"
+#include "attn/weight.hpp"
 
 namespace attn::io {
 
@@ -94,6 +98,11 @@ struct Param {
   std::vector<TensorShape> also_accepted;
   std::function<Tensor<T>(const Module&)> get;
   std::function<void(Module&, const Tensor<T>&)> set;
+  // A weight the module keeps in a storage type (a Linear's): its storage, and how to hand it a
+  // Weight already in that type, so that a file tensor of that type is used as it is (no copy);
+  // empty for every other parameter.
+  std::function<Storage(const Module&)> storage = {};
+  std::function<void(Module&, Weight<T>)> set_stored = {};
 };
 
 // Every module's parameter list, declared first so that a composite's list can take its children's.
@@ -127,6 +136,12 @@ void append_child(std::vector<Param<Parent, T>>& ps, const std::string& name, co
     ps.push_back({name + p.key, std::move(p.shape), std::move(p.also_accepted),
                   [get = std::move(p.get), child](const Parent& m) { return get(child(m)); },
                   [set = std::move(p.set), child](Parent& m, const Tensor<T>& t) { set(child(m), t); }});
+    if (p.storage) {
+      ps.back().storage = [storage = std::move(p.storage), child](const Parent& m) { return storage(child(m)); };
+      ps.back().set_stored = [set = std::move(p.set_stored), child](Parent& m, Weight<T> w) {
+        set(child(m), std::move(w));
+      };
+    }
   }
 }
 
@@ -137,7 +152,9 @@ std::vector<Param<Linear<T>, T>> params(const Linear<T>& m) {
                 {m.out_features(), m.in_features()},
                 {},
                 [](const Linear<T>& l) { return Tensor<T>::from_matrix(l.weight()); },
-                [](Linear<T>& l, const Tensor<T>& t) { l.set_weight(t.matrix()); }});
+                [](Linear<T>& l, const Tensor<T>& t) { l.set_weight(t.matrix()); },
+                [](const Linear<T>& l) { return l.storage(); },
+                [](Linear<T>& l, Weight<T> w) { l.set_stored_weight(std::move(w)); }});
   if (m.has_bias())
     ps.push_back({"bias",
                   {m.out_features()},
@@ -567,6 +584,9 @@ struct Source {
   std::vector<std::string> keys;
   std::function<Tensor<T>(const std::string&)> get;
   const Metadata* metadata = nullptr;  // a file's, whose hyperparameters are checked; a StateDict has none
+  // A file's tensor as a Weight in storage s, used in place, when its dtype is s's (BF16 for
+  // BFloat16, F16 for Float16) and its bytes allow it; nullopt otherwise. Empty for a StateDict.
+  std::function<std::optional<Weight<T>>(const std::string&, Storage)> stored = {};
 };
 
 // Loads into temporaries, checks every key and shape, then assigns to a copy of the module and
@@ -602,10 +622,18 @@ LoadResult load(Module& module, const Source<T>& src, const std::string& raw_pre
   }
 
   std::vector<std::pair<const Param<Module, T>*, Tensor<T>>> loaded;
+  std::vector<std::pair<const Param<Module, T>*, Weight<T>>> kept;  // used as stored, not converted
   std::string mismatches;
   for (const auto& p : ps) {
     const std::string key = prefix + p.key;
     if (!have.count(key)) continue;
+    if (p.storage && src.stored) {
+      std::optional<Weight<T>> w = src.stored(key, p.storage(module));
+      if (w && w->rows() == p.shape[0] && w->cols() == p.shape[1]) {
+        kept.emplace_back(&p, std::move(*w));
+        continue;
+      }
+    }
     Tensor<T> t = src.get(key);
     bool ok = t.shape() == p.shape;
     for (const auto& alt : p.also_accepted) ok = ok || t.shape() == alt;
@@ -618,14 +646,27 @@ LoadResult load(Module& module, const Source<T>& src, const std::string& raw_pre
 
   Module next = module;
   for (const auto& [p, t] : loaded) p->set(next, t);
+  for (auto& [p, w] : kept) p->set_stored(next, std::move(w));
   module = std::move(next);
   return r;
+}
+
+// Tensor `name` of st as a Weight in storage s, in place: when s is BFloat16 or Float16, the tensor
+// is 2-D of that dtype (BF16, F16), the host little-endian and the data 2-byte aligned.
+template <class T>
+std::optional<Weight<T>> stored_view(const SafeTensors& st, const std::string& name, Storage s) {
+  const TensorInfo& t = st.info(name);
+  const bool match = (s == Storage::BFloat16 && t.dtype == DType::BF16) || (s == Storage::Float16 && t.dtype == DType::F16);
+  if (!match || t.shape.size() != 2 || !detail::host_is_little_endian() ||
+      reinterpret_cast<std::uintptr_t>(st.bytes(name)) % 2 != 0)
+    return std::nullopt;
+  return Weight<T>::view(s, t.shape[0], t.shape[1], st.bytes(name), st.keep_alive());
 }
 
 template <class T>
 Source<T> source(const SafeTensors& st) {
   return {"safetensors file " + st.path(), st.names(), [&st](const std::string& k) { return st.tensor<T>(k); },
-          &st.metadata()};
+          &st.metadata(), [&st](const std::string& k, Storage s) { return stored_view<T>(st, k, s); }};
 }
 
 template <class T>

@@ -1,0 +1,132 @@
+// attn/weight.hpp - a projection's weight matrix [out, in], kept in a storage type: T itself, or
+// bf16, fp16 or int8 (one scale per row) at a half or a quarter of float's bytes.
+//
+//   attn::Weight<float> w(m, attn::Storage::BFloat16);  // m: [out, in], rounded to bf16 once
+//   w.matrix();                                          // the stored values, as float
+//   w.memory_bytes();                                    // out * in * 2
+//
+// Every projection (Linear, and the modules built on it) holds one. Activations and arithmetic stay
+// in T: the kernels convert stored elements to T as they read them, and the result equals T
+// arithmetic on matrix() (the stored values, dequantized): to the last bit on the GEMM path, within
+// T's rounding of one product per output on the few-rows path, which multiplies int8's row scale
+// into the dot product rather than into each weight. What storing loses is attn/storage.hpp's
+// table: nothing for values the type represents (a bf16 checkpoint in BFloat16), at most 2^-8,
+// 2^-11 or max|row| / 254 per element otherwise.
+//
+// Decoding reads every weight once per token, so it runs at the speed the weight's bytes stream:
+// bench/linear_bench measures each type.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <type_traits>
+
+#include "attn/detail/check.hpp"
+#include "attn/detail/gemm.hpp"
+#include "attn/detail/page_buffer.hpp"
+#include "attn/detail/storage.hpp"
+#include "attn/storage.hpp"
+#include "attn/types.hpp"
+
+namespace attn {
+
+template <class T>
+class Weight {
+  ATTN_CHECK_SCALAR(T);
+
+ public:
+  // [0, 0], Native.
+  Weight() = default;
+  // m in storage s. Int8 needs finite values, Float16 |x| < 65520 (argument_error otherwise).
+  explicit Weight(const ConstMatrixRef<T>& m, Storage s = Storage::Native) { assign(m, s, "attn::Weight"); }
+
+  // rows * cols elements of storage s (BFloat16, Float16 or Native: not Int8, which has scales),
+  // row-major at `data`, used in place: no copy. `owner` keeps them alive (a SafeTensors file's
+  // mapping: attn/io/state_dict.hpp loads a BF16 or F16 tensor into a Linear kept in that type
+  // this way); the caller guarantees alignment for the element type and that the bytes do not
+  // change while any copy of this Weight lives.
+  static Weight view(Storage s, Index rows, Index cols, const void* data, std::shared_ptr<const void> owner) {
+    detail::require_arg(s != Storage::Int8, "attn::Weight::view", "an int8 weight needs its row scales: construct it");
+    detail::require_arg(rows >= 0 && cols >= 0 && (data != nullptr || rows * cols == 0), "attn::Weight::view",
+                        "null data for ", detail::shape(rows, cols));
+    Weight w;
+    w.storage_ = s, w.rows_ = rows, w.cols_ = cols;
+    w.external_ = data;
+    w.owner_ = std::move(owner);
+    return w;
+  }
+  // Whether the elements are someone else's (view()) rather than this Weight's own.
+  bool is_view() const { return external_ != nullptr; }
+
+  Index rows() const { return rows_; }
+  Index cols() const { return cols_; }
+  Storage storage() const { return storage_; }
+  // Bytes of the elements and int8's row scales (a view's elements included, though not its own).
+  std::size_t memory_bytes() const {
+    return std::size_t(rows_ * cols_ * storage_bytes<T>(storage_)) + std::size_t(scales_.size()) * sizeof(T);
+  }
+
+  // The stored values as T: [rows, cols], int8 rows times their scales.
+  Matrix<T> matrix() const {
+    Matrix<T> m(rows_, cols_);
+    detail::with_storage<T>(storage_, [&](auto tag) {
+      using S = typename decltype(tag)::type;
+      for (Index r = 0; r < rows_; ++r)
+        detail::dequantize(view().template row<S>(r), cols_, scales_.size() ? scales_[r] : T(1), m.row(r).data());
+    });
+    return m;
+  }
+
+  // New values, same shape and storage; a rejected call changes nothing.
+  void set(const ConstMatrixRef<T>& m) {
+    detail::require_dims("attn::Weight::set", "weight", m.rows(), m.cols(), rows_, cols_, detail::shape(rows_, cols_));
+    assign(m, storage_, "attn::Weight::set");
+  }
+  // The same values in storage s: rounded or quantized from matrix() (from one compressed type to
+  // another, the rounding is of the stored values, not of values that are gone).
+  void set_storage(Storage s) {
+    if (s != storage_) assign(matrix(), s, "attn::Weight::set_storage");
+  }
+
+  // What the kernels read.
+  detail::WeightView<T> view() const {
+    detail::WeightView<T> v;
+    v.storage = storage_;
+    v.data = external_ ? external_ : bytes_.data();
+    v.rows = rows_, v.cols = cols_, v.stride = cols_;
+    v.scales = scales_.size() ? scales_.data() : nullptr;
+    return v;
+  }
+
+ private:
+  void assign(const ConstMatrixRef<T>& m, Storage s, const char* where) {
+    detail::check_storable(s, m, where, "weight", "weight");
+    const Index rows = m.rows(), cols = m.cols();
+    detail::PageBuffer bytes(std::size_t(detail::checked_mul(where, "rows * cols", rows, cols)) *
+                             std::size_t(storage_bytes<T>(s)));
+    Vector<T> scales(s == Storage::Int8 ? rows : 0);
+    detail::with_storage<T>(s, [&](auto tag) {
+      using S = typename decltype(tag)::type;
+      S* const dst = reinterpret_cast<S*>(bytes.data());
+      for (Index r = 0; r < rows; ++r) {
+        const T scale = detail::store_row(m.row(r).data(), cols, dst + r * cols);
+        if (s == Storage::Int8) scales[r] = scale;
+      }
+    });
+    bytes_ = std::move(bytes);
+    scales_ = std::move(scales);
+    external_ = nullptr;
+    owner_.reset();
+    storage_ = s, rows_ = rows, cols_ = cols;
+  }
+
+  Storage storage_ = Storage::Native;
+  Index rows_ = 0, cols_ = 0;
+  detail::PageBuffer bytes_;           // [rows, cols] in the storage type, row-major
+  Vector<T> scales_;                   // Int8: [rows]
+  const void* external_ = nullptr;     // a view's elements, instead of bytes_
+  std::shared_ptr<const void> owner_;  // what keeps them alive
+};
+
+}  // namespace attn

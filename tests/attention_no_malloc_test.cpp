@@ -110,7 +110,7 @@ TYPED_TEST(NoMallocTest, PackedGemmAllocatesNothingWhileItRuns) {
     const attn::Matrix<double> want = (x.template cast<double>() * w.template cast<double>().transpose()).rowwise() +
                                       b.template cast<double>().transpose();
     for (int threads : {1, 2}) {
-      attn::detail::linear_packed<T>(x, w, b.data(), y, threads);
+      attn::detail::linear_packed<T>(x, attn::detail::weight_view<T>(w), b.data(), y, threads);
       ASSERT_EQ(eigen_assert_failures.load(), 0) << n << " x " << in << " -> " << out << ", " << threads << " threads";
       ASSERT_TRUE(attn_test::matrices_near(y, want, 1e-5));
     }

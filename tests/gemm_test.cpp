@@ -1,16 +1,20 @@
-// tests/gemm_test.cpp - detail/gemm.hpp: the tiling rule, and linear_into and both of its kernels
-// (the packed micro-kernel and Eigen's GEMM) against a plain loop in double.
+// tests/gemm_test.cpp - detail/gemm.hpp: the tiling rule, and linear_into and its kernels (the
+// few-rows kernel, the packed micro-kernel and Eigen's GEMM) against a plain loop in double, for a
+// weight in T and in every storage type (attn::Weight).
 //
 // Also built as gemm_scalar_test (EIGEN_DONT_VECTORIZE: packets of one scalar, the portable
 // micro-kernel) and, on x86, gemm_avx2_test (16-register AVX2 tiles); see tests/CMakeLists.txt.
 #include <attn/detail/gemm.hpp>
 #include <attn/init.hpp>
+#include <attn/weight.hpp>
 
+#include <array>
 #include <cstdint>
 #include <cstring>
 #include <random>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "support/test_util.hpp"
 
@@ -107,8 +111,15 @@ constexpr double random_tolerance() {
 }
 
 // The kernels linear_into chooses between, and linear_into itself.
-enum class Kernel { Into, Packed, Eigen };
-const char* name(Kernel k) { return k == Kernel::Into ? "linear_into" : k == Kernel::Packed ? "packed" : "eigen"; }
+enum class Kernel { Into, Rows, Packed, Eigen };
+const char* name(Kernel k) {
+  return k == Kernel::Into ? "linear_into" : k == Kernel::Rows ? "rows" : k == Kernel::Packed ? "packed" : "eigen";
+}
+// The kernels that can take x of n rows (the few-rows kernel takes at most kRowsMax).
+std::vector<Kernel> kernels_for(Index n) {
+  if (n >= 1 && n <= attn::detail::kRowsMax) return {Kernel::Into, Kernel::Rows, Kernel::Packed, Kernel::Eigen};
+  return {Kernel::Into, Kernel::Packed, Kernel::Eigen};
+}
 
 template <class T>
 void run(Kernel k, const attn::Matrix<T>& x, const attn::Matrix<T>& w, const T* bias, attn::MatrixRef<T> y, int threads,
@@ -117,8 +128,11 @@ void run(Kernel k, const attn::Matrix<T>& x, const attn::Matrix<T>& w, const T* 
     case Kernel::Into:
       attn::detail::linear_into<T>(x, w, bias, y, threads);
       break;
+    case Kernel::Rows:
+      attn::detail::linear_rows<T>(x, attn::detail::weight_view<T>(w), bias, y, threads);
+      break;
     case Kernel::Packed:
-      attn::detail::linear_packed<T>(x, w, bias, y, threads, max_kc);
+      attn::detail::linear_packed<T>(x, attn::detail::weight_view<T>(w), bias, y, threads, max_kc);
       break;
     case Kernel::Eigen:
       attn::detail::linear_eigen<T>(x, w, bias, y, threads);
@@ -147,7 +161,7 @@ TYPED_TEST(GemmTest, RandomShapesMatchReference) {
     attn::init::uniform(b, -1.0, 1.0, gen);
     const T* bp = bias ? b.data() : nullptr;
     const attn::Matrix<double> want = reference(x, w, bp);
-    for (Kernel k : {Kernel::Into, Kernel::Packed, Kernel::Eigen}) {
+    for (Kernel k : kernels_for(n)) {
       attn::Matrix<T> y = attn::Matrix<T>::Constant(n, out, T(-99));
       run<T>(k, x, w, bp, y, 1 + c % 3);
       EXPECT_TRUE(matrices_near(y, want, random_tolerance<T>()))
@@ -181,8 +195,10 @@ TYPED_TEST(GemmTest, StridedOperands) {
       case Kernel::Into:
         attn::detail::linear_into<T>(xr, wr, b.data(), big.middleCols(2, out), 2);
         break;
+      case Kernel::Rows:  // 45 rows: linear_rows takes at most kRowsMax
+        continue;
       case Kernel::Packed:
-        attn::detail::linear_packed<T>(xr, wr, b.data(), big.middleCols(2, out), 2);
+        attn::detail::linear_packed<T>(xr, attn::detail::weight_view<T>(wr), b.data(), big.middleCols(2, out), 2);
         break;
       case Kernel::Eigen:
         attn::detail::linear_eigen<T>(xr, wr, b.data(), big.middleCols(2, out), 2);
@@ -199,8 +215,11 @@ TYPED_TEST(GemmTest, StridedOperands) {
 TYPED_TEST(GemmTest, BitwiseIdenticalOnAnyThreadCount) {
   using T = TypeParam;
   attn::Generator gen(9);
-  for (const auto& [n, in, out] :
-       {std::tuple<Index, Index, Index>{64, 520, 1100}, {200, 300, 520}, {1031, 97, 517}, {37, 521, 131}}) {
+  for (const auto& [n, in, out] : {std::tuple<Index, Index, Index>{64, 520, 1100},
+                                   {200, 300, 520},
+                                   {1031, 97, 517},
+                                   {37, 521, 131},
+                                   {3, 521, 1100}}) {
     attn::Matrix<T> x(n, in), w(out, in);
     attn::Vector<T> b(out);
     attn::init::uniform(x, -1.0, 1.0, gen);
@@ -212,7 +231,7 @@ TYPED_TEST(GemmTest, BitwiseIdenticalOnAnyThreadCount) {
     // take minutes unoptimised under the sanitizers.
     for (Kernel k : {Kernel::Packed}) {
 #else
-    for (Kernel k : {Kernel::Into, Kernel::Packed, Kernel::Eigen}) {
+    for (Kernel k : kernels_for(n)) {
 #endif
       attn::Matrix<T> one(n, out);
       run<T>(k, x, w, b.data(), one, 1);
@@ -237,6 +256,68 @@ TYPED_TEST(GemmTest, EmptyInnerDimension) {
     EXPECT_TRUE((y.array() == b.transpose().replicate(20, 1).array()).all()) << name(k);
     run<T>(k, x, w, nullptr, y, 2);
     EXPECT_TRUE((y.array() == T(0)).all()) << name(k);
+  }
+}
+
+// Whether Eigen's pmadd is one fused instruction. Without SIMD (EIGEN_DONT_VECTORIZE) it is the
+// expression a * b + c, which the compiler may fuse in one instantiation and not in another, so
+// there "the same bits" below is "within T's rounding".
+#ifdef EIGEN_DONT_VECTORIZE
+constexpr bool kFusedMultiplyAdd = false;
+#else
+constexpr bool kFusedMultiplyAdd = true;
+#endif
+
+// A weight in bf16, fp16 or int8 (attn::Weight) through every kernel that reads one: the result is
+// T arithmetic on the dequantized matrix (Weight::matrix()). The packed GEMM converts W as it packs
+// it, so it is the same bits as the GEMM on the dequantized matrix; the few-rows kernel converts in
+// registers, so bf16 and fp16 give the same bits too, and int8, whose row scale multiplies the dot
+// product instead of each weight, is within T's rounding of it (1e-6 relative for float). Shapes
+// with 1 to 5 rows (both sides of kRowsMax), odd widths, and more than one K block; 1 to 3 threads.
+TYPED_TEST(GemmTest, StoredWeightsComputeWithTheDequantizedMatrix) {
+  using T = TypeParam;
+  using attn::Storage;
+  std::mt19937_64 rng(7);
+  const Index sizes[] = {1, 2, 3, 4, 5, 7, 17, 33, 64, 131, 300, 521};
+  const auto pick = [&] { return sizes[rng() % std::size(sizes)]; };
+  attn::Generator gen(12);
+  for (int c = 0; c < 48; ++c) {
+    const Index n = c % 6 == 5 ? pick() : 1 + c % 6, in = pick(), out = pick();
+    const Storage s = std::array{Storage::BFloat16, Storage::Float16, Storage::Int8}[std::size_t(c % 3)];
+    attn::Matrix<T> x(n, in), w(out, in);
+    attn::Vector<T> b(out);
+    attn::init::uniform(x, -1.0, 1.0, gen);
+    attn::init::uniform(w, -2.0, 2.0, gen);
+    attn::init::uniform(b, -1.0, 1.0, gen);
+    const attn::Weight<T> stored(w, s);
+    const attn::Matrix<T> wd = stored.matrix();
+    const T* bp = c % 2 ? b.data() : nullptr;
+    const std::string what = std::string(attn::storage_name(s)) + ": " + std::to_string(n) + " x " +
+                             std::to_string(in) + " -> " + std::to_string(out);
+    attn::Matrix<T> y(n, out), want(n, out);
+    const int threads = 1 + c % 3;
+    attn::detail::linear_into<T>(x, stored.view(), bp, y, threads);
+    attn::detail::linear_into<T>(x, wd, bp, want, threads);
+    if ((s == Storage::Int8 && n <= attn::detail::kRowsMax) || !kFusedMultiplyAdd) {
+      EXPECT_TRUE(matrices_near(y, want.template cast<double>(), std::is_same_v<T, float> ? 1e-6 : 1e-14)) << what;
+    } else {
+      EXPECT_EQ(std::memcmp(y.data(), want.data(), sizeof(T) * std::size_t(n * out)), 0) << what;
+    }
+    EXPECT_TRUE(matrices_near(y, reference(x, wd, bp), random_tolerance<T>())) << what;
+    // The packed kernel directly, also for the few rows linear_into sends elsewhere, in K blocks of 7.
+    attn::detail::with_storage<T>(s, [&](auto tag) {
+      using S = typename decltype(tag)::type;
+      attn::Matrix<T> packed(n, out), packed_want(n, out);
+      attn::detail::linear_packed<T, S>(x, stored.view(), bp, packed, 2, 7);
+      attn::detail::linear_packed<T>(x, attn::detail::weight_view<T>(wd), bp, packed_want, 2, 7);
+      if (kFusedMultiplyAdd) {
+        EXPECT_EQ(std::memcmp(packed.data(), packed_want.data(), sizeof(T) * std::size_t(n * out)), 0)
+            << what << ", packed";
+      } else {
+        EXPECT_TRUE(matrices_near(packed, packed_want.template cast<double>(), std::is_same_v<T, float> ? 1e-6 : 1e-14))
+            << what << ", packed";
+      }
+    });
   }
 }
 

@@ -131,27 +131,6 @@ using Packet = attn::detail::mk::Packet<float>;
 constexpr Index kLanes = attn::detail::mk::kLanes<float>;
 constexpr Index kLine = 64 / Index(sizeof(float));  // floats per cache line
 
-// The sum of x[0, n) through eight packet accumulators: eight independent chains of loads in flight
-// (Eigen's sum() keeps two, and read 3-15 % slower from memory). kAhead > 0: each 64-byte line is
-// also prefetched kAhead bytes ahead of the loads. (noipa: one copy for every caller; g++ would
-// otherwise specialise it on a caller's constant n, and warn about its tail loop.)
-template <Index kAhead>
-__attribute__((noipa)) float sum8(const float* x, Index n) {
-  constexpr Index U = 8, kStep = U * kLanes;
-  Packet acc[U];
-  for (Packet& a : acc) a = ei::pset1<Packet>(0.0f);
-  Index i = 0;
-  for (; i + kStep <= n; i += kStep) {
-    if constexpr (kAhead > 0)
-      for (Index l = 0; l < kStep; l += kLine) __builtin_prefetch(x + i + l + kAhead / Index(sizeof(float)));
-    for (Index u = 0; u < U; ++u) acc[u] = ei::padd(acc[u], ei::ploadu<Packet>(x + i + u * kLanes));
-  }
-  for (Index u = 1; u < U; ++u) acc[0] = ei::padd(acc[0], acc[u]);
-  float total = ei::predux(acc[0]);
-  for (; i < n; ++i) total += x[i];
-  return total;
-}
-
 // x[0, n) and y[0, n) summed in one loop, four accumulators each: two streams at once.
 __attribute__((noipa)) float sum_two(const float* x, const float* y, Index n) {
   constexpr Index U = 4, kStep = U * kLanes;

@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <memory>
 #include <type_traits>
+#include <utility>
 
 #include "attn/detail/check.hpp"
 #include "attn/detail/gemm.hpp"
@@ -46,14 +47,15 @@ class Weight {
   // mapping: attn/io/state_dict.hpp loads a BF16 or F16 tensor into a Linear kept in that type
   // this way); the caller guarantees alignment for the element type and that the bytes do not
   // change while any copy of this Weight lives.
-  static Weight view(Storage s, Index rows, Index cols, const void* data, std::shared_ptr<const void> owner) {
+  static Weight view(Storage s, Index n_rows, Index n_cols, const void* data,
+                     const std::shared_ptr<const void>& owner) {
     detail::require_arg(s != Storage::Int8, "attn::Weight::view", "an int8 weight needs its row scales: construct it");
-    detail::require_arg(rows >= 0 && cols >= 0 && (data != nullptr || rows * cols == 0), "attn::Weight::view",
-                        "null data for ", detail::shape(rows, cols));
+    detail::require_arg(n_rows >= 0 && n_cols >= 0 && (data != nullptr || n_rows * n_cols == 0), "attn::Weight::view",
+                        "null data for ", detail::shape(n_rows, n_cols));
     Weight w;
-    w.storage_ = s, w.rows_ = rows, w.cols_ = cols;
+    w.storage_ = s, w.rows_ = n_rows, w.cols_ = n_cols;
     w.external_ = data;
-    w.owner_ = std::move(owner);
+    w.owner_ = owner;
     return w;
   }
   // Whether the elements are someone else's (view()) rather than this Weight's own.
@@ -102,15 +104,15 @@ class Weight {
  private:
   void assign(const ConstMatrixRef<T>& m, Storage s, const char* where) {
     detail::check_storable(s, m, where, "weight", "weight");
-    const Index rows = m.rows(), cols = m.cols();
-    detail::PageBuffer bytes(std::size_t(detail::checked_mul(where, "rows * cols", rows, cols)) *
+    const Index n_rows = m.rows(), n_cols = m.cols();
+    detail::PageBuffer bytes(std::size_t(detail::checked_mul(where, "rows * cols", n_rows, n_cols)) *
                              std::size_t(storage_bytes<T>(s)));
-    Vector<T> scales(s == Storage::Int8 ? rows : 0);
+    Vector<T> scales(s == Storage::Int8 ? n_rows : 0);
     detail::with_storage<T>(s, [&](auto tag) {
       using S = typename decltype(tag)::type;
       S* const dst = reinterpret_cast<S*>(bytes.data());
-      for (Index r = 0; r < rows; ++r) {
-        const T scale = detail::store_row(m.row(r).data(), cols, dst + r * cols);
+      for (Index r = 0; r < n_rows; ++r) {
+        const T scale = detail::store_row(m.row(r).data(), n_cols, dst + r * n_cols);
         if (s == Storage::Int8) scales[r] = scale;
       }
     });
@@ -118,7 +120,7 @@ class Weight {
     scales_ = std::move(scales);
     external_ = nullptr;
     owner_.reset();
-    storage_ = s, rows_ = rows, cols_ = cols;
+    storage_ = s, rows_ = n_rows, cols_ = n_cols;
   }
 
   Storage storage_ = Storage::Native;

@@ -86,6 +86,12 @@ __attribute__((noipa)) inline float sum8(const float* x, Index n) {
   return total;
 }
 
+// Where part t of `parts` of x[0, n) begins: parts of whole cache lines (part_begin(n, parts,
+// parts) leaves out the last n % 16 floats).
+inline Index part_begin(Index n, Index t, Index parts) {
+  return n / read_detail::kLine * t / parts * read_detail::kLine;
+}
+
 // True the first time `key` is seen: each shape is checked once per process, not once per
 // benchmark invocation (Google Benchmark calls a function several times while it picks a count).
 inline bool first_time(const std::string& key) {

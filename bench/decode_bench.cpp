@@ -207,8 +207,6 @@ double timed_pass(Index tasks, int threads, const Read& read, double* sink) {
   return seconds;
 }
 
-// Where part t of `parts` of x[0, n) begins: parts of whole cache lines.
-Index part_begin(Index n, Index t, Index parts) { return n / kLine * t / parts * kLine; }
 
 template <Index kAhead>
 double contiguous_pass(const float* x, Index n, int threads, double* sink) {

@@ -99,9 +99,10 @@ double read_pass(const std::vector<attn::Linear<T>>& ring, int threads, double* 
   for (const auto& fc : ring) {
     const auto v = fc.stored_weight().view();
     const float* x = static_cast<const float*>(v.data);
-    const Index n = Index(fc.stored_weight().memory_bytes() / sizeof(float));
+    // The elements' bytes (not memory_bytes(), which counts int8's scales, held elsewhere).
+    const Index n = v.rows * v.cols * attn::storage_bytes<T>(v.storage) / Index(sizeof(float));
     attn::detail::parallel_tasks(threads, threads, [&](Index first, Index) {
-      const Index b = n * first / threads / 16 * 16, e = first + 1 == threads ? n : n * (first + 1) / threads / 16 * 16;
+      const Index b = part_begin(n, first, threads), e = part_begin(n, first + 1, threads);
       partial[std::size_t(first)] += double(sum8(x + b, e - b));
     });
   }

@@ -32,6 +32,9 @@
 // floor 1e-5 (float) or 1e-12 (double), K = 4, cond = 1 + the largest |logit| the inputs can give
 // (scale * max|q_i| * max|k_j| + |ALiBi| + |bias|) - the scale of the logits' rounding errors (MHA
 // adds its projections' and out_proj's). The worst case seen is about 0.55 of K = 1's bound.
+// A quarter of the cases run the core under Precision::BFloat16 (per call: Masks::precision); their
+// tolerance adds attn/precision.hpp's stated bound, bf16_attention_error_bound (times out_proj's
+// row L1 norm for MHA), with delta from the same norms as cond.
 // Beyond closeness: a fully masked row is exactly 0, a masked key weighs exactly 0, and for a
 // quarter of the cases the other thread count gives the same bits.
 //
@@ -192,6 +195,7 @@ struct Config {
   Index prefill = 0, chunk_max = 1, capacity = 0, cache_window = 0, args_window = 0;
   bool whole_batch = false;
   bool recheck_threads = false;
+  bool bf16 = false;  // Precision::BFloat16 for the attention core (per call)
 
   std::string describe() const {
     std::ostringstream s;
@@ -214,7 +218,7 @@ struct Config {
     if (api == Api::Cache)
       s << " N=" << positions << " prefill=" << prefill << " chunk_max=" << chunk_max << " capacity=" << capacity
         << " cache_window=" << cache_window << " args_window=" << args_window << " whole_batch=" << whole_batch;
-    s << " recheck_threads=" << recheck_threads;
+    s << " recheck_threads=" << recheck_threads << " precision=" << (bf16 ? "bf16" : "native");
     return s.str();
   }
 };
@@ -362,6 +366,9 @@ Config draw_config(std::uint64_t seed) {
     c.q_start = c.k_start = 0;  // the cache's positions: 0 .. N-1
     c.rope_positions = false;
   }
+  // A quarter of each API's cases run the attention core in bf16 (per call); decided without a draw,
+  // so every case keeps the inputs it had before bf16 existed.
+  c.bf16 = (seed / 4) % 4 == 1;
   return c;
 }
 
@@ -390,7 +397,8 @@ struct Naive {
   // [B][H][L] (every key masked). allowed(b, h, i, j): the bool mask and key padding; bias(b, h, i, j).
   std::vector<double> out, weights;
   std::vector<char> masked, empty;
-  double cond = 1;  // 1 + the largest |logit| the inputs can give, for the tolerance
+  double cond = 1;   // 1 + the largest |logit| the inputs can give, for the tolerance
+  double logit = 0;  // |scale| * max ||q_i|| * max ||k_j||: bounds scale * sum_t |q_t k_t| (bf16 cases)
 
   template <class Allowed, class Bias>
   void run(Allowed allowed, Bias bias) {
@@ -453,7 +461,8 @@ struct Naive {
           }
         }
       }
-    cond = 1 + std::abs(scale) * max_q * max_k + max_extra;
+    logit = std::abs(scale) * max_q * max_k;
+    cond = 1 + logit + max_extra;
   }
 };
 
@@ -488,6 +497,15 @@ constexpr double kCondFactor = 4;  // K: the observed worst err / (eps * cond * 
 struct Tolerance {
   double floor, slope;  // allowed = floor * max(1, max|expected|) + slope
 };
+
+// What Precision::BFloat16 adds to a case's allowed error: attn/precision.hpp's stated bound,
+// bf16_attention_error_bound, with the L2 norms' product standing in for scale * ||q||_1 * max|k|
+// (both bound scale * sum_t |q_t k_t|, which is what the bound's delta stands for). 0 for native cases.
+template <class T>
+double bf16_allowed(const Config& c, const Naive& n, double vmax) {
+  if (!c.bf16) return 0;
+  return double(attn::bf16_attention_error_bound<T>(T(n.logit), T(1), T(vmax), n.S, n.d));
+}
 
 // Largest |a - e| against the allowed error; non-finite values must agree exactly.
 template <class A, class E>
@@ -734,6 +752,7 @@ Outcome run_core(const Config& c) {
   attn::GqaArgs<T> args;
   ms.draw(r, c, B, H, L, S, args);
   args.batch = B;
+  if (c.bf16) args.precision = attn::Precision::BFloat16;
   const Input<T> q(xq, c.strided, r), k(xk, c.strided, r), v(xv, c.strided, r);
 
   // The library.
@@ -825,7 +844,7 @@ Outcome run_core(const Config& c) {
         for (Index e = 0; e < dv; ++e)
           want(b * L + i, h * dv + e) = n.out[std::size_t(((b * H + h) * L + i) * dv + e)];
   const double vmax = std::max(1.0, xv.cwiseAbs().maxCoeff() * 1.0);
-  const Tolerance tol{floor_tol<T>(), kCondFactor * eps<T>() * n.cond * vmax};
+  const Tolerance tol{floor_tol<T>(), kCondFactor * eps<T>() * n.cond * vmax + bf16_allowed<T>(c, n, vmax)};
   o.check(close(out, want, tol, "output", &o.ratio));
   for (Index b = 0; b < B; ++b)
     for (Index h = 0; h < H; ++h)
@@ -873,6 +892,7 @@ Outcome run_mha(const Config& c) {
   attn::MhaArgs<T> args;
   ms.draw(r, c, B, H, L, S, args);
   args.batch = B;
+  if (c.bf16) args.precision = attn::Precision::BFloat16;
   args.need_weights = c.need_weights;
   args.average_attn_weights = c.average;
 
@@ -957,7 +977,8 @@ Outcome run_mha(const Config& c) {
                                 x_v.cwiseAbs().maxCoeff() * 1.0}) *
                       std::max({Wq.cwiseAbs().rowwise().sum().maxCoeff(), Wk.cwiseAbs().rowwise().sum().maxCoeff(),
                                 Wv.cwiseAbs().rowwise().sum().maxCoeff(), 1.0});
-  const Tolerance tol{floor_tol<T>(), kCondFactor * eps<T>() * (n.cond * vmax + proj) * wo_l1};
+  const Tolerance tol{floor_tol<T>(),
+                      (kCondFactor * eps<T>() * (n.cond * vmax + proj) + bf16_allowed<T>(c, n, vmax)) * wo_l1};
   o.check(close(out, want, tol, "output", &o.ratio));
   if (c.need_weights) {
     Mat<double> w = Mat<double>::Zero(c.average ? B * L : B * H * L, S2);
@@ -1009,6 +1030,7 @@ Outcome run_cache(const Config& c) {
                                                                 : attn::GroupedQueryAttention<T>(H, Hkv, T(c.scale));
   attn::CacheArgs<T> args;
   args.window = c.args_window;
+  if (c.bf16) args.precision = attn::Precision::BFloat16;
   args.softcap = static_cast<T>(c.softcap);
   attn::Vector<T> slopes;
   std::vector<double> slopes_d;
@@ -1098,7 +1120,8 @@ Outcome run_cache(const Config& c) {
       for (Index i = 0; i < N; ++i)
         for (Index e = 0; e < dv; ++e) want(b * N + i, h * dv + e) = n.out[std::size_t(((b * H + h) * N + i) * dv + e)];
   const double vmax = std::max(1.0, xv.cwiseAbs().maxCoeff() * 1.0);
-  o.check(close(out, want, {floor_tol<T>(), kCondFactor * eps<T>() * n.cond * vmax}, "output", &o.ratio));
+  o.check(close(out, want, {floor_tol<T>(), kCondFactor * eps<T>() * n.cond * vmax + bf16_allowed<T>(c, n, vmax)},
+                "output", &o.ratio));
   return o;
 }
 

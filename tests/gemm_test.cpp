@@ -11,6 +11,7 @@
 #include <array>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <string>
 #include <tuple>
@@ -268,6 +269,26 @@ constexpr bool kFusedMultiplyAdd = false;
 constexpr bool kFusedMultiplyAdd = true;
 #endif
 
+// x [n, in] in [-1, 1], W [out, in] in [-2, 2] kept in storage s, and a bias in [-1, 1]: one
+// case of the stored-weight tests below.
+template <class T>
+struct StoredCase {
+  attn::Matrix<T> x, w;
+  attn::Vector<T> b;
+  attn::Weight<T> stored;
+  attn::Matrix<T> wd;  // W as stored, dequantized
+  std::string what;
+  StoredCase(Index n, Index in, Index out, attn::Storage s, attn::Generator& gen) : x(n, in), w(out, in), b(out) {
+    attn::init::uniform(x, -1.0, 1.0, gen);
+    attn::init::uniform(w, -2.0, 2.0, gen);
+    attn::init::uniform(b, -1.0, 1.0, gen);
+    stored = attn::Weight<T>(w, s);
+    wd = stored.matrix();
+    what = std::string(attn::storage_name(s)) + ": " + std::to_string(n) + " x " + std::to_string(in) + " -> " +
+           std::to_string(out);
+  }
+};
+
 // A weight in bf16, fp16 or int8 (attn::Weight) through every kernel that reads one: the result is
 // T arithmetic on the dequantized matrix (Weight::matrix()). The packed GEMM converts W as it packs
 // it, so it is the same bits as the GEMM on the dequantized matrix; the few-rows kernel converts in
@@ -284,16 +305,12 @@ TYPED_TEST(GemmTest, StoredWeightsComputeWithTheDequantizedMatrix) {
   for (int c = 0; c < 48; ++c) {
     const Index n = c % 6 == 5 ? pick() : 1 + c % 6, in = pick(), out = pick();
     const Storage s = std::array{Storage::BFloat16, Storage::Float16, Storage::Int8}[std::size_t(c % 3)];
-    attn::Matrix<T> x(n, in), w(out, in);
-    attn::Vector<T> b(out);
-    attn::init::uniform(x, -1.0, 1.0, gen);
-    attn::init::uniform(w, -2.0, 2.0, gen);
-    attn::init::uniform(b, -1.0, 1.0, gen);
-    const attn::Weight<T> stored(w, s);
-    const attn::Matrix<T> wd = stored.matrix();
-    const T* bp = c % 2 ? b.data() : nullptr;
-    const std::string what = std::string(attn::storage_name(s)) + ": " + std::to_string(n) + " x " +
-                             std::to_string(in) + " -> " + std::to_string(out);
+    const StoredCase<T> sc(n, in, out, s, gen);
+    const attn::Matrix<T>& x = sc.x;
+    const attn::Weight<T>& stored = sc.stored;
+    const attn::Matrix<T>& wd = sc.wd;
+    const T* bp = c % 2 ? sc.b.data() : nullptr;
+    const std::string& what = sc.what;
     attn::Matrix<T> y(n, out), want(n, out);
     const int threads = 1 + c % 3;
     attn::detail::linear_into<T>(x, stored.view(), bp, y, threads);
@@ -317,6 +334,78 @@ TYPED_TEST(GemmTest, StoredWeightsComputeWithTheDequantizedMatrix) {
         EXPECT_TRUE(matrices_near(packed, packed_want.template cast<double>(), std::is_same_v<T, float> ? 1e-6 : 1e-14))
             << what << ", packed";
       }
+    });
+  }
+}
+
+// Precision::BFloat16 (attn/precision.hpp): more than kRowsMax rows of x run on x and W rounded to
+// bf16 (W as stored, then dequantized and rounded), products summed in T. So the result is within
+// T's summation error, (in + 2) eps sum |x~||w~|, of the exact product of the rounded operands,
+// and within the stated bound, bf16_dot_error_bound, of the exact product of the unrounded ones (a
+// kernel that skipped a rounding, or paired the wrong columns, misses the first by ~2^-8 / eps).
+// Every weight storage, odd widths, K blocks of 7 operands (pairs straddling blocks), 1-3 threads:
+// the same bits on any count. Few rows stay in T, the same bits as Native. Run here by whichever
+// kernel the build has (the bf16 micro-kernel with AVX512_BF16, else the rounding path), and the
+// rounding path (and, where built, the bf16 micro-kernel) directly.
+TYPED_TEST(GemmTest, Bf16PrecisionMultipliesTheRoundedOperands) {
+  using T = TypeParam;
+  using attn::Precision;
+  using attn::Storage;
+  using attn::detail::bf16_round;
+  std::mt19937_64 rng(11);
+  const Index sizes[] = {1, 2, 3, 5, 7, 16, 17, 33, 64, 131, 300, 521};
+  const auto pick = [&] { return sizes[rng() % std::size(sizes)]; };
+  attn::Generator gen(13);
+  const double eps = std::numeric_limits<T>::epsilon() / 2;
+  for (int c = 0; c < 40; ++c) {
+    const Index n = c % 5 == 4 ? 1 + c % 4 : pick() + 4, in = pick(), out = pick();
+    const Storage s = std::array{Storage::Native, Storage::BFloat16, Storage::Float16, Storage::Int8}[std::size_t(c % 4)];
+    const StoredCase<T> sc(n, in, out, s, gen);
+    const attn::Matrix<T>& x = sc.x;
+    const attn::Weight<T>& stored = sc.stored;
+    const attn::Matrix<T>& wd = sc.wd;
+    const T* bp = c % 2 ? sc.b.data() : nullptr;
+    const std::string& what = sc.what;
+    // The bound on the rounded operands (tight) and on the unrounded ones (the stated one).
+    const auto check = [&](const attn::Matrix<T>& y, const std::string& kernel) {
+      double worst_rounded = 0, worst_stated = 0;
+      for (Index r = 0; r < n; ++r)
+        for (Index o = 0; o < out; ++o) {
+          double rounded = bp ? double(bp[o]) : 0.0, exact = rounded, abs_rounded = std::abs(rounded), abs_exact = 0;
+          for (Index t = 0; t < in; ++t) {
+            const double xr = double(bf16_round(x(r, t))), wr = double(bf16_round(wd(o, t)));
+            rounded += xr * wr, abs_rounded += std::abs(xr * wr);
+            exact += double(x(r, t)) * double(wd(o, t)), abs_exact += std::abs(double(x(r, t)) * double(wd(o, t)));
+          }
+          const double y_ro = double(y(r, o));
+          worst_rounded = std::max(worst_rounded, std::abs(y_ro - rounded) / (double(in + 2) * eps * abs_rounded + 1e-300));
+          const double stated = double(attn::bf16_dot_error_bound<T>(T(abs_exact), in)) + eps * std::abs(rounded);
+          worst_stated = std::max(worst_stated, std::abs(y_ro - exact) / (stated + 1e-300));
+        }
+      EXPECT_LE(worst_rounded, 1.0) << what << ", " << kernel << ": error against the rounded operands' product";
+      EXPECT_LE(worst_stated, 1.0) << what << ", " << kernel << ": error against bf16_dot_error_bound";
+    };
+    attn::Matrix<T> y(n, out), again(n, out);
+    attn::detail::linear_into<T>(x, stored.view(), bp, y, 1 + c % 3, Precision::BFloat16);
+    attn::detail::linear_into<T>(x, stored.view(), bp, again, 3 - c % 3, Precision::BFloat16);
+    EXPECT_EQ(std::memcmp(y.data(), again.data(), sizeof(T) * std::size_t(n * out)), 0) << what << ": thread counts";
+    if (n <= attn::detail::kRowsMax) {
+      attn::detail::linear_into<T>(x, stored.view(), bp, again, 2);
+      EXPECT_EQ(std::memcmp(y.data(), again.data(), sizeof(T) * std::size_t(n * out)), 0) << what << ": few rows";
+      continue;
+    }
+    check(y, "linear_into");
+    attn::detail::with_storage<T>(s, [&](auto tag) {
+      using S = typename decltype(tag)::type;
+      attn::Matrix<T> k(n, out);
+      attn::detail::linear_packed<T, S>(x, stored.view(), bp, k, 2, 7, /*round=*/true);
+      check(k, "rounding path, K blocks of 7");
+#if defined(__AVX512BF16__) && defined(EIGEN_VECTORIZE_AVX512)
+      if constexpr (std::is_same_v<T, float>) {
+        attn::detail::linear_packed<T, S, attn::detail::mk::Bf16Dot>(x, stored.view(), bp, k, 2, 7);
+        check(k, "bf16 micro-kernel, K blocks of 7 pairs");
+      }
+#endif
     });
   }
 }

@@ -11,6 +11,7 @@
 #include "attn/layer_norm.hpp"
 #include "attn/linear.hpp"
 #include "attn/mask.hpp"
+#include "attn/precision.hpp"
 #include "attn/multi_head_attention.hpp"
 #include "attn/rms_norm.hpp"
 #include "attn/rope.hpp"

@@ -133,6 +133,13 @@ class DecoderAttention {
   Linear<T>& o_proj() { return o_proj_; }
   // Keeps the four projection weights in storage s (attn/storage.hpp); all or none changes.
   void set_weight_storage(Storage s) { detail::set_storage_of_all<T, 4>(s, {&q_proj_, &k_proj_, &v_proj_, &o_proj_}); }
+  // The arithmetic of the four projections and of Q K^T and P V (attn/precision.hpp): Native (in
+  // T) or BFloat16. A call's args.precision overrides it for the attention core.
+  void set_precision(Precision p) {
+    for (Linear<T>* l : {&q_proj_, &k_proj_, &v_proj_, &o_proj_}) l->set_precision(p);
+    core_.set_precision(p);
+  }
+  Precision precision() const { return core_.precision(); }
 
  private:
   static DecoderAttentionOptions checked(Index E, Index H, DecoderAttentionOptions opt) {

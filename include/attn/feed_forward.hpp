@@ -79,6 +79,9 @@ class FeedForward {
   Linear<T>& linear2() { return linear2_; }
   // Keeps both weights in storage s (attn/storage.hpp); all or none changes.
   void set_weight_storage(Storage s) { detail::set_storage_of_all<T, 2>(s, {&linear1_, &linear2_}); }
+  // The arithmetic of both products (attn/precision.hpp): Native (in T) or BFloat16.
+  void set_precision(Precision p) { linear1_.set_precision(p), linear2_.set_precision(p); }
+  Precision precision() const { return linear1_.precision(); }
 
  private:
   static Index checked(Index d_model, Index dim_feedforward) {

@@ -123,6 +123,11 @@ class GroupedQueryAttention {
   Index num_kv_heads() const { return Hkv_; }
   std::optional<T> scale() const { return has_scale_ ? std::optional<T>(scale_) : std::nullopt; }
 
+  // The arithmetic of Q K^T and P V (attn/precision.hpp) for calls that do not set
+  // Masks::precision: Native (in T) or BFloat16.
+  void set_precision(Precision p) { precision_ = p; }
+  Precision precision() const { return precision_; }
+
  private:
   // weights, when given, receives [B*H*L, S] probabilities (the blocked kernel writes them).
   void run(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v, const GqaArgs<T>& args,
@@ -171,6 +176,7 @@ class GroupedQueryAttention {
     p.q = {q.data(), L * q.outerStride(), d, q.outerStride()};
     p.out = {out.data(), L * out.outerStride(), dv, out.outerStride()};
     p.scale = has_scale_ ? scale_ : T(1) / std::sqrt(static_cast<T>(d));
+    p.precision = precision_;
     return p;
   }
 
@@ -222,6 +228,7 @@ class GroupedQueryAttention {
   // project builds with -Werror).
   T scale_ = T(0);
   bool has_scale_ = false;
+  Precision precision_ = Precision::Native;
 };
 
 }  // namespace attn

@@ -28,9 +28,9 @@ namespace attn::detail {
 template void attention<float>(const AttentionProblem<float>&);
 template void attention<double>(const AttentionProblem<double>&);
 template void linear_into<float>(const ConstMatrixRef<float>&, const WeightView<float>&, const float*,
-                                 MatrixRef<float>, int);
+                                 MatrixRef<float>, int, Precision);
 template void linear_into<double>(const ConstMatrixRef<double>&, const WeightView<double>&, const double*,
-                                  MatrixRef<double>, int);
+                                  MatrixRef<double>, int, Precision);
 
 }  // namespace attn::detail
 

@@ -17,6 +17,7 @@
 #include "attn/detail/check.hpp"
 #include "attn/detail/gemm.hpp"
 #include "attn/init.hpp"
+#include "attn/precision.hpp"
 #include "attn/storage.hpp"
 #include "attn/types.hpp"
 #include "attn/weight.hpp"
@@ -61,8 +62,13 @@ class Linear {
                          "]");
     detail::require_dims("attn::Linear::forward", "y", y.rows(), y.cols(), x.rows(), out_,
                          "[N, out_features] = ", detail::shape(x.rows(), out_));
-    detail::linear_into<T>(x, weight_.view(), has_bias() ? bias_.data() : nullptr, y);
+    detail::linear_into<T>(x, weight_.view(), has_bias() ? bias_.data() : nullptr, y, 0, precision_);
   }
+
+  // The arithmetic of forward's product (attn/precision.hpp): Native (in T), or BFloat16 (x and W
+  // rounded to bf16, summed in T; more than 4 rows of x only, fewer stay in T).
+  void set_precision(Precision p) { precision_ = p; }
+  Precision precision() const { return precision_; }
 
   Index in_features() const { return in_; }
   Index out_features() const { return out_; }
@@ -105,6 +111,7 @@ class Linear {
   Index in_ = 0, out_ = 0;
   Weight<T> weight_;  // [out, in]
   Vector<T> bias_;
+  Precision precision_ = Precision::Native;
 };
 
 namespace detail {

@@ -13,9 +13,11 @@
 
 #include <cmath>
 #include <memory>
+#include <optional>
 #include <utility>
 
 #include "attn/detail/check.hpp"
+#include "attn/precision.hpp"
 #include "attn/types.hpp"
 
 namespace attn {
@@ -160,6 +162,9 @@ struct Masks {
                               // (with causal: the last `window` keys up to the query, Mistral's)
   T softcap = T(0);           // > 0: logit soft-capping, softcap * tanh(s / softcap)
   Vector<T> alibi_slopes;     // [1] ([H]): ALiBi, one slope per head; empty = none
+  // The arithmetic of this call's Q K^T and P V (attn/precision.hpp); unset: the module's
+  // (set_precision), Native unless set.
+  std::optional<Precision> precision;
 };
 
 // The standard ALiBi slopes for n heads (Press et al.; BLOOM's and MPT's build_alibi_tensor):

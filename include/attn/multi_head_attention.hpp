@@ -148,6 +148,10 @@ class MultiHeadAttention {
   }
   // The storage of the projection weights (out_proj's may differ if set on it alone).
   Storage weight_storage() const { return (packed() ? in_proj_weight_ : q_proj_weight_).storage(); }
+  // The arithmetic of the projections and of Q K^T and P V (attn/precision.hpp): Native (in T) or
+  // BFloat16. A call's MhaArgs::precision overrides it for the attention core.
+  void set_precision(Precision p) { precision_ = p, out_proj_.set_precision(p); }
+  Precision precision() const { return precision_; }
 
   void set_in_proj_weight(const ConstMatrixRef<T>& w) { set(in_proj_weight_, w, true, "in_proj_weight", 3 * E_, E_); }
   void set_q_proj_weight(const ConstMatrixRef<T>& w) { set(q_proj_weight_, w, false, "q_proj_weight", E_, E_); }
@@ -221,7 +225,7 @@ class MultiHeadAttention {
   // x [N, in] -> y [N, parts*E] = x W^T + b, written at y (row stride parts*E).
   void project(const ConstMatrixRef<T>& x, int first, int parts, T* y) const {
     detail::linear_into<T>(x, proj_weight(first, parts), proj_bias(first),
-                           Eigen::Map<Matrix<T>>(y, x.rows(), parts * E_));
+                           Eigen::Map<Matrix<T>>(y, x.rows(), parts * E_), 0, precision_);
   }
 
   // Whether a and b are one matrix: the same memory, shape and strides.
@@ -322,6 +326,7 @@ class MultiHeadAttention {
     p.v = {v, kv_order.batch_stride, D, kv_order.row_stride};
     p.out = {heads_out, out_order.batch_stride, D, out_order.row_stride};
     p.scale = T(1) / std::sqrt(static_cast<T>(D));
+    p.precision = precision_;
     detail::bind_masks(p, args, where);
 
     Matrix<T> per_head;
@@ -346,6 +351,7 @@ class MultiHeadAttention {
 
   Index E_ = 0, H_ = 0, kdim_ = 0, vdim_ = 0;
   MhaOptions opt_;
+  Precision precision_ = Precision::Native;
   Weight<T> in_proj_weight_;                                 // [3E, E] when packed()
   Weight<T> q_proj_weight_, k_proj_weight_, v_proj_weight_;  // otherwise
   Vector<T> in_proj_bias_;                                   // [3E]

@@ -53,6 +53,11 @@ class ScaledDotProductAttention {
   // The fixed scale, or nullopt for 1 / sqrt(d).
   std::optional<T> scale() const { return has_scale_ ? std::optional<T>(scale_) : std::nullopt; }
 
+  // The arithmetic of Q K^T and P V (attn/precision.hpp) for calls that do not set
+  // Masks::precision: Native (in T) or BFloat16.
+  void set_precision(Precision p) { precision_ = p; }
+  Precision precision() const { return precision_; }
+
  private:
   void run(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v, const Masks<T>& masks,
            MatrixRef<T> out, Matrix<T>* weights, const char* where) const {
@@ -75,6 +80,7 @@ class ScaledDotProductAttention {
     p.v = {v.data(), 0, 0, v.outerStride()};
     p.out = {out.data(), 0, 0, out.outerStride()};
     p.scale = has_scale_ ? scale_ : T(1) / std::sqrt(static_cast<T>(d));
+    p.precision = precision_;
     detail::bind_masks(p, masks, where);
     if (weights) p.weights = {weights->data(), 0, 0, S};
     detail::attention(p);
@@ -85,6 +91,7 @@ class ScaledDotProductAttention {
   // project builds with -Werror).
   T scale_ = T(0);
   bool has_scale_ = false;
+  Precision precision_ = Precision::Native;
 };
 
 }  // namespace attn

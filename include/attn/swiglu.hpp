@@ -59,6 +59,11 @@ class SwiGLU {
   Linear<T>& down_proj() { return down_proj_; }
   // Keeps the three weights in storage s (attn/storage.hpp); all or none changes.
   void set_weight_storage(Storage s) { detail::set_storage_of_all<T, 3>(s, {&gate_proj_, &up_proj_, &down_proj_}); }
+  // The arithmetic of the three products (attn/precision.hpp): Native (in T) or BFloat16.
+  void set_precision(Precision p) {
+    for (Linear<T>* l : {&gate_proj_, &up_proj_, &down_proj_}) l->set_precision(p);
+  }
+  Precision precision() const { return gate_proj_.precision(); }
 
  private:
   static Index checked(Index d_model, Index ffn_dim) {

@@ -192,6 +192,9 @@ class TransformerEncoderLayer {
     ff.set_weight_storage(s);
     self_attn_ = std::move(attn), ff_ = std::move(ff);
   }
+  // The arithmetic of every product (attn/precision.hpp): the attention's and the feed-forward's.
+  void set_precision(Precision p) { self_attn_.set_precision(p), ff_.set_precision(p); }
+  Precision precision() const { return self_attn_.precision(); }
   const Linear<T>& linear1() const { return ff_.linear1(); }
   Linear<T>& linear1() { return ff_.linear1(); }
   const Linear<T>& linear2() const { return ff_.linear2(); }
@@ -303,6 +306,11 @@ class TransformerDecoderLayer {
     ff.set_weight_storage(s);
     self_attn_ = std::move(self), multihead_attn_ = std::move(cross), ff_ = std::move(ff);
   }
+  // The arithmetic of every product (attn/precision.hpp): both attentions' and the feed-forward's.
+  void set_precision(Precision p) {
+    self_attn_.set_precision(p), multihead_attn_.set_precision(p), ff_.set_precision(p);
+  }
+  Precision precision() const { return self_attn_.precision(); }
   const Linear<T>& linear1() const { return ff_.linear1(); }
   Linear<T>& linear1() { return ff_.linear1(); }
   const Linear<T>& linear2() const { return ff_.linear2(); }
@@ -407,6 +415,10 @@ class TransformerEncoder {
     std::vector<TransformerEncoderLayer<T>> layers = layers_;
     for (auto& l : layers) l.set_weight_storage(s);
     layers_ = std::move(layers);
+  }
+  // The arithmetic of every layer's products (attn/precision.hpp).
+  void set_precision(Precision p) {
+    for (auto& l : layers_) l.set_precision(p);
   }
   // PyTorch's norm: the final LayerNorm, or nullptr when there is none.
   const LayerNorm<T>* norm() const { return norm_ ? &*norm_ : nullptr; }

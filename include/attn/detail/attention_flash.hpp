@@ -83,11 +83,16 @@ Index unpadded_end(const AttentionProblem<T>& p, Index b) {
   return end;
 }
 
-// Per-thread scratch of the flash kernel, carved from one allocation made before the threads
-// start: nothing is allocated while tasks run.
-template <class T>
+// Per-thread scratch of the flash kernel, carved from two allocations made before the threads
+// start: nothing is allocated while tasks run. O is the micro-kernels' operand (Dot::Operand: T,
+// or bf16 pairs); the operand buffers hold Q, P and V only when they are converted (rounded to
+// bf16, or paired), the micro-kernels otherwise read them in place.
+template <class T, class O>
 struct FlashScratch {
-  T* packed;   // [Bc padded to panels, d]  the key block, mk::pack_keys' layout
+  O* packed;   // [Bc padded to panels, d ops]  the key block, mk::pack_operands' layout
+  O* queries;  // [G * Br, d ops]               the task's query rows, converted
+  O* probs;    // [kScoreRows, Bc padded ops]   one row tile's probabilities, converted
+  O* vals;     // [Bc ops, dv]                  the value block, converted (pairs: of rows)
   T* scores;   // [kScoreRows, Bc padded]   scores, then probabilities, of one row tile
   T* out;      // [Br, dv]                  the unnormalised output O
   T* m;        // [Br]                      running row max
@@ -97,12 +102,19 @@ struct FlashScratch {
   T* values;   // [Bc, dv]  (bf16, fp16, int8): once per block, reused by all Br rows
 };
 
-template <class T>
-void attention_flash(const AttentionProblem<T>& p, FlashBlocks blocks = {}, int threads = 0) {
+// The flash kernel on micro-kernels with multiply-add Dot (mk::FmaDot, mk::Bf16Dot): with Bf16Dot
+// Q, K, P and V are converted to bf16 pairs along the summed index (d for the scores, keys for
+// P V); `round` (FmaDot only) rounds them to bf16 and multiplies in T, what Precision::BFloat16
+// does without the instruction. attention_flash chooses.
+template <class T, class Dot>
+void attention_flash_on(const AttentionProblem<T>& p, FlashBlocks blocks, int threads, bool round) {
+  using O = typename Dot::Operand;
   ATTN_ASSERT(!p.weights);  // the probabilities need the whole row: detail::attention routes those calls
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
   constexpr int MR = mk::kScoreRows;
-  constexpr Index NR = mk::kPanel<T>;
+  constexpr Index NR = mk::kPanel<T>, V = mk::kValuesPerOperand<Dot, T>;
+  const bool convert = round || V > 1;  // Q, P and V go through the operand buffers
+  const Index d_ops = mk::steps<Dot, T>(p.d);
   const bool elementwise = p.mask || p.bias || p.key_padding || p.alibi_slopes;  // need every score looked at
   const bool softcap = p.softcap > T(0);
   // Grouped-query attention: a task takes the same query block of all G heads that share a kv head,
@@ -123,14 +135,22 @@ void attention_flash(const AttentionProblem<T>& p, FlashBlocks blocks = {}, int 
   const Index bc_pad = (Bc + NR - 1) / NR * NR;
   const auto lines = [](Index n) { return (n + 15) / 16 * 16; };
   const bool stored = p.kv_storage != KVStorage::Native;
-  const Index slice = lines(bc_pad * p.d) + lines(MR * bc_pad) + lines(G * Br * p.dv) + 2 * lines(G * Br) + lines(MR) +
+  const Index slice = lines(MR * bc_pad) + lines(G * Br * p.dv) + 2 * lines(G * Br) + lines(MR) +
                       (stored ? lines(Bc * p.d) + lines(Bc * p.dv) : 0);
+  const Index op_slice = lines(bc_pad * d_ops) +
+                         (convert ? lines(G * Br * d_ops) + lines(MR * bc_pad / V) + lines(mk::steps<Dot, T>(Bc) * p.dv) : 0);
   Eigen::Matrix<T, Eigen::Dynamic, 1> arena(slice * n_threads);
+  Eigen::Matrix<O, Eigen::Dynamic, 1> op_arena(op_slice * n_threads);
   const auto scratch_of = [&](Index t) {
     T* at = arena.data() + t * slice;
+    O* op_at = op_arena.data() + t * op_slice;
     const auto take = [&at, &lines](Index n) { return std::exchange(at, at + lines(n)); };
-    FlashScratch<T> w{};
-    w.packed = take(bc_pad * p.d);
+    const auto take_ops = [&op_at, &lines](Index n) { return std::exchange(op_at, op_at + lines(n)); };
+    FlashScratch<T, O> w{};
+    w.packed = take_ops(bc_pad * d_ops);
+    w.queries = convert ? take_ops(G * Br * d_ops) : nullptr;
+    w.probs = convert ? take_ops(MR * bc_pad / V) : nullptr;
+    w.vals = convert ? take_ops(mk::steps<Dot, T>(Bc) * p.dv) : nullptr;
     w.scores = take(MR * bc_pad);
     w.out = take(G * Br * p.dv);
     w.m = take(G * Br);
@@ -143,19 +163,28 @@ void attention_flash(const AttentionProblem<T>& p, FlashBlocks blocks = {}, int 
 
   [[maybe_unused]] const NoEigenMalloc no_malloc;  // checked in tests built with EIGEN_RUNTIME_NO_MALLOC
   parallel_tasks(tasks, n_threads, [&](Index first, Index step) {
-    const FlashScratch<T> group = scratch_of(first);
-    FlashScratch<T> w = group;  // out, m and l of the group's current head: head g*G + hh at hh * Br rows
+    const FlashScratch<T, O> group = scratch_of(first);
+    FlashScratch<T, O> w = group;  // out, m and l of the group's current head: head g*G + hh at hh * Br rows
     for (Index task = first; task < tasks; task += step) {
       const Index b = task / (Hk * q_blocks), g = (task / q_blocks) % Hk, i0 = (task % q_blocks) * Br;
       const Index n = std::min(Br, p.L - i0);
       std::fill(group.out, group.out + G * Br * p.dv, T(0));
       std::fill(group.m, group.m + G * Br, kNegInf);
       std::fill(group.l, group.l + G * Br, T(0));
-      Index h = g * G;  // the current head, and its queries
-      const T* q = nullptr;
+      Index h = g * G;  // the current head, and its queries (as operands: qs apart)
+      const O* q = nullptr;
+      Index qs = 0;
+      if (convert)  // the block's queries of every head of the group, converted once
+        for (Index hh = 0; hh < G; ++hh)
+          for (Index r = 0; r < n; ++r)
+            mk::row_operands<Dot>(p.q.row(b, g * G + hh, i0 + r), p.d, group.queries + (hh * Br + r) * d_ops, round);
       const auto select_head = [&](Index hh) {
         h = g * G + hh;
-        q = p.q.row(b, h, i0);
+        if (convert) {
+          q = group.queries + hh * Br * d_ops, qs = d_ops;
+        } else {
+          if constexpr (std::is_same_v<O, T>) q = p.q.row(b, h, i0), qs = p.q.row_stride;
+        }
         w.out = group.out + hh * Br * p.dv;
         w.m = group.m + hh * Br;
         w.l = group.l + hh * Br;
@@ -169,16 +198,28 @@ void attention_flash(const AttentionProblem<T>& p, FlashBlocks blocks = {}, int 
 
       // One key block [j0, j0 + c): masks apply to it when `maskable` (keys below mask_keys).
       auto visit = [&](Index j0, Index c, bool maskable) {
-        const T* v = nullptr;
-        Index vs = 0;  // V's row stride
+        const T* kt = w.keys;  // K and V's block in T, and their row strides
+        const T* vt = w.values;
+        Index ks = p.d, vts = p.dv;
         if (stored) {  // a compressed cache: the block converted once, for all G * Br rows
           convert_rows(p, false, b, hk, j0, c, w.keys, p.d);
           convert_rows(p, true, b, hk, j0, c, w.values, p.dv);
-          mk::pack_keys(w.keys, p.d, c, p.d, w.packed);
-          v = w.values, vs = p.dv;
         } else {
-          mk::pack_keys(p.k.row(b, hk, j0), p.k.row_stride, c, p.d, w.packed);
-          v = p.v.row(b, hk, j0), vs = p.v.row_stride;
+          kt = p.k.row(b, hk, j0), vt = p.v.row(b, hk, j0), ks = p.k.row_stride, vts = p.v.row_stride;
+        }
+        mk::pack_operands<mk::kPanelPackets, Dot>(kt, ks, c, p.d, w.packed, static_cast<const T*>(nullptr), round);
+        const O* v = nullptr;  // V as P V's operands, and their row stride
+        Index vs = 0;
+        if constexpr (V > 1) {
+#if defined(__AVX512BF16__) && defined(EIGEN_VECTORIZE_AVX512)
+          pack_pair_rows(vt, vts, c, p.dv, w.vals);
+#endif
+          v = w.vals, vs = p.dv;
+        } else if (convert) {
+          for (Index j = 0; j < c; ++j) mk::row_operands<Dot>(vt + j * vts, p.dv, w.vals + j * p.dv, round);
+          v = w.vals, vs = p.dv;
+        } else {
+          v = vt, vs = vts;
         }
         // One row tile: R rows from r0, `rows` either MR as a compile-time constant (every tile but
         // the last) or the last tile's row count, at run time. Only the micro-kernels take R at
@@ -199,14 +240,14 @@ void attention_flash(const AttentionProblem<T>& p, FlashBlocks blocks = {}, int 
           const bool masked = maskable && (elementwise || cuts);
 
           T row_max[MR];
-          const T* const qt = q + r0 * p.q.row_stride;
+          const O* const qt = q + r0 * qs;
           const Index panels = (cr + NR - 1) / NR;
           if constexpr (full) {
-            mk::score_rows<MR>(qt, p.q.row_stride, w.packed, panels, cr, p.d, p.scale, w.scores, bc_pad, row_max);
+            mk::score_rows<MR, T, Dot>(qt, qs, w.packed, panels, cr, d_ops, p.scale, w.scores, bc_pad, row_max);
           } else {
             mk::for_row_tiles<MR>(R, [&](Index, auto tile_rows) {  // one call, R as a constant
-              mk::score_rows<decltype(tile_rows)::value>(qt, p.q.row_stride, w.packed, panels, cr, p.d, p.scale,
-                                                         w.scores, bc_pad, row_max);
+              mk::score_rows<decltype(tile_rows)::value, T, Dot>(qt, qs, w.packed, panels, cr, d_ops, p.scale,
+                                                                 w.scores, bc_pad, row_max);
             });
           }
           for (Index r = 0; r < R; ++r) {
@@ -240,9 +281,20 @@ void attention_flash(const AttentionProblem<T>& p, FlashBlocks blocks = {}, int 
             std::fill(s + hi, s + cr, T(0));
             m = m_new;
           }
+          // The probabilities as P V's operands (ps apart), and the keys as steps of its sum.
+          const O* probs = nullptr;
+          Index ps = 0;
+          if (convert) {
+            ps = bc_pad / V;
+            for (Index r = 0; r < R; ++r) mk::row_operands<Dot>(w.scores + r * bc_pad, cr, w.probs + r * ps, round);
+            probs = w.probs;
+          } else {
+            if constexpr (std::is_same_v<O, T>) probs = w.scores, ps = bc_pad;
+          }
+          const Index c_ops = mk::steps<Dot, T>(cr);
           const auto pv = [&](Index r1, auto pv_rows) {
-            mk::pv_rows<decltype(pv_rows)::value>(w.scores + r1 * bc_pad, bc_pad, v, vs, cr, p.dv,
-                                                  w.alpha + r1, w.out + (r0 + r1) * p.dv, p.dv);
+            mk::pv_rows<decltype(pv_rows)::value, T, Dot>(probs + r1 * ps, ps, v, vs, c_ops, p.dv, w.alpha + r1,
+                                                          w.out + (r0 + r1) * p.dv, p.dv);
           };
           if constexpr (full) {
             static_assert(MR % mk::kPvRows == 0, "a full score tile is whole P.V tiles");
@@ -276,6 +328,19 @@ void attention_flash(const AttentionProblem<T>& p, FlashBlocks blocks = {}, int 
       }
     }
   });
+}
+
+
+// The flash kernel, in T or, under Precision::BFloat16, on bf16 operands: the bf16 micro-kernels
+// where the compiler targets VDPBF16PS (float), else the T kernels on operands rounded to bf16.
+template <class T>
+void attention_flash(const AttentionProblem<T>& p, FlashBlocks blocks = {}, int threads = 0) {
+  const bool bf16 = p.precision == Precision::BFloat16;
+#if defined(__AVX512BF16__) && defined(EIGEN_VECTORIZE_AVX512)
+  if constexpr (std::is_same_v<T, float>)
+    if (bf16) return attention_flash_on<T, mk::Bf16Dot>(p, blocks, threads, false);
+#endif
+  attention_flash_on<T, mk::FmaDot<T>>(p, blocks, threads, bf16);
 }
 
 }  // namespace attn::detail

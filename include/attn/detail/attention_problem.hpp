@@ -14,6 +14,7 @@
 #include "attn/detail/storage.hpp"
 #include "attn/kv_storage.hpp"
 #include "attn/mask.hpp"
+#include "attn/precision.hpp"
 #include "attn/types.hpp"
 
 namespace attn::detail {
@@ -82,6 +83,10 @@ struct AttentionProblem {
   const void* k_stored = nullptr;
   const void* v_stored = nullptr;
   Strided<const T> k_scale, v_scale;
+
+  // BFloat16: the flash kernel's two products on bf16 operands (attn/precision.hpp); the decode
+  // and blocked kernels compute in T either way.
+  Precision precision = Precision::Native;
 };
 
 // Row j of kv head h of K (value = false) or V (true) in storage type S (the element type of p.kv_storage).
@@ -278,6 +283,7 @@ void bind_masks(AttentionProblem<T>& p, const Masks<T>& m, const char* where) {
   require_arg(std::isfinite(m.softcap) && m.softcap >= T(0), where,
               "softcap must be finite and >= 0 (0: no soft-capping), got ", m.softcap);
   p.softcap = m.softcap;
+  if (m.precision) p.precision = *m.precision;  // else the module's, set by the caller
 }
 
 }  // namespace attn::detail

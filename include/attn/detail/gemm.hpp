@@ -29,6 +29,7 @@
 #include "attn/detail/parallel.hpp"
 #include "attn/detail/scratch.hpp"
 #include "attn/detail/storage.hpp"
+#include "attn/precision.hpp"
 #include "attn/storage.hpp"
 #include "attn/types.hpp"
 
@@ -135,10 +136,11 @@ inline constexpr int kGemmPackets = kWideRegisters ? 4 : 2;
 // y[MR, cols] = (accumulate ? y : bias) + A[MR, kc] B[kc, cols], cols <= NP packets: A rows of x
 // (row stride as), B one panel of pack_panels<NP> ([kc][NP packets]), y row stride ys, bias [cols]
 // or nullptr (zero). The k-sum runs in registers in order t = 0, 1, ..., kc - 1 and is added to y
-// once, so every element's summation order is fixed by the K blocks alone.
-template <int MR, int NP, class T>
-EIGEN_STRONG_INLINE void gemm_tile(const T* a, Index as, const T* b, Index kc, T* y, Index ys, Index cols,
-                                   const T* bias, bool accumulate) {
+// once, so every element's summation order is fixed by the K blocks alone. a and b are Dot's
+// operands (mk::FmaDot, mk::Bf16Dot), kc of them per row: with Bf16Dot, pairs (pack_pair_panels).
+template <int MR, int NP, class T, class Dot = FmaDot<T>>
+EIGEN_STRONG_INLINE void gemm_tile(const typename Dot::Operand* a, Index as, const typename Dot::Operand* b, Index kc,
+                                   T* y, Index ys, Index cols, const T* bias, bool accumulate) {
   using P = Packet<T>;
   constexpr int L = kLanes<T>;
   constexpr Index NR = Index(NP) * L;
@@ -150,12 +152,12 @@ EIGEN_STRONG_INLINE void gemm_tile(const T* a, Index as, const T* b, Index kc, T
   for (Index t = 0; t < kc; ++t) {
     P bt[NP];
     ATTN_UNROLL
-    for (int j = 0; j < NP; ++j) bt[j] = ei::pload<P>(b + t * NR + j * L);
+    for (int j = 0; j < NP; ++j) bt[j] = Dot::load(b + t * NR + j * L);
     ATTN_UNROLL
     for (int r = 0; r < MR; ++r) {
-      const P at = ei::pset1<P>(a[r * as + t]);
+      const P at = Dot::broadcast(a + r * as + t);
       ATTN_UNROLL
-      for (int j = 0; j < NP; ++j) acc[r][j] = ei::pmadd(at, bt[j], acc[r][j]);
+      for (int j = 0; j < NP; ++j) acc[r][j] = Dot::madd(at, bt[j], acc[r][j]);
     }
   }
   if (cols == NR) {
@@ -202,10 +204,16 @@ EIGEN_STRONG_INLINE void with_packets(Index packets, F&& f, std::integer_sequenc
 // The first K block writes y (with the bias), later ones add to it. Per-thread scratch (one packed
 // W block) is taken before the threads start. The packed values are those of W dequantized, so
 // the result is the same bits as this kernel on the dequantized matrix in T.
-template <class T, class S = T, int MR = mk::kGemmRows, int NP = mk::kGemmPackets>
+//
+// Dot is the micro-kernel's multiply-add (mk::FmaDot, mk::Bf16Dot): with Bf16Dot, x's rows are
+// first converted to bf16 pairs (once, by all threads), W is packed as pairs and the K blocks
+// count pairs; `round` (FmaDot only) rounds x and W to bf16 and multiplies them in T, what
+// Precision::BFloat16 does without the instruction.
+template <class T, class S = T, class Dot = mk::FmaDot<T>, int MR = mk::kGemmRows, int NP = mk::kGemmPackets>
 void linear_packed(const ConstMatrixRef<T>& x, const WeightView<T>& w, const T* bias, MatrixRef<T> y, int threads,
-                   Index max_kc = kGemmMaxKc) {
-  constexpr Index L = mk::kLanes<T>, NR = Index(NP) * L;
+                   Index max_kc = kGemmMaxKc, bool round = false) {
+  using O = typename Dot::Operand;
+  constexpr Index L = mk::kLanes<T>, NR = Index(NP) * L, V = mk::kValuesPerOperand<Dot, T>;
   const Index n = x.rows(), in = x.cols(), out = w.rows;
   const GemmTiles tiles = gemm_tiles(n, in, out);
   if (tiles.count() == 0) return;
@@ -214,46 +222,62 @@ void linear_packed(const ConstMatrixRef<T>& x, const WeightView<T>& w, const T* 
       for (Index c = 0; c < out; ++c) y(r, c) = bias ? bias[c] : T(0);
     return;
   }
-  const GemmKBlocks kb = gemm_k_blocks(in, max_kc);
+  const Index in_ops = mk::steps<Dot, T>(in);  // x's and W's rows in operands
+  const GemmKBlocks kb = gemm_k_blocks(in_ops, max_kc);
   const int t = static_cast<int>(std::min<Index>(threads > 0 ? threads : num_threads(), tiles.count()));
   const Index slice = (tiles.cols + NR - 1) / NR * NR * kb.size;  // whole panels: a multiple of a packet
-  Scratch<T> scratch(slice * t);
+  // x as operands, when they are not x itself: rounded, or pairs.
+  const bool convert_x = round || V > 1;
+  const Index x_part = convert_x ? (n * in_ops + 15) / 16 * 16 : 0;
+  Scratch<O> scratch(x_part + slice * t);
   T* const y0 = y.data();
-  const T* const x0 = x.data();
-  const Index ys = y.outerStride(), xs = x.outerStride(), ws = w.stride;
+  const Index ys = y.outerStride(), ws = w.stride;
+  const O* x0 = nullptr;
+  Index xs = 0;
+  if (convert_x) {
+    O* const xo = scratch.data();
+    parallel_tasks(n, t, [&](Index first, Index step) {
+      for (Index r = first; r < n; r += step) mk::row_operands<Dot>(x.row(r).data(), in, xo + r * in_ops, round);
+    });
+    x0 = xo, xs = in_ops;
+  } else {
+    if constexpr (std::is_same_v<O, T>) x0 = x.data(), xs = x.outerStride();
+  }
   [[maybe_unused]] const NoEigenMalloc no_malloc;  // checked in tests built with EIGEN_RUNTIME_NO_MALLOC
   parallel_tasks(tiles.count(), t, [&](Index first, Index step) {
-    T* const packed = scratch.data() + first * slice;
+    O* const packed = scratch.data() + x_part + first * slice;
     for (Index task = first; task < tiles.count(); task += step) {
       const Index r0 = (task / tiles.col_tiles) * tiles.rows, c0 = (task % tiles.col_tiles) * tiles.cols;
       const Index nr = std::min(tiles.rows, n - r0), nc = std::min(tiles.cols, out - c0);
       const Index full = nc / NR * NR;                     // columns in whole panels
       const Index tail_packets = (nc - full + L - 1) / L;  // the narrower last panel, 0 if none
-      for (Index k0 = 0; k0 < in; k0 += kb.size) {
-        const Index kc = std::min(kb.size, in - k0);
+      for (Index k0 = 0; k0 < in_ops; k0 += kb.size) {
+        const Index kc = std::min(kb.size, in_ops - k0);        // operands
+        const Index kv = std::min(kc * V, in - k0 * V);         // values
         const bool accumulate = k0 > 0;
-        const S* wk = w.template row<S>(c0) + k0;
+        const S* wk = w.template row<S>(c0) + k0 * V;
         const T* scale = w.scales ? w.scales + c0 : nullptr;
-        mk::pack_panels<NP>(wk, ws, full, kc, packed, scale);
+        mk::pack_operands<NP, Dot>(wk, ws, full, kv, packed, scale, round);
         mk::with_packets(
             tail_packets,
             [&](auto q) {
-              mk::pack_panels<decltype(q)::value>(wk + full * ws, ws, nc - full, kc, packed + full * kc,
-                                                  scale ? scale + full : nullptr);
+              mk::pack_operands<decltype(q)::value, Dot>(wk + full * ws, ws, nc - full, kv, packed + full * kc,
+                                                          scale ? scale + full : nullptr, round);
             },
             std::make_integer_sequence<int, NP>{});
         mk::for_row_tiles<MR>(nr, [&](Index i, auto tile_rows) {
           constexpr int R = decltype(tile_rows)::value;
-          const T* xa = x0 + (r0 + i) * xs + k0;
+          const O* xa = x0 + (r0 + i) * xs + k0;
           T* yrow = y0 + (r0 + i) * ys + c0;
           for (Index c = 0; c < full; c += NR)
-            mk::gemm_tile<R, NP>(xa, xs, packed + c * kc, kc, yrow + c, ys, NR, bias ? bias + c0 + c : nullptr,
-                                 accumulate);
+            mk::gemm_tile<R, NP, T, Dot>(xa, xs, packed + c * kc, kc, yrow + c, ys, NR,
+                                         bias ? bias + c0 + c : nullptr, accumulate);
           mk::with_packets(
               tail_packets,
               [&](auto q) {
-                mk::gemm_tile<R, decltype(q)::value>(xa, xs, packed + full * kc, kc, yrow + full, ys, nc - full,
-                                                     bias ? bias + c0 + full : nullptr, accumulate);
+                mk::gemm_tile<R, decltype(q)::value, T, Dot>(xa, xs, packed + full * kc, kc, yrow + full, ys,
+                                                             nc - full, bias ? bias + c0 + full : nullptr,
+                                                             accumulate);
               },
               std::make_integer_sequence<int, NP>{});
         });
@@ -328,8 +352,12 @@ inline constexpr bool use_packed_gemm = mk::kLanes<T> > 1 || !std::is_same_v<S, 
 // y is sized by the caller and must not overlap x or w. threads: 0 = attn::num_threads(); fewer
 // run when the product is small (threads_for). The result is the same, bit for bit, on any
 // number of threads: the tiles, the kernel and its K blocks are functions of the shape only.
+// precision: BFloat16 runs the GEMM on x and W rounded to bf16 (attn/precision.hpp): on the bf16
+// micro-kernel where the compiler targets VDPBF16PS (float), else rounded and multiplied in T.
+// The few-rows path reads W once whatever the precision, and stays in T.
 template <class T>
-void linear_into(const ConstMatrixRef<T>& x, const WeightView<T>& w, const T* bias, MatrixRef<T> y, int threads = 0) {
+void linear_into(const ConstMatrixRef<T>& x, const WeightView<T>& w, const T* bias, MatrixRef<T> y, int threads = 0,
+                 Precision precision = Precision::Native) {
   ATTN_ASSERT(x.cols() == w.cols && y.rows() == x.rows() && y.cols() == w.rows);
   const Index n = x.rows(), in = x.cols(), out = w.rows;
   if (n == 0 || out == 0) return;
@@ -344,8 +372,15 @@ void linear_into(const ConstMatrixRef<T>& x, const WeightView<T>& w, const T* bi
       return;
     }
     const int t = eigen_threads ? 1 : threads_for(2.0 * double(n) * double(in) * double(out), threads);
+    const bool bf16 = precision == Precision::BFloat16;
+#if defined(__AVX512BF16__) && defined(EIGEN_VECTORIZE_AVX512)
+    if constexpr (std::is_same_v<T, float>)
+      if (bf16) return linear_packed<T, S, mk::Bf16Dot>(x, w, bias, y, t);
+#endif
     if constexpr (use_packed_gemm<T, S>) {
-      linear_packed<T, S>(x, w, bias, y, t);
+      linear_packed<T, S>(x, w, bias, y, t, kGemmMaxKc, bf16);
+    } else if (bf16) {
+      linear_packed<T, S>(x, w, bias, y, t, kGemmMaxKc, true);
     } else {
       linear_eigen<T>(x, Eigen::Map<const Matrix<T>, 0, Eigen::OuterStride<>>(static_cast<const T*>(w.data), out, in,
                                                                                Eigen::OuterStride<>(w.stride)),
@@ -357,16 +392,16 @@ void linear_into(const ConstMatrixRef<T>& x, const WeightView<T>& w, const T* bi
 // The same for a weight matrix in T.
 template <class T>
 void linear_into(const ConstMatrixRef<T>& x, const ConstMatrixRef<T>& w, const T* bias, MatrixRef<T> y,
-                 int threads = 0) {
-  linear_into<T>(x, weight_view<T>(w), bias, y, threads);
+                 int threads = 0, Precision precision = Precision::Native) {
+  linear_into<T>(x, weight_view<T>(w), bias, y, threads, precision);
 }
 
 // With ATTN_EXTERN_TEMPLATES, compiled once per program (attn/instantiate.hpp); see attention().
 #ifdef ATTN_EXTERN_TEMPLATES
 extern template void linear_into<float>(const ConstMatrixRef<float>&, const WeightView<float>&, const float*,
-                                        MatrixRef<float>, int);
+                                        MatrixRef<float>, int, Precision);
 extern template void linear_into<double>(const ConstMatrixRef<double>&, const WeightView<double>&, const double*,
-                                         MatrixRef<double>, int);
+                                         MatrixRef<double>, int, Precision);
 #endif
 
 }  // namespace attn::detail

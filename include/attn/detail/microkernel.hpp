@@ -15,6 +15,8 @@
 //   exp_sum_row      s = exp(s - m) (masked keys exactly 0), returns the row's sum
 //   pv_rows<MR>      O[MR, dv] = alpha * O + P[MR, c] V[c, dv]
 //   score_tile, pv_row_tiles   the same two for a row count known at run time (out of line)
+//   FmaDot, Bf16Dot  the multiply-add of score_rows, pv_tile and gemm_tile (detail/gemm.hpp): on
+//                    values of T, or on pairs of bf16 (Precision::BFloat16, detail/bf16.hpp)
 #pragma once
 
 #include <algorithm>
@@ -23,6 +25,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "attn/detail/bf16.hpp"
 #include "attn/detail/check.hpp"
 #include "attn/detail/packet.hpp"
 #include "attn/types.hpp"
@@ -39,6 +42,39 @@ inline constexpr int kPvPackets = 4;
 
 template <class T>
 inline constexpr Index kPanel = Index(kPanelPackets) * kLanes<T>;  // keys per packed panel
+
+// The multiply-add of the micro-kernels, which are written once on it: acc += a * b, where a is one
+// Operand broadcast to every lane and b a packet of Operands (load: aligned, loadu: not). FmaDot
+// multiplies values of T; Bf16Dot, pairs of bf16 (VDPBF16PS), each lane adding the two products
+// of its pair, so its kernels run over half as many steps of the summed index. scalar() is one
+// lane of the same, for the columns that fill no packet.
+template <class T>
+struct FmaDot {
+  using Operand = T;
+  using P = Packet<T>;
+  static EIGEN_STRONG_INLINE P broadcast(const T* a) { return ei::pset1<P>(*a); }
+  static EIGEN_STRONG_INLINE P load(const T* b) { return ei::pload<P>(b); }
+  static EIGEN_STRONG_INLINE P loadu(const T* b) { return ei::ploadu<P>(b); }
+  static EIGEN_STRONG_INLINE P madd(const P& a, const P& b, const P& acc) { return ei::pmadd(a, b, acc); }
+  static T scalar(T acc, T a, T b) { return acc + a * b; }
+};
+
+#if defined(__AVX512BF16__) && defined(EIGEN_VECTORIZE_AVX512)
+struct Bf16Dot {
+  using Operand = Bf16Pair;
+  using P = Packet<float>;
+  static EIGEN_STRONG_INLINE P broadcast(const Bf16Pair* a) { return _mm512_castsi512_ps(_mm512_set1_epi32(int(*a))); }
+  static EIGEN_STRONG_INLINE P load(const Bf16Pair* b) { return _mm512_load_ps(reinterpret_cast<const float*>(b)); }
+  static EIGEN_STRONG_INLINE P loadu(const Bf16Pair* b) { return _mm512_loadu_ps(reinterpret_cast<const float*>(b)); }
+  static EIGEN_STRONG_INLINE P madd(const P& a, const P& b, const P& acc) {
+    return _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh>(a), reinterpret_cast<__m512bh>(b));
+  }
+  static float scalar(float acc, Bf16Pair a, Bf16Pair b) {  // the instruction's order: high pair first
+    acc = std::fma(bf16_to_float(std::uint16_t(a >> 16)), bf16_to_float(std::uint16_t(b >> 16)), acc);
+    return std::fma(bf16_to_float(std::uint16_t(a & 0xFFFFu)), bf16_to_float(std::uint16_t(b & 0xFFFFu)), acc);
+  }
+};
+#endif
 
 // Rows [0, c) of a row-major matrix (row stride ks, d columns) packed into panels of NP packets
 // of rows, each panel stored column-major ([d][NP * kLanes]): panel p holds rows
@@ -90,6 +126,44 @@ void pack_panels(const S* k, Index ks, Index c, Index d, T* packed, const T* row
 #pragma GCC diagnostic pop
 #endif
 
+// Rows [0, c) of k (storage S, row stride ks, d columns) as Dot's packed operands: pack_panels for
+// FmaDot (rounded to bf16 in place when `round`: Precision::BFloat16 where there is no bf16
+// instruction), pack_pair_panels for Bf16Dot (d/2 rows of pairs, rounded up). The one packing of
+// keys and of the GEMM's W panels, whatever the precision.
+template <int NP, class Dot, class S, class T>
+void pack_operands(const S* k, Index ks, Index c, Index d, typename Dot::Operand* packed, const T* row_scale,
+                   bool round) {
+  if constexpr (std::is_same_v<typename Dot::Operand, T>) {
+    pack_panels<NP>(k, ks, c, d, packed, row_scale);
+    constexpr Index NR = Index(NP) * kLanes<T>;
+    if (round) round_bf16(packed, (c + NR - 1) / NR * NR * d);
+  } else {
+#if defined(__AVX512BF16__) && defined(EIGEN_VECTORIZE_AVX512)
+    static_assert(std::is_same_v<T, float>);
+    pack_pair_panels<NP>(k, ks, c, d, packed, row_scale);
+#endif
+  }
+}
+
+// Operands per value of the summed index: 1 for FmaDot, 1/2 for Bf16Dot's pairs. steps<Dot>(n) is
+// how many operands n values take.
+template <class Dot, class T>
+inline constexpr Index kValuesPerOperand = std::is_same_v<typename Dot::Operand, T> ? 1 : 2;
+template <class Dot, class T>
+constexpr Index steps(Index n) {
+  return (n + kValuesPerOperand<Dot, T> - 1) / kValuesPerOperand<Dot, T>;
+}
+
+// Row x[0, n) (in T) as Dot's broadcast operands: copied (rounded to bf16 when `round`) or as pairs.
+template <class Dot, class T>
+void row_operands(const T* x, Index n, typename Dot::Operand* out, bool round) {
+  if constexpr (std::is_same_v<typename Dot::Operand, T>) {
+    for (Index i = 0; i < n; ++i) out[i] = round ? bf16_round(x[i]) : x[i];
+  } else {
+    to_bf16_pairs(x, n, out);
+  }
+}
+
 // Keys [0, c) of a block, rows of `k` (row stride ks), packed for score_rows: panels of kPanel
 // keys, each stored k-major ([d][kPanel]).
 template <class T>
@@ -99,10 +173,11 @@ void pack_keys(const T* k, Index ks, Index c, Index d, T* packed) {
 
 // Scores of MR query rows (q, row stride qs) against the first `panels` packed panels, scaled, into
 // s (row stride ss, a multiple of kPanel). Each row's max over keys [0, c) goes to row_max; keys
-// in [c, panels * kPanel) are padding and are left out of it.
-template <int MR, class T>
-EIGEN_STRONG_INLINE void score_rows(const T* q, Index qs, const T* packed, Index panels, Index c, Index d, T scale,
-                                    T* s, Index ss, T* row_max) {
+// in [c, panels * kPanel) are padding and are left out of it. q and the panels are Dot's operands,
+// d of them per key (with Bf16Dot, pairs: half the head dimension, rounded up).
+template <int MR, class T, class Dot = FmaDot<T>>
+EIGEN_STRONG_INLINE void score_rows(const typename Dot::Operand* q, Index qs, const typename Dot::Operand* packed,
+                                    Index panels, Index c, Index d, T scale, T* s, Index ss, T* row_max) {
   using P = Packet<T>;
   constexpr int L = kLanes<T>, NP = kPanelPackets;
   constexpr Index NR = kPanel<T>;
@@ -112,7 +187,7 @@ EIGEN_STRONG_INLINE void score_rows(const T* q, Index qs, const T* packed, Index
   for (int r = 0; r < MR; ++r) vmax[r] = ei::pset1<P>(-std::numeric_limits<T>::infinity());
   const Index full = c / NR;  // panels with no padding
   for (Index pnl = 0; pnl < panels; ++pnl) {
-    const T* b = packed + pnl * NR * d;
+    const typename Dot::Operand* b = packed + pnl * NR * d;
     P acc[MR][NP];
     ATTN_UNROLL
     for (int r = 0; r < MR; ++r)
@@ -121,12 +196,12 @@ EIGEN_STRONG_INLINE void score_rows(const T* q, Index qs, const T* packed, Index
     for (Index t = 0; t < d; ++t) {
       P bt[NP];
       ATTN_UNROLL
-      for (int j = 0; j < NP; ++j) bt[j] = ei::pload<P>(b + t * NR + j * L);
+      for (int j = 0; j < NP; ++j) bt[j] = Dot::load(b + t * NR + j * L);
       ATTN_UNROLL
       for (int r = 0; r < MR; ++r) {
-        const P a = ei::pset1<P>(q[r * qs + t]);
+        const P a = Dot::broadcast(q + r * qs + t);
         ATTN_UNROLL
-        for (int j = 0; j < NP; ++j) acc[r][j] = ei::pmadd(a, bt[j], acc[r][j]);
+        for (int j = 0; j < NP; ++j) acc[r][j] = Dot::madd(a, bt[j], acc[r][j]);
       }
     }
     T* out = s + pnl * NR;
@@ -192,10 +267,11 @@ EIGEN_STRONG_INLINE T exp_sum_row(T* s, Index c, T m, bool masked) {
 }
 
 // O[MR, NP packets] = alpha .* O + P[MR, c] V[c, NP packets]: probabilities p (row stride ps),
-// values v read in place (row stride vs), output o (row stride os).
-template <int MR, int NP, class T>
-EIGEN_STRONG_INLINE void pv_tile(const T* p, Index ps, const T* v, Index vs, Index c, const T* alpha, T* o,
-                                 Index os) {
+// values v read in place (row stride vs), output o (row stride os). p and v are Dot's operands:
+// with Bf16Dot, c pairs of keys (pack_pair_rows' V).
+template <int MR, int NP, class T, class Dot = FmaDot<T>>
+EIGEN_STRONG_INLINE void pv_tile(const typename Dot::Operand* p, Index ps, const typename Dot::Operand* v, Index vs,
+                                 Index c, const T* alpha, T* o, Index os) {
   using P = Packet<T>;
   constexpr int L = kLanes<T>;
   P acc[MR][NP];
@@ -208,12 +284,12 @@ EIGEN_STRONG_INLINE void pv_tile(const T* p, Index ps, const T* v, Index vs, Ind
   for (Index t = 0; t < c; ++t) {
     P vt[NP];
     ATTN_UNROLL
-    for (int j = 0; j < NP; ++j) vt[j] = ei::ploadu<P>(v + t * vs + j * L);
+    for (int j = 0; j < NP; ++j) vt[j] = Dot::loadu(v + t * vs + j * L);
     ATTN_UNROLL
     for (int r = 0; r < MR; ++r) {
-      const P a = ei::pset1<P>(p[r * ps + t]);
+      const P a = Dot::broadcast(p + r * ps + t);
       ATTN_UNROLL
-      for (int j = 0; j < NP; ++j) acc[r][j] = ei::pmadd(a, vt[j], acc[r][j]);
+      for (int j = 0; j < NP; ++j) acc[r][j] = Dot::madd(a, vt[j], acc[r][j]);
     }
   }
   ATTN_UNROLL
@@ -224,21 +300,21 @@ EIGEN_STRONG_INLINE void pv_tile(const T* p, Index ps, const T* v, Index vs, Ind
 
 // pv_tile over all dv columns of MR rows: chunks of kPvPackets packets, then the leftover
 // packets, then the columns that fill no packet, one at a time.
-template <int MR, class T>
-EIGEN_STRONG_INLINE void pv_rows(const T* p, Index ps, const T* v, Index vs, Index c, Index dv, const T* alpha, T* o,
-                                 Index os) {
+template <int MR, class T, class Dot = FmaDot<T>>
+EIGEN_STRONG_INLINE void pv_rows(const typename Dot::Operand* p, Index ps, const typename Dot::Operand* v, Index vs,
+                                 Index c, Index dv, const T* alpha, T* o, Index os) {
   constexpr Index L = kLanes<T>, W = kPvPackets * L;
   Index j = 0;
-  for (; j + W <= dv; j += W) pv_tile<MR, kPvPackets>(p, ps, v + j, vs, c, alpha, o + j, os);
+  for (; j + W <= dv; j += W) pv_tile<MR, kPvPackets, T, Dot>(p, ps, v + j, vs, c, alpha, o + j, os);
   switch ((dv - j) / L) {
     case 3:
-      pv_tile<MR, 3>(p, ps, v + j, vs, c, alpha, o + j, os), j += 3 * L;
+      pv_tile<MR, 3, T, Dot>(p, ps, v + j, vs, c, alpha, o + j, os), j += 3 * L;
       break;
     case 2:
-      pv_tile<MR, 2>(p, ps, v + j, vs, c, alpha, o + j, os), j += 2 * L;
+      pv_tile<MR, 2, T, Dot>(p, ps, v + j, vs, c, alpha, o + j, os), j += 2 * L;
       break;
     case 1:
-      pv_tile<MR, 1>(p, ps, v + j, vs, c, alpha, o + j, os), j += L;
+      pv_tile<MR, 1, T, Dot>(p, ps, v + j, vs, c, alpha, o + j, os), j += L;
       break;
     default:
       break;
@@ -246,7 +322,7 @@ EIGEN_STRONG_INLINE void pv_rows(const T* p, Index ps, const T* v, Index vs, Ind
   for (; j < dv; ++j)
     for (int r = 0; r < MR; ++r) {
       T acc = alpha[r] * o[r * os + j];
-      for (Index t = 0; t < c; ++t) acc += p[r * ps + t] * v[t * vs + j];
+      for (Index t = 0; t < c; ++t) acc = Dot::scalar(acc, p[r * ps + t], v[t * vs + j]);
       o[r * os + j] = acc;
     }
 }

@@ -44,11 +44,13 @@ struct CoreShape {
   bool causal;
   int iterations;      // 0: run for a minimum time instead
   Index window = 0;    // > 0: sliding window (Mistral's, with causal): key j visible if i - j < window
+  attn::Precision precision = attn::Precision::Native;
   double flops() const { return 4.0 * double(B) * double(H) * double(L) * double(S) * double(D); }
   std::string key(const char* type) const {
     return std::string("sdpa/") + type + " B=" + std::to_string(B) + " H=" + std::to_string(H) +
            " L=" + std::to_string(L) + " S=" + std::to_string(S) + " D=" + std::to_string(D) +
-           (causal ? " causal" : "") + (window ? " window=" + std::to_string(window) : "");
+           (causal ? " causal" : "") + (window ? " window=" + std::to_string(window) : "") +
+           (precision == attn::Precision::BFloat16 ? " bf16" : "");
   }
 };
 
@@ -58,6 +60,7 @@ void core_attn(const CoreShape& s, const Mat<T>& q, const Mat<T>& k, const Mat<T
   attn::Masks<T> masks;
   masks.causal = s.causal ? attn::Causal::TopLeft : attn::Causal::None;
   masks.window = s.window;
+  masks.precision = s.precision;
   for (Index b = 0; b < s.B; ++b)
     for (Index h = 0; h < s.H; ++h)
       sdpa.forward_into(q.block(b * s.L, h * s.D, s.L, s.D), k.block(b * s.S, h * s.D, s.S, s.D),
@@ -110,7 +113,8 @@ void BM_core(benchmark::State& state, const CoreShape& s, bool use_attn) {
     Mat<T> want(out.rows(), out.cols());
     core_attn(s, q, k, v, out);
     core_baseline(s, q, k, v, want);
-    require_agreement(s.key(type_name<T>()), out, want);
+    // bf16 compute: to bf16's error (attn/precision.hpp), ~2^-7 of the values' scale here.
+    require_agreement(s.key(type_name<T>()), out, want, s.precision == attn::Precision::BFloat16 ? 2e-2 : 1e-4);
   }
   const auto body = [&] {
     if (use_attn)
@@ -227,6 +231,18 @@ void register_mha(const MhaShape& s) {
   }
 }
 
+// The core in T and with bf16 compute (Precision::BFloat16: the bf16 micro-kernels on CPUs with
+// AVX512_BF16), back to back: attn against attn, the ratio of the two rows is the bf16 speed-up.
+void register_precision(CoreShape s) {
+  for (const attn::Precision p : {attn::Precision::Native, attn::Precision::BFloat16}) {
+    s.precision = p;
+    const std::string name = std::string("sdpa_precision/f32/") + attn::precision_name(p);
+    auto* b = benchmark::RegisterBenchmark(name.c_str(), BM_core<float>, s, true);
+    b->Args({s.B, s.H, s.L, s.S, s.D, Index(s.causal)})->ArgNames({"B", "H", "L", "S", "D", "causal"});
+    set_timing(b, s.flops(), s.iterations);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The shapes. BERT-base: E = 768, H = 12 (D = 64), L = 128..512. GPT-2 small: the same widths at
 // L = 1024, plain and causal. Long: L = 2048 (E = 768) and 4096 (E = 1024, H = 16, GPT-2 medium's
@@ -251,6 +267,11 @@ void register_all() {
   register_core<float>({1, 12, 1, 1024, 64, false, 0});
   register_core<float>({3, 3, 37, 37, 32, false, 0});
   register_core<double>({1, 12, 512, 512, 64, false, 0});
+  // bf16 compute against fp32 (issue 14's shapes: H = 12, L = 2048, D = 64 and 128; and causal).
+  register_precision({1, 12, 2048, 2048, 64, false, 2});
+  register_precision({1, 12, 2048, 2048, 128, false, 2});
+  register_precision({1, 12, 2048, 2048, 64, true, 2});
+  register_precision({1, 12, 2048, 2048, 128, true, 2});
 
   //               B     L     E   H  causal iterations
   register_mha<float>({1, 128, 768, 12, false, 0});

@@ -112,18 +112,22 @@ double read_pass(const std::vector<attn::Linear<T>>& ring, int threads, double* 
 }
 
 template <class T>
-void BM_linear_weights(benchmark::State& state, const LinearShape& s, attn::Storage storage) {
+void BM_linear_weights(benchmark::State& state, const LinearShape& s, attn::Storage storage,
+                       attn::Precision precision) {
   attn::Generator gen(42);
   attn::Linear<T> fc(s.in, s.out, /*bias=*/false, gen);
   fc.set_storage(storage);
+  fc.set_precision(precision);
   Mat<T> x(s.N, s.in);
   attn::init::uniform(x, -1.0, 1.0, gen);
   Mat<T> y(s.N, s.out);
   const std::string what = std::string("linear_bench, ") + attn::storage_name(storage) + ": " + std::to_string(s.N) +
                            "x" + std::to_string(s.in) + "->" + std::to_string(s.out);
-  // Checked against Eigen on the stored values, in T.
+  // Checked against Eigen on the stored values, in T (bf16 compute: to bf16's error, attn/precision.hpp;
+  // with x and W in [-1, 1] and ~1/sqrt(in), about 2^-7 * sqrt(in) / sqrt(in) of |y|'s scale).
   fc.forward_into(x, y);
-  require_agreement<T>(what, y, Mat<T>(x * fc.weight().transpose()));
+  require_agreement<T>(what, y, Mat<T>(x * fc.weight().transpose()),
+                       precision == attn::Precision::BFloat16 ? 2e-2 : 1e-4);
 
   const double weight_bytes = double(fc.stored_weight().memory_bytes());
   std::vector<attn::Linear<T>> ring;
@@ -162,12 +166,17 @@ void register_weights() {
   for (const LinearShape& s :
        {LinearShape{1, 2048, 2048, 0}, LinearShape{1, 2048, 5632, 0}, LinearShape{1, 5632, 2048, 0},
         LinearShape{512, 2048, 2048, 0}, LinearShape{512, 2048, 5632, 0}, LinearShape{512, 5632, 2048, 0}})
-    for (const Storage st : {Storage::Native, Storage::BFloat16, Storage::Float16, Storage::Int8}) {
-      const std::string name = std::string("linear_weights/f32/") + attn::storage_name(st);
-      auto* b = benchmark::RegisterBenchmark(name.c_str(), BM_linear_weights<float>, s, st);
-      b->Args({s.N, s.in, s.out})->ArgNames({"N", "in", "out"});
-      set_timing(b, s.flops(), s.iterations);
-    }
+    for (const Storage st : {Storage::Native, Storage::BFloat16, Storage::Float16, Storage::Int8})
+      // The prompt also with bf16 compute (Precision::BFloat16: the bf16 micro-kernel on CPUs with
+      // AVX512_BF16); one token stays in T either way.
+      for (const attn::Precision pr : {attn::Precision::Native, attn::Precision::BFloat16}) {
+        if (s.N == 1 && pr != attn::Precision::Native) continue;
+        const std::string name = std::string("linear_weights/f32/") + attn::storage_name(st) +
+                                 (pr == attn::Precision::BFloat16 ? "/bf16_compute" : "");
+        auto* b = benchmark::RegisterBenchmark(name.c_str(), BM_linear_weights<float>, s, st, pr);
+        b->Args({s.N, s.in, s.out})->ArgNames({"N", "in", "out"});
+        set_timing(b, s.flops(), s.iterations);
+      }
 }
 
 // N = B*L tokens. BERT-base: E = 768, FFN 3072, B*L = 128 (1 x 128) and 4096 (8 x 512).

@@ -8,6 +8,9 @@
 //
 // Tolerance: max |actual - expected| <= tol * max(1, max |expected|), tol = 1e-10 in double and
 // 1e-5 in float (the float run reads the same float64 inputs rounded to float).
+// The linear, sdpa and gqa cases run again with Precision::BFloat16, each element held to the
+// bound attn/precision.hpp states (bf16_dot_error_bound, bf16_attention_error_bound) plus that
+// tolerance. (MHA composes projections and a core: no single bound is stated for it.)
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -52,6 +55,47 @@ bool causal_sees(attn::Causal c, Index i, Index j, Index L, Index S) {
   return true;
 }
 
+// --- Precision::BFloat16 against PyTorch's results: within the stated bounds ---------------------
+
+// y [N, out] from x [N, in] and W [out, in] in bf16 compute: each element within
+// bf16_dot_error_bound of PyTorch's y (attn/precision.hpp), plus T's tolerance for the rest.
+template <class T>
+void expect_bf16_linear(const attn::Matrix<T>& y, const attn::Matrix<double>& want, const attn::Matrix<T>& x,
+                        const attn::Matrix<T>& w) {
+  ASSERT_EQ(y.rows(), want.rows());
+  ASSERT_EQ(y.cols(), want.cols());
+  for (Index r = 0; r < y.rows(); ++r)
+    for (Index c = 0; c < y.cols(); ++c) {
+      const double abs_dot = (x.row(r).cwiseAbs().template cast<double>().array() *
+                              w.row(c).cwiseAbs().template cast<double>().array())
+                                 .sum();
+      const double bound = double(attn::bf16_dot_error_bound<T>(T(abs_dot), x.cols())) +
+                           tolerance<T>() * std::max(1.0, std::abs(want(r, c)));
+      EXPECT_LE(std::abs(double(y(r, c)) - want(r, c)), bound) << "bf16 y(" << r << ", " << c << ")";
+    }
+}
+
+// out [L, H*dv] from q [L, H*d], k [S, Hkv*d], v [S, Hkv*dv] in bf16 compute: each row of each head
+// within bf16_attention_error_bound of PyTorch's output (max|k|, max|v| over all heads: a
+// larger bound than the head's own, still the stated one), plus T's tolerance.
+template <class T>
+void expect_bf16_attention(const attn::Matrix<T>& out, const attn::Matrix<double>& want, const attn::Matrix<T>& q,
+                           const attn::Matrix<T>& k, const attn::Matrix<T>& v, Index H, double scale) {
+  ASSERT_EQ(out.rows(), want.rows());
+  ASSERT_EQ(out.cols(), want.cols());
+  const Index d = q.cols() / H, dv = out.cols() / H;
+  const double max_k = double(k.cwiseAbs().maxCoeff()), max_v = double(v.cwiseAbs().maxCoeff());
+  for (Index i = 0; i < out.rows(); ++i)
+    for (Index h = 0; h < H; ++h) {
+      const double l1 = double(q.row(i).segment(h * d, d).cwiseAbs().sum());
+      const double bound = double(attn::bf16_attention_error_bound<T>(T(std::abs(scale) * l1), T(max_k), T(max_v),
+                                                                      k.rows(), d));
+      for (Index e = h * dv; e < (h + 1) * dv; ++e)
+        EXPECT_LE(std::abs(double(out(i, e)) - want(i, e)), bound + tolerance<T>() * std::max(1.0, std::abs(want(i, e))))
+            << "bf16 output (" << i << ", " << e << ")";
+    }
+}
+
 // --- linear -----------------------------------------------------------------------------------
 
 template <class T>
@@ -61,6 +105,8 @@ void run_linear(const Fixture& f) {
   fc.set_weight(f.tensor<T>("weight"));
   if (bias) fc.set_bias(f.vec<T>("bias"));
   EXPECT_TRUE(attn_test::matrices_near(fc.forward(f.tensor<T>("x")), f.tensor<double>("y"), tolerance<T>())) << "y";
+  fc.set_precision(attn::Precision::BFloat16);
+  expect_bf16_linear<T>(fc.forward(f.tensor<T>("x")), f.tensor<double>("y"), f.tensor<T>("x"), f.tensor<T>("weight"));
 }
 
 // --- scaled dot-product attention --------------------------------------------------------------
@@ -85,6 +131,9 @@ void run_sdpa(const Fixture& f) {
   EXPECT_TRUE(attn_test::matrices_near(r.output, want_out, tolerance<T>())) << "output";
   EXPECT_TRUE(attn_test::matrices_near(r.weights, want_w, tolerance<T>())) << "weights";
   EXPECT_TRUE(attn_test::matrices_near(sdpa.forward(q, k, v, m), want_out, tolerance<T>())) << "forward() output";
+  m.precision = attn::Precision::BFloat16;
+  expect_bf16_attention<T>(sdpa.forward(q, k, v, m), want_out, q, k, v, 1,
+                           sdpa.scale() ? double(*sdpa.scale()) : 1.0 / std::sqrt(double(q.cols())));
 
   // All-masked rows (sdpa_all_masked_row, bottom-right with L > S, ...) are zeros in PyTorch 2.x
   // and in attn; the expectation holds exactly that many zero weight rows.
@@ -125,6 +174,9 @@ void run_gqa(const Fixture& f) {
   const attn::GroupedQueryAttention<T> gqa(H, Hkv);
   EXPECT_TRUE(attn_test::matrices_near(gqa.forward(q, k, v, args), f.tensor<double>("output"), tolerance<T>()))
       << "output";
+  args.precision = attn::Precision::BFloat16;
+  expect_bf16_attention<T>(gqa.forward(q, k, v, args), f.tensor<double>("output"), q, k, v, H,
+                           1.0 / std::sqrt(double(q.cols() / H)));
 }
 
 template <class T>

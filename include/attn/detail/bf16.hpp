@@ -84,8 +84,8 @@ inline void to_bf16_pairs(const float* x, Index n, Bf16Pair* out) {
   Index i = 0;
 #if defined(__AVX512BF16__) && defined(EIGEN_VECTORIZE_AVX512)
   for (; i + 32 <= n; i += 32)
-    _mm512_storeu_ps(reinterpret_cast<float*>(out + i / 2),
-                     bf16_pairs_of(_mm512_loadu_ps(x + i), _mm512_loadu_ps(x + i + 16)));
+    _mm512_storeu_si512(out + i / 2,
+                        _mm512_castps_si512(bf16_pairs_of(_mm512_loadu_ps(x + i), _mm512_loadu_ps(x + i + 16))));
 #endif
   for (; i + 1 < n; i += 2) out[i / 2] = bf16_pair(x[i], x[i + 1]);
   if (i < n) out[i / 2] = bf16_pair(x[i], 0.0f);
@@ -130,7 +130,7 @@ void pack_pair_panels(const S* k, Index ks, Index c, Index d, Bf16Pair* packed, 
         }
         mk::ei::ptranspose(tile);
         for (Index r = 0; r < L; ++r)
-          _mm512_store_ps(reinterpret_cast<float*>(panel + (t / 2 + r) * NR + jj), tile.packet[r]);
+          _mm512_store_si512(panel + (t / 2 + r) * NR + jj, _mm512_castps_si512(tile.packet[r]));
       }
       for (; t < d; t += 2)
         for (Index r = 0; r < L; ++r)
@@ -162,7 +162,7 @@ inline void pack_pair_rows(const float* v, Index vs, Index c, Index dv, Bf16Pair
           _mm512_permutex2var_ps(x, _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0), y);
       const __m512 hi =
           _mm512_permutex2var_ps(x, _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8), y);
-      _mm512_storeu_ps(reinterpret_cast<float*>(o + j), bf16_pairs_of(lo, hi));
+      _mm512_storeu_si512(o + j, _mm512_castps_si512(bf16_pairs_of(lo, hi)));
     }
     for (; j < dv; ++j) o[j] = bf16_pair(a[j], b ? b[j] : 0.0f);
   }

@@ -64,8 +64,8 @@ struct Bf16Dot {
   using Operand = Bf16Pair;
   using P = Packet<float>;
   static EIGEN_STRONG_INLINE P broadcast(const Bf16Pair* a) { return _mm512_castsi512_ps(_mm512_set1_epi32(int(*a))); }
-  static EIGEN_STRONG_INLINE P load(const Bf16Pair* b) { return _mm512_load_ps(reinterpret_cast<const float*>(b)); }
-  static EIGEN_STRONG_INLINE P loadu(const Bf16Pair* b) { return _mm512_loadu_ps(reinterpret_cast<const float*>(b)); }
+  static EIGEN_STRONG_INLINE P load(const Bf16Pair* b) { return _mm512_castsi512_ps(_mm512_load_si512(b)); }
+  static EIGEN_STRONG_INLINE P loadu(const Bf16Pair* b) { return _mm512_castsi512_ps(_mm512_loadu_si512(b)); }
   static EIGEN_STRONG_INLINE P madd(const P& a, const P& b, const P& acc) {
     return _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh>(a), reinterpret_cast<__m512bh>(b));
   }

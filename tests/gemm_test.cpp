@@ -306,11 +306,8 @@ TYPED_TEST(GemmTest, StoredWeightsComputeWithTheDequantizedMatrix) {
     const Index n = c % 6 == 5 ? pick() : 1 + c % 6, in = pick(), out = pick();
     const Storage s = std::array{Storage::BFloat16, Storage::Float16, Storage::Int8}[std::size_t(c % 3)];
     const StoredCase<T> sc(n, in, out, s, gen);
-    const attn::Matrix<T>& x = sc.x;
-    const attn::Weight<T>& stored = sc.stored;
-    const attn::Matrix<T>& wd = sc.wd;
-    const T* bp = c % 2 ? sc.b.data() : nullptr;
-    const std::string& what = sc.what;
+    const auto& [x, w, b, stored, wd, what] = sc;
+    const T* bp = c % 2 ? b.data() : nullptr;
     attn::Matrix<T> y(n, out), want(n, out);
     const int threads = 1 + c % 3;
     attn::detail::linear_into<T>(x, stored.view(), bp, y, threads);
@@ -361,22 +358,20 @@ TYPED_TEST(GemmTest, Bf16PrecisionMultipliesTheRoundedOperands) {
     const Index n = c % 5 == 4 ? 1 + c % 4 : pick() + 4, in = pick(), out = pick();
     const Storage s = std::array{Storage::Native, Storage::BFloat16, Storage::Float16, Storage::Int8}[std::size_t(c % 4)];
     const StoredCase<T> sc(n, in, out, s, gen);
-    const attn::Matrix<T>& x = sc.x;
-    const attn::Weight<T>& stored = sc.stored;
-    const attn::Matrix<T>& wd = sc.wd;
-    const T* bp = c % 2 ? sc.b.data() : nullptr;
-    const std::string& what = sc.what;
+    const auto& [x, w, b, stored, wd, what] = sc;
+    const T* bp = c % 2 ? b.data() : nullptr;
     // The bound on the rounded operands (tight) and on the unrounded ones (the stated one).
+    const attn::Matrix<double> xr = x.unaryExpr([](T v) { return bf16_round(v); }).template cast<double>();
+    const attn::Matrix<double> wr = wd.unaryExpr([](T v) { return bf16_round(v); }).template cast<double>();
+    const attn::Matrix<double> xe = x.template cast<double>(), we = wd.template cast<double>();
     const auto check = [&](const attn::Matrix<T>& y, const std::string& kernel) {
       double worst_rounded = 0, worst_stated = 0;
       for (Index r = 0; r < n; ++r)
         for (Index o = 0; o < out; ++o) {
-          double rounded = bp ? double(bp[o]) : 0.0, exact = rounded, abs_rounded = std::abs(rounded), abs_exact = 0;
-          for (Index t = 0; t < in; ++t) {
-            const double xr = double(bf16_round(x(r, t))), wr = double(bf16_round(wd(o, t)));
-            rounded += xr * wr, abs_rounded += std::abs(xr * wr);
-            exact += double(x(r, t)) * double(wd(o, t)), abs_exact += std::abs(double(x(r, t)) * double(wd(o, t)));
-          }
+          const double bias = bp ? double(bp[o]) : 0.0;
+          const double rounded = bias + xr.row(r).dot(wr.row(o)), exact = bias + xe.row(r).dot(we.row(o));
+          const double abs_rounded = std::abs(bias) + xr.row(r).cwiseAbs().dot(wr.row(o).cwiseAbs());
+          const double abs_exact = xe.row(r).cwiseAbs().dot(we.row(o).cwiseAbs());
           const double y_ro = double(y(r, o));
           worst_rounded = std::max(worst_rounded, std::abs(y_ro - rounded) / (double(in + 2) * eps * abs_rounded + 1e-300));
           const double stated = double(attn::bf16_dot_error_bound<T>(T(abs_exact), in)) + eps * std::abs(rounded);
@@ -400,7 +395,7 @@ TYPED_TEST(GemmTest, Bf16PrecisionMultipliesTheRoundedOperands) {
       attn::Matrix<T> k(n, out);
       attn::detail::linear_packed<T, S>(x, stored.view(), bp, k, 2, 7, /*round=*/true);
       check(k, "rounding path, K blocks of 7");
-#if defined(__AVX512BF16__) && defined(EIGEN_VECTORIZE_AVX512)
+#if ATTN_BF16_DOT
       if constexpr (std::is_same_v<T, float>) {
         attn::detail::linear_packed<T, S, attn::detail::mk::Bf16Dot>(x, stored.view(), bp, k, 2, 7);
         check(k, "bf16 micro-kernel, K blocks of 7 pairs");

@@ -211,7 +211,7 @@ void attention_flash_on(const AttentionProblem<T>& p, FlashBlocks blocks, int th
         const O* v = nullptr;  // V as P V's operands, and their row stride
         Index vs = 0;
         if constexpr (V > 1) {
-#if defined(__AVX512BF16__) && defined(EIGEN_VECTORIZE_AVX512)
+#if ATTN_BF16_DOT
           pack_pair_rows(vt, vts, c, p.dv, w.vals);
 #endif
           v = w.vals, vs = p.dv;
@@ -330,13 +330,12 @@ void attention_flash_on(const AttentionProblem<T>& p, FlashBlocks blocks, int th
   });
 }
 
-
 // The flash kernel, in T or, under Precision::BFloat16, on bf16 operands: the bf16 micro-kernels
 // where the compiler targets VDPBF16PS (float), else the T kernels on operands rounded to bf16.
 template <class T>
 void attention_flash(const AttentionProblem<T>& p, FlashBlocks blocks = {}, int threads = 0) {
   const bool bf16 = p.precision == Precision::BFloat16;
-#if defined(__AVX512BF16__) && defined(EIGEN_VECTORIZE_AVX512)
+#if ATTN_BF16_DOT
   if constexpr (std::is_same_v<T, float>)
     if (bf16) return attention_flash_on<T, mk::Bf16Dot>(p, blocks, threads, false);
 #endif

@@ -6,7 +6,7 @@
 // probability row or of V - and the bf16 micro-kernels (mk::Bf16Dot) read panels of pairs laid out
 // as the fp32 kernels' panels of values, with half the rows.
 //
-//   kBf16Dot              whether the compiler targets VDPBF16PS (and AVX-512): the dispatch
+//   ATTN_BF16_DOT         whether the compiler targets VDPBF16PS (and AVX-512): the dispatch
 //   bf16_bits(x)          x rounded to bf16 as VCVTNE2PS2BF16 does it
 //   round_bf16(x, n)      x[0, n) rounded to bf16 in place, in T: what stands in for the instruction
 //                         where there is none (and for double)
@@ -31,10 +31,12 @@ namespace attn::detail {
 // Two bf16 values in one 32-bit word, the lower-indexed one in the low half.
 using Bf16Pair = std::uint32_t;
 
+// ATTN_BF16_DOT: 1 when the compiler targets VDPBF16PS with AVX-512 packets, the one condition
+// every bf16 micro-kernel and pair conversion is compiled under (#if ATTN_BF16_DOT).
 #if defined(__AVX512BF16__) && defined(EIGEN_VECTORIZE_AVX512)
-inline constexpr bool kBf16Dot = true;
+#define ATTN_BF16_DOT 1
 #else
-inline constexpr bool kBf16Dot = false;
+#define ATTN_BF16_DOT 0
 #endif
 
 // x's bf16 bits, rounded to nearest even as VCVTNE2PS2BF16 rounds: zero and subnormal inputs give
@@ -72,7 +74,7 @@ void round_bf16(T* x, Index n) {
 
 inline Bf16Pair bf16_pair(float lo, float hi) { return Bf16Pair(bf16_bits(lo)) | Bf16Pair(bf16_bits(hi)) << 16; }
 
-#if defined(__AVX512BF16__) && defined(EIGEN_VECTORIZE_AVX512)
+#if ATTN_BF16_DOT
 // 32 floats (lo: the first 16) as 16 pairs, in a float register (the micro-kernels' packet).
 EIGEN_STRONG_INLINE __m512 bf16_pairs_of(__m512 lo, __m512 hi) {
   return reinterpret_cast<__m512>(_mm512_cvtne2ps_pbh(hi, lo));  // elements 0-15 from lo, 16-31 from hi
@@ -82,7 +84,7 @@ EIGEN_STRONG_INLINE __m512 bf16_pairs_of(__m512 lo, __m512 hi) {
 // x[0, n) as ceil(n / 2) pairs at out, the last one's high half 0 when n is odd.
 inline void to_bf16_pairs(const float* x, Index n, Bf16Pair* out) {
   Index i = 0;
-#if defined(__AVX512BF16__) && defined(EIGEN_VECTORIZE_AVX512)
+#if ATTN_BF16_DOT
   for (; i + 32 <= n; i += 32)
     _mm512_storeu_si512(out + i / 2,
                         _mm512_castps_si512(bf16_pairs_of(_mm512_loadu_ps(x + i), _mm512_loadu_ps(x + i + 16))));
@@ -96,8 +98,8 @@ inline void to_bf16_pairs(const float* x, Index n, Bf16Pair* out) {
 // [p*W, (p+1)*W) (W = NP * 16), as ceil(d/2) rows of W pairs (columns 2t and 2t+1 of each row);
 // rows past c and an odd last column are zeros. Tiles of 16 rows x 32 columns are converted and
 // transposed in registers, the edges one pair at a time. `packed` is aligned to 64 bytes.
-// Built only where kBf16Dot: only the bf16 micro-kernels read pairs.
-#if defined(__AVX512BF16__) && defined(EIGEN_VECTORIZE_AVX512)
+// Built only where ATTN_BF16_DOT: only the bf16 micro-kernels read pairs.
+#if ATTN_BF16_DOT
 #if defined(__GNUC__)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wignored-attributes"  // PacketBlock<__m512>: see mk::pack_panels

@@ -373,19 +373,18 @@ void linear_into(const ConstMatrixRef<T>& x, const WeightView<T>& w, const T* bi
     }
     const int t = eigen_threads ? 1 : threads_for(2.0 * double(n) * double(in) * double(out), threads);
     const bool bf16 = precision == Precision::BFloat16;
-#if defined(__AVX512BF16__) && defined(EIGEN_VECTORIZE_AVX512)
+#if ATTN_BF16_DOT
     if constexpr (std::is_same_v<T, float>)
       if (bf16) return linear_packed<T, S, mk::Bf16Dot>(x, w, bias, y, t);
 #endif
-    if constexpr (use_packed_gemm<T, S>) {
-      linear_packed<T, S>(x, w, bias, y, t, kGemmMaxKc, bf16);
-    } else if (bf16) {
-      linear_packed<T, S>(x, w, bias, y, t, kGemmMaxKc, true);
-    } else {
-      linear_eigen<T>(x, Eigen::Map<const Matrix<T>, 0, Eigen::OuterStride<>>(static_cast<const T*>(w.data), out, in,
-                                                                               Eigen::OuterStride<>(w.stride)),
-                      bias, y, t);
+    if constexpr (!use_packed_gemm<T, S>) {  // Eigen's GEMM, unless the operands must be rounded
+      if (!bf16)
+        return linear_eigen<T>(x,
+                               Eigen::Map<const Matrix<T>, 0, Eigen::OuterStride<>>(static_cast<const T*>(w.data), out,
+                                                                                    in, Eigen::OuterStride<>(w.stride)),
+                               bias, y, t);
     }
+    linear_packed<T, S>(x, w, bias, y, t, kGemmMaxKc, bf16);
   });
 }
 

@@ -59,7 +59,7 @@ struct FmaDot {
   static T scalar(T acc, T a, T b) { return acc + a * b; }
 };
 
-#if defined(__AVX512BF16__) && defined(EIGEN_VECTORIZE_AVX512)
+#if ATTN_BF16_DOT
 struct Bf16Dot {
   using Operand = Bf16Pair;
   using P = Packet<float>;
@@ -138,7 +138,7 @@ void pack_operands(const S* k, Index ks, Index c, Index d, typename Dot::Operand
     constexpr Index NR = Index(NP) * kLanes<T>;
     if (round) round_bf16(packed, (c + NR - 1) / NR * NR * d);
   } else {
-#if defined(__AVX512BF16__) && defined(EIGEN_VECTORIZE_AVX512)
+#if ATTN_BF16_DOT
     static_assert(std::is_same_v<T, float>);
     pack_pair_panels<NP>(k, ks, c, d, packed, row_scale);
 #endif

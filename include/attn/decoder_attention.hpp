@@ -63,13 +63,31 @@ class DecoderAttention {
         k_proj_(E_, Hkv_ * D_, opt_.qkv_bias, gen),
         v_proj_(E_, Hkv_ * D_, opt_.qkv_bias, gen),
         o_proj_(H_ * D_, E_, opt_.o_bias, gen),
-        core_(opt_.scale > 0 ? GroupedQueryAttention<T>(H_, Hkv_, static_cast<T>(opt_.scale))
-                             : GroupedQueryAttention<T>(H_, Hkv_)) {
+        core_(make_core(opt_, H_, Hkv_)) {
     if (opt_.rope) rope_.emplace(D_, opt_.max_positions, *opt_.rope);
     if (opt_.alibi) alibi_ = alibi_slopes<T>(H_);
   }
   DecoderAttention(Index embed_dim, Index num_heads, const DecoderAttentionOptions& opt = {})
       : DecoderAttention(embed_dim, num_heads, opt, default_gen()) {}
+
+  // From its four projections, no initialisation (a model built from a checkpoint: attn/models/):
+  // q_proj [E -> H*D], k_proj and v_proj [E -> Hkv*D], o_proj [H*D -> E], as the options' num_kv_heads
+  // and head_dim say; their biases set qkv_bias (all three or none) and o_bias.
+  DecoderAttention(Index embed_dim, Index num_heads, const DecoderAttentionOptions& opt, Linear<T> q_proj,
+                   Linear<T> k_proj, Linear<T> v_proj, Linear<T> o_proj)
+      : opt_(checked_parts(embed_dim, num_heads, opt, q_proj, k_proj, v_proj, o_proj)),
+        E_(embed_dim),
+        H_(num_heads),
+        Hkv_(opt_.num_kv_heads),
+        D_(opt_.head_dim),
+        q_proj_(std::move(q_proj)),
+        k_proj_(std::move(k_proj)),
+        v_proj_(std::move(v_proj)),
+        o_proj_(std::move(o_proj)),
+        core_(make_core(opt_, H_, Hkv_)) {
+    if (opt_.rope) rope_.emplace(D_, opt_.max_positions, *opt_.rope);
+    if (opt_.alibi) alibi_ = alibi_slopes<T>(H_);
+  }
 
   // Without a cache: x [B*L, E], B = batch sequences of L tokens at positions 0 .. L-1 (rows of
   // sequence b in [b*L, (b+1)*L))  ->  [B*L, E]. Causal. The batch is always given (1 for one
@@ -161,6 +179,31 @@ class DecoderAttention {
     detail::require_arg(std::isfinite(opt.scale) && opt.scale >= 0, where,
                         "scale must be finite and >= 0 (0: 1/sqrt(head_dim)), got ", opt.scale);
     return opt;
+  }
+
+  static DecoderAttentionOptions checked_parts(Index E, Index H, DecoderAttentionOptions opt, const Linear<T>& q,
+                                               const Linear<T>& k, const Linear<T>& v, const Linear<T>& o) {
+    opt = checked(E, H, opt);
+    const Index QD = H * opt.head_dim, KD = opt.num_kv_heads * opt.head_dim;
+    const auto require = [&](const Linear<T>& l, const char* name, Index in, Index out) {
+      detail::require_shape(l.in_features() == in && l.out_features() == out, "attn::DecoderAttention", name,
+                            ".weight has shape ", detail::shape(l.out_features(), l.in_features()), ", expected ",
+                            detail::shape(out, in), " (embed_dim = ", E, ", num_heads = ", H,
+                            ", num_kv_heads = ", opt.num_kv_heads, ", head_dim = ", opt.head_dim, ")");
+    };
+    require(q, "q_proj", E, QD);
+    require(k, "k_proj", E, KD);
+    require(v, "v_proj", E, KD);
+    require(o, "o_proj", QD, E);
+    detail::require_arg(q.has_bias() == k.has_bias() && q.has_bias() == v.has_bias(), "attn::DecoderAttention",
+                        "q_proj, k_proj and v_proj must all have a bias or none (qkv_bias)");
+    opt.qkv_bias = q.has_bias();
+    opt.o_bias = o.has_bias();
+    return opt;
+  }
+
+  static GroupedQueryAttention<T> make_core(const DecoderAttentionOptions& o, Index H, Index Hkv) {
+    return o.scale > 0 ? GroupedQueryAttention<T>(H, Hkv, static_cast<T>(o.scale)) : GroupedQueryAttention<T>(H, Hkv);
   }
 
   static Generator& default_gen() {

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cmath>
+#include <utility>
 
 #include "attn/detail/check.hpp"
 #include "attn/detail/scratch.hpp"
@@ -22,6 +23,9 @@ namespace attn {
 enum class Activation {
   ReLU,  // max(x, 0)                                   activation="relu" (F.relu)
   GELU,  // x * Phi(x) = x/2 * (1 + erf(x / sqrt(2)))   activation="gelu" (F.gelu, approximate="none")
+  // x/2 * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3)))  F.gelu(approximate="tanh"), GPT-2's gelu_new;
+  // FeedForward only (nn.Transformer*Layer accepts relu and gelu)
+  GELUTanh,
 };
 
 namespace detail {
@@ -33,6 +37,9 @@ void activate(Activation a, Eigen::Map<Matrix<T>> h) {
   const Index n = h.size();
   if (a == Activation::ReLU) {
     for (Index i = 0; i < n; ++i) p[i] = p[i] < T(0) ? T(0) : p[i];  // NaN stays NaN, as torch.relu
+  } else if (a == Activation::GELUTanh) {
+    const T c = T(0.79788456080286535588), k = T(0.044715);  // sqrt(2/pi)
+    for (Index i = 0; i < n; ++i) p[i] = T(0.5) * p[i] * (T(1) + std::tanh(c * (p[i] + k * p[i] * p[i] * p[i])));
   } else {
     const T inv_sqrt2 = T(0.70710678118654752440);
     for (Index i = 0; i < n; ++i) p[i] = T(0.5) * p[i] * (T(1) + std::erf(p[i] * inv_sqrt2));
@@ -54,6 +61,15 @@ class FeedForward {
         activation_(activation) {}
   FeedForward(Index d_model, Index dim_feedforward, Activation activation = Activation::ReLU, bool bias = true)
       : FeedForward(d_model, dim_feedforward, activation, bias, default_gen()) {}
+  // From its two projections (no initialisation): linear1 [d_model -> ff], linear2 [ff -> d_model].
+  FeedForward(Linear<T> linear1, Linear<T> linear2, Activation activation)
+      : linear1_(std::move(linear1)), linear2_(std::move(linear2)), activation_(activation) {
+    detail::require_shape(linear2_.in_features() == linear1_.out_features() &&
+                              linear2_.out_features() == linear1_.in_features(),
+                          "attn::FeedForward", "linear1 maps ", linear1_.in_features(), " -> ",
+                          linear1_.out_features(), " features and linear2 ", linear2_.in_features(), " -> ",
+                          linear2_.out_features(), ", expected d_model -> ff and ff -> d_model");
+  }
 
   // x: [N, d_model]  ->  [N, d_model]
   Matrix<T> forward(const ConstMatrixRef<T>& x) const {

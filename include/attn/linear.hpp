@@ -48,6 +48,19 @@ class Linear {
   Linear(Index in_features, Index out_features, bool bias = true)
       : Linear(in_features, out_features, bias, default_gen()) {}
 
+  // From its parameters, no initialisation: weight [out, in] in any storage (a Weight::view of a
+  // memory-mapped checkpoint included, used in place), bias [out] or empty for none. What a model
+  // built from a checkpoint uses (attn/models/): drawing random weights first would cost the time
+  // and the memory of the whole model once more.
+  Linear(Weight<T> weight, Vector<T> bias) : in_(weight.cols()), out_(weight.rows()) {
+    detail::require_shape(in_ > 0 && out_ > 0, "attn::Linear", "weight has shape ", detail::shape(out_, in_),
+                          ", expected [out_features, in_features] with both positive");
+    detail::require_arg(bias.size() == 0 || bias.size() == out_, "attn::Linear", "bias has ", bias.size(),
+                        " elements, expected [out_features] = [", out_, "] or none");
+    weight_ = std::move(weight);
+    bias_ = std::move(bias);
+  }
+
   // x: [N, in]  ->  [N, out]
   Matrix<T> forward(const ConstMatrixRef<T>& x) const {
     Matrix<T> y(x.rows(), out_);

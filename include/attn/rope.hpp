@@ -6,7 +6,8 @@
 //   rope.apply(k, /*heads=*/8, B, past);                       //   sequence at position past + l
 //   rope.apply(k, 8, B, starts);  // starts [B]: sequence b's rows from starts[b] (a ragged cache)
 //
-// For k = 0 .. R/2 - 1 (R = rotary_dim) the frequency is theta_k = base^(-2k / R), and position m
+// For k = 0 .. R/2 - 1 (R = rotary_dim) the frequency is theta_k = base^(-2k / R) (changed by a
+// RopeScaling, below, for Llama 3 and linear interpolation), and position m
 // rotates one pair of each head's first R features by the angle m * theta_k:
 //   (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)
 // NeoX ("rotate half": GPT-NeoX, Llama, HF's rotate_half) pairs feature k with k + R/2;
@@ -23,6 +24,7 @@
 #pragma once
 
 #include <cmath>
+#include <vector>
 
 #include "attn/detail/check.hpp"
 #include "attn/types.hpp"
@@ -34,11 +36,65 @@ enum class RopeStyle {
   GPTJ,  // interleaved: feature 2k with 2k + 1 (GPT-J, RoFormer, rotate_every_two)
 };
 
+// How a checkpoint's rope_scaling changes the frequencies theta_k, for contexts longer than the
+// model was trained on (Hugging Face's modeling_rope_utils.py, rope_type "linear" and "llama3"):
+//   Linear (position interpolation, Chen et al. 2023):  theta_k / factor
+//   Llama3, by the wavelength lambda_k = 2 pi / theta_k and L0 = original_max_positions:
+//     lambda_k < L0 / high_freq_factor   theta_k                 (high frequencies unchanged)
+//     lambda_k > L0 / low_freq_factor    theta_k / factor        (low frequencies interpolated)
+//     otherwise                          (1 - s) theta_k / factor + s theta_k,
+//                                        s = (L0 / lambda_k - low_freq_factor) / (high_freq_factor - low_freq_factor)
+enum class RopeScalingType { None, Linear, Llama3 };
+
+struct RopeScaling {
+  RopeScalingType type = RopeScalingType::None;
+  double factor = 1.0;                  // Linear, Llama3
+  double low_freq_factor = 1.0;         // Llama3
+  double high_freq_factor = 4.0;        // Llama3
+  double original_max_positions = 8192;  // Llama3: original_max_position_embeddings
+};
+
 struct Rope {
   Index rotary_dim = 0;  // R: the rotated features of each head, even; 0 = all of head_dim
   double base = 10000.0;
   RopeStyle style = RopeStyle::NeoX;
+  RopeScaling scaling = {};
 };
+
+// theta_k = base^(-2k / R) for k = 0 .. R/2 - 1, then rope.scaling applied (above); in double.
+// R must be even and positive (RopeCache checks the rest).
+inline std::vector<double> rope_frequencies(const Rope& rope, Index R) {
+  const char* where = "attn::rope_frequencies";
+  const RopeScaling& sc = rope.scaling;
+  detail::require_arg(std::isfinite(rope.base) && rope.base > 0, where, "base must be finite and positive, got ",
+                      rope.base);
+  detail::require_arg(sc.type == RopeScalingType::None || (std::isfinite(sc.factor) && sc.factor > 0), where,
+                      "scaling.factor must be finite and positive, got ", sc.factor);
+  detail::require_arg(sc.type != RopeScalingType::Llama3 ||
+                          (sc.low_freq_factor > 0 && sc.high_freq_factor > sc.low_freq_factor &&
+                           std::isfinite(sc.high_freq_factor) && sc.original_max_positions > 0 &&
+                           std::isfinite(sc.original_max_positions)),
+                      where, "llama3 scaling needs 0 < low_freq_factor < high_freq_factor and original_max_positions > 0, got ",
+                      sc.low_freq_factor, ", ", sc.high_freq_factor, ", ", sc.original_max_positions);
+  std::vector<double> theta(static_cast<std::size_t>(R / 2));
+  const double two_pi = 6.283185307179586476925;
+  for (Index k = 0; k < R / 2; ++k) {
+    double t = std::pow(rope.base, -2.0 * double(k) / double(R));
+    if (sc.type == RopeScalingType::Linear) {
+      t /= sc.factor;
+    } else if (sc.type == RopeScalingType::Llama3) {
+      const double wavelength = two_pi / t, L0 = sc.original_max_positions;
+      if (wavelength > L0 / sc.low_freq_factor) {
+        t /= sc.factor;
+      } else if (!(wavelength < L0 / sc.high_freq_factor)) {
+        const double s = (L0 / wavelength - sc.low_freq_factor) / (sc.high_freq_factor - sc.low_freq_factor);
+        t = (1 - s) * t / sc.factor + s * t;
+      }
+    }
+    theta[std::size_t(k)] = t;
+  }
+  return theta;
+}
 
 // The cos and sin tables for positions [0, max_positions), computed once (in double, then
 // rounded to T); apply() allocates nothing.
@@ -59,13 +115,12 @@ class RopeCache {
                           "< head_dim to rotate only part of each head)");
     detail::require_arg(R_ > 0 && R_ % 2 == 0 && R_ <= head_dim, where, "rotary_dim = ", rope.rotary_dim,
                         " must be even, positive and at most head_dim = ", head_dim, " (0: all of it)");
-    detail::require_arg(std::isfinite(rope.base) && rope.base > 0, where, "base must be finite and positive, got ",
-                        rope.base);
     detail::checked_mul(where, "max_positions * rotary_dim / 2", max_positions, R_ / 2);
+    const std::vector<double> thetas = rope_frequencies(rope, R_);
     cos_.resize(max_positions, R_ / 2);
     sin_.resize(max_positions, R_ / 2);
     for (Index k = 0; k < R_ / 2; ++k) {
-      const double theta = std::pow(rope.base, -2.0 * double(k) / double(R_));
+      const double theta = thetas[std::size_t(k)];
       for (Index m = 0; m < max_positions; ++m) {
         cos_(m, k) = static_cast<T>(std::cos(double(m) * theta));
         sin_(m, k) = static_cast<T>(std::sin(double(m) * theta));

@@ -11,6 +11,8 @@
 // gate projection (Shazeer 2020, "GLU Variants Improve Transformer").
 #pragma once
 
+#include <utility>
+
 #include "attn/detail/check.hpp"
 #include "attn/detail/scratch.hpp"
 #include "attn/init.hpp"
@@ -32,6 +34,17 @@ class SwiGLU {
         up_proj_(d_model, ffn_dim, bias, gen),
         down_proj_(ffn_dim, d_model, bias, gen) {}
   SwiGLU(Index d_model, Index ffn_dim, bool bias = false) : SwiGLU(d_model, ffn_dim, bias, default_gen()) {}
+  // From its three projections (no initialisation): gate_proj and up_proj [d_model -> ffn_dim],
+  // down_proj [ffn_dim -> d_model].
+  SwiGLU(Linear<T> gate_proj, Linear<T> up_proj, Linear<T> down_proj)
+      : gate_proj_(std::move(gate_proj)), up_proj_(std::move(up_proj)), down_proj_(std::move(down_proj)) {
+    const Index D = gate_proj_.in_features(), F = gate_proj_.out_features();
+    detail::require_shape(up_proj_.in_features() == D && up_proj_.out_features() == F &&
+                              down_proj_.in_features() == F && down_proj_.out_features() == D,
+                          "attn::SwiGLU", "gate_proj maps ", D, " -> ", F, " features, up_proj ", up_proj_.in_features(),
+                          " -> ", up_proj_.out_features(), ", down_proj ", down_proj_.in_features(), " -> ",
+                          down_proj_.out_features(), "; expected d_model -> ffn_dim twice and ffn_dim -> d_model");
+  }
 
   // x: [N, d_model]  ->  [N, d_model]
   Matrix<T> forward(const ConstMatrixRef<T>& x) const {

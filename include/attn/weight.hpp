@@ -80,6 +80,14 @@ class Weight {
     return m;
   }
 
+  // Row r (0 <= r < rows(), unchecked) as T into out[0, cols): an embedding lookup.
+  void row_into(Index r, T* out) const {
+    detail::with_storage<T>(storage_, [&](auto tag) {
+      using S = typename decltype(tag)::type;
+      detail::dequantize(view().template row<S>(r), cols_, scales_.size() ? scales_[r] : T(1), out);
+    });
+  }
+
   // New values, same shape and storage; a rejected call changes nothing.
   void set(const ConstMatrixRef<T>& m) {
     detail::require_dims("attn::Weight::set", "weight", m.rows(), m.cols(), rows_, cols_, detail::shape(rows_, cols_));

@@ -81,12 +81,6 @@
 
 namespace attn::io {
 
-// What a non-strict load_state_dict skipped, as PyTorch's load_state_dict returns it.
-struct LoadResult {
-  std::vector<std::string> missing_keys;     // the module's, absent from the source: left as they were
-  std::vector<std::string> unexpected_keys;  // the source's, under the prefix, unknown to the module
-};
-
 namespace detail {
 
 // One parameter of a module: its key, its shape in PyTorch, another shape accepted on load, and

@@ -29,6 +29,13 @@
 
 namespace attn::io {
 
+// What a non-strict load skipped (load_state_dict, a model from a checkpoint), as PyTorch's
+// load_state_dict returns it.
+struct LoadResult {
+  std::vector<std::string> missing_keys;     // the module's, absent from the source: left as they were
+  std::vector<std::string> unexpected_keys;  // the source's, under the prefix, unknown to the module
+};
+
 // [d0, ..., dn], PyTorch's order; [] is a scalar.
 using TensorShape = std::vector<std::int64_t>;
 

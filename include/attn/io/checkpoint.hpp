@@ -1,0 +1,284 @@
+// attn/io/checkpoint.hpp - a Hugging Face checkpoint directory: config.json and the weights, in one
+// safetensors file or in shards, read as one set of named tensors.
+//
+//   auto ckpt = attn::io::Checkpoint::open("TinyLlama-1.1B-Chat-v1.0");   // a directory
+//   ckpt.config()["num_hidden_layers"];                                   // config.json, parsed
+//   attn::Matrix<float> w = ckpt.matrix<float>("model.norm.weight");      // from whichever shard
+//
+// The layout, as transformers' save_pretrained writes it:
+//   config.json                          the model's hyperparameters ("model_type", sizes, ...)
+//   model.safetensors                    every tensor, or
+//   model.safetensors.index.json         {"metadata": {...}, "weight_map": {name: shard file}}
+//   model-00001-of-0000N.safetensors     the shards the index names
+// open() also takes a single .safetensors file (no config: config() is an empty object). Every
+// shard is memory-mapped (attn/io/safetensors.hpp); a tensor the model keeps as stored (a bf16
+// weight kept in bf16, an F32 one in float) is a view of the mapping, so loading reads only the
+// bytes it converts and a model's memory is what it touches.
+//
+// Errors are attn::format_error naming the file: no config.json, no weights, an index that is not
+// JSON or has no weight_map, a shard it names that is missing or lies outside the directory, a
+// tensor the index puts in a shard that does not hold it, a tensor in two shards, a tensor in a
+// shard the index does not list for it.
+//
+// Needs nlohmann_json, as attn/io/safetensors.hpp does.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "attn/detail/check.hpp"
+#include "attn/error.hpp"
+#include "attn/io/safetensors.hpp"
+#include "attn/io/tensor.hpp"
+#include "attn/storage.hpp"
+#include "attn/types.hpp"
+#include "attn/weight.hpp"
+
+namespace attn::io {
+
+class Checkpoint {
+ public:
+  // A checkpoint directory (config.json, then model.safetensors.index.json and its shards, or
+  // model.safetensors), or one .safetensors file.
+  static Checkpoint open(const std::filesystem::path& path) {
+    Checkpoint c;
+    c.path_ = path.string();
+    if (!std::filesystem::is_directory(path)) {
+      if (!std::filesystem::exists(path)) c.fail("does not exist");
+      c.config_ = nlohmann::json::object();
+      c.add_shard(path, nullptr);
+      return c;
+    }
+    const std::filesystem::path config = path / "config.json", index = path / "model.safetensors.index.json",
+                                single = path / "model.safetensors";
+    if (!std::filesystem::exists(config))
+      c.fail(
+          "has no config.json (a Hugging Face checkpoint directory has one; open a .safetensors file alone by "
+          "its path)");
+    c.config_ = c.read_json(config);
+    if (!c.config_.is_object()) c.fail("config.json is not a JSON object");
+    if (std::filesystem::exists(index)) {
+      c.open_shards(path, index);
+    } else if (std::filesystem::exists(single)) {
+      c.add_shard(single, nullptr);
+    } else {
+      c.fail(
+          "has neither model.safetensors nor model.safetensors.index.json (PyTorch .bin checkpoints are not "
+          "read: convert them with tools/export_state_dict.py)");
+    }
+    return c;
+  }
+
+  // The directory or file opened.
+  const std::string& path() const { return path_; }
+  // config.json, parsed; an empty object for a single file.
+  const nlohmann::json& config() const { return config_; }
+  // The safetensors files, in the order of the index (or the one file).
+  const std::vector<SafeTensors>& shards() const { return shards_; }
+
+  // Every tensor name, shard by shard in each shard's header order.
+  const std::vector<std::string>& names() const { return names_; }
+  bool contains(const std::string& name) const { return where_.count(name) != 0; }
+  const TensorInfo& info(const std::string& name) const { return shard(name).info(name); }
+  // The shard holding `name` (format_error naming the checkpoint when none does).
+  const SafeTensors& shard(const std::string& name) const {
+    const auto it = where_.find(name);
+    if (it == where_.end()) fail("has no tensor \"" + name + "\"");
+    return shards_[it->second];
+  }
+  // The bytes of every tensor's data, all shards together.
+  std::uint64_t data_bytes() const {
+    std::uint64_t n = 0;
+    for (const std::string& name : names_) n += info(name).end - info(name).begin;
+    return n;
+  }
+
+  // A float tensor converted to T, as SafeTensors::matrix and ::vector.
+  template <class T>
+  Matrix<T> matrix(const std::string& name) const {
+    return shard(name).template matrix<T>(name);
+  }
+  template <class T>
+  Vector<T> vector(const std::string& name) const {
+    return shard(name).template vector<T>(name);
+  }
+  template <class T>
+  Tensor<T> tensor(const std::string& name) const {
+    return shard(name).template tensor<T>(name);
+  }
+
+  // A 2-D float tensor as a Weight<T>, in place when its bytes can be: with `storage` nullopt (as
+  // stored), BF16 is kept as Storage::BFloat16, F16 as Float16 and T's own dtype as Native, each a
+  // view of the mapping (no copy, no memory until touched); any other dtype is converted to T.
+  // With a storage, the tensor is viewed when its dtype is that storage's, else converted into it.
+  template <class T>
+  Weight<T> weight(const std::string& name, std::optional<Storage> storage = std::nullopt) const {
+    const SafeTensors& st = shard(name);
+    const TensorInfo& t = st.info(name);
+    if (t.shape.size() != 2)
+      fail("tensor \"" + name + "\" has shape " + to_string(t.shape) + ", expected a 2-D weight");
+    const std::optional<Storage> in_place = t.dtype == DType::BF16     ? std::optional<Storage>(Storage::BFloat16)
+                                            : t.dtype == DType::F16    ? std::optional<Storage>(Storage::Float16)
+                                            : t.dtype == dtype_of<T>() ? std::optional<Storage>(Storage::Native)
+                                                                       : std::nullopt;
+    const bool aligned = reinterpret_cast<std::uintptr_t>(st.bytes(name)) % dtype_size(t.dtype) == 0;
+    if (in_place && (!storage || *storage == *in_place) && aligned && detail::host_is_little_endian())
+      return Weight<T>::view(*in_place, t.shape[0], t.shape[1], st.bytes(name), st.keep_alive());
+    return Weight<T>(st.template matrix<T>(name), storage.value_or(Storage::Native));
+  }
+
+ private:
+  Checkpoint() = default;
+
+  [[noreturn]] void fail(const std::string& what) const { throw format_error("checkpoint " + path_ + ": " + what); }
+
+  nlohmann::json read_json(const std::filesystem::path& file) const {
+    std::ifstream in(file, std::ios::binary);
+    if (!in) fail("cannot read " + file.filename().string());
+    std::stringstream text;
+    text << in.rdbuf();
+    try {
+      return nlohmann::json::parse(text.str());
+    } catch (const nlohmann::json::exception& e) {
+      fail(file.filename().string() + " is not valid JSON: " + e.what());
+    }
+  }
+
+  void add_shard(const std::filesystem::path& file, const std::map<std::string, std::string>* listed) {
+    const std::size_t i = shards_.size();
+    shards_.push_back(SafeTensors::open(file));
+    const std::string base = file.filename().string();
+    for (const std::string& name : shards_[i].names()) {
+      if (listed) {
+        const auto it = listed->find(name);
+        if (it == listed->end())
+          fail("shard " + base + " holds \"" + name + "\", which model.safetensors.index.json does not list");
+        if (it->second != base)
+          fail("shard " + base + " holds \"" + name + "\", which the index puts in " + it->second);
+      }
+      if (!where_.emplace(name, i).second)
+        fail("tensor \"" + name + "\" is in two shards: " + shards_[where_[name]].path() + " and " + base);
+      names_.push_back(name);
+    }
+  }
+
+  void open_shards(const std::filesystem::path& dir, const std::filesystem::path& index_file) {
+    const nlohmann::json index = read_json(index_file);
+    if (!index.is_object() || !index.contains("weight_map") || !index["weight_map"].is_object())
+      fail("model.safetensors.index.json has no \"weight_map\" object");
+    std::map<std::string, std::string> listed;
+    std::vector<std::string> files;  // in the order the index first names them
+    for (const auto& [name, file] : index["weight_map"].items()) {
+      if (!file.is_string()) fail("model.safetensors.index.json maps \"" + name + "\" to " + file.dump());
+      const std::string f = file.get<std::string>();
+      // A shard is a file in this directory: no path separators, no "..".
+      if (f.empty() || f.find('/') != std::string::npos || f.find('\\') != std::string::npos || f == "." || f == "..")
+        fail("model.safetensors.index.json names shard \"" + f + "\", not a file name in the directory");
+      if (std::find(files.begin(), files.end(), f) == files.end()) files.push_back(f);
+      listed.emplace(name, f);
+    }
+    std::sort(files.begin(), files.end());  // model-00001-of-N, model-00002-of-N, ...
+    for (const std::string& f : files) {
+      if (!std::filesystem::exists(dir / f)) fail("shard " + f + " named by model.safetensors.index.json is missing");
+      add_shard(dir / f, &listed);
+    }
+    for (const auto& [name, file] : listed)
+      if (!where_.count(name)) fail("the index puts \"" + name + "\" in " + file + ", which does not hold it");
+  }
+
+  std::string path_;
+  nlohmann::json config_;
+  std::vector<SafeTensors> shards_;
+  std::vector<std::string> names_;
+  std::unordered_map<std::string, std::size_t> where_;  // name -> index in shards_
+};
+
+// A tensor a model expects: its full name in the checkpoint, and its shape.
+struct ExpectedTensor {
+  std::string name;
+  TensorShape shape;
+};
+
+// Checks a checkpoint against the tensors a model expects: every one there with its shape, and
+// (strict) no other tensor, except those whose names end in one of `ignored` (buffers some writers
+// save beside the parameters: GPT-2's "attn.bias", Llama's "rotary_emb.inv_freq"). A shape that
+// differs is a shape_error. A missing tensor is a format_error listing every one (a model built
+// from a checkpoint has no other values for it); unexpected ones are too when strict, else they
+// are returned in the LoadResult. `prefix` is where the model's base sits ("model.", "bert.", or
+// ""): when every missing tensor under it exists under another prefix, the message names that one.
+// `where` names the caller.
+inline LoadResult check_tensors(const Checkpoint& ckpt, const std::vector<ExpectedTensor>& expected,
+                                const std::string& prefix, bool strict, const std::vector<std::string>& ignored,
+                                const std::string& where) {
+  const auto ends_with = [](const std::string& s, const std::string& end) {
+    return s.size() >= end.size() && s.compare(s.size() - end.size(), end.size(), end) == 0;
+  };
+  const auto starts_with = [](const std::string& s, const std::string& start) { return s.rfind(start, 0) == 0; };
+  LoadResult r;
+  std::unordered_map<std::string, bool> wanted;
+  std::string mismatches;
+  for (const ExpectedTensor& e : expected) {
+    wanted.emplace(e.name, true);
+    if (!ckpt.contains(e.name)) {
+      r.missing_keys.push_back(e.name);
+      continue;
+    }
+    const TensorShape& have = ckpt.info(e.name).shape;
+    if (have != e.shape)
+      mismatches += (mismatches.empty() ? "\"" : "; \"") + e.name + "\" has shape " + to_string(have) +
+                    ", the model's is " + to_string(e.shape);
+  }
+  for (const std::string& name : ckpt.names()) {
+    if (wanted.count(name)) continue;
+    bool skip = false;
+    for (const std::string& end : ignored) skip = skip || ends_with(name, end);
+    if (!skip) r.unexpected_keys.push_back(name);
+  }
+  if (!mismatches.empty())
+    throw shape_error(where + ": checkpoint " + ckpt.path() + ": " + mismatches + " (check config.json)");
+  if (r.missing_keys.empty() && (!strict || r.unexpected_keys.empty())) return r;
+
+  const auto list = [](const std::vector<std::string>& keys) {
+    std::string s;
+    for (std::size_t i = 0; i < keys.size() && i < 8; ++i) s += (i ? ", \"" : "\"") + keys[i] + "\"";
+    if (keys.size() > 8) s += ", and " + std::to_string(keys.size() - 8) + " more";
+    return s;
+  };
+  std::string msg = where + ": checkpoint " + ckpt.path() + ":";
+  if (!r.missing_keys.empty())
+    msg += " " + std::to_string(r.missing_keys.size()) + " missing tensors [" + list(r.missing_keys) + "]";
+  if (!r.unexpected_keys.empty())
+    msg += std::string(r.missing_keys.empty() ? "" : ";") + " " + std::to_string(r.unexpected_keys.size()) +
+           " unexpected tensors [" + list(r.unexpected_keys) + "]";
+  // A prefix that explains the missing ones: every missing name under `prefix` exists under it instead.
+  std::vector<std::string> base;  // the missing names, less the prefix
+  for (const std::string& m : r.missing_keys)
+    if (starts_with(m, prefix)) base.push_back(m.substr(prefix.size()));
+  if (!base.empty()) {
+    for (const std::string& name : ckpt.names()) {
+      if (!ends_with(name, base.front())) continue;
+      const std::string q = name.substr(0, name.size() - base.front().size());
+      if (q == prefix || (!q.empty() && q.back() != '.')) continue;
+      bool all = true;
+      for (const std::string& m : base) all = all && ckpt.contains(q + m);
+      if (all) {
+        msg += "; the missing tensors are all under the prefix \"" + q + "\" instead of \"" + prefix + "\"";
+        break;
+      }
+    }
+  }
+  throw format_error(msg + (r.missing_keys.empty() ? " (strict = false ignores them)" : ""));
+}
+
+}  // namespace attn::io

@@ -1,6 +1,8 @@
-// tests/transformer_test.cpp - attn::TransformerEncoderLayer, TransformerDecoderLayer and
-// TransformerEncoder against PyTorch 1.13 (tests/data/layers/encoder_* and decoder_*, written by
-// tools/gen_fixtures.py in float64), identities that need no fixture, and errors.
+// tests/transformer_test.cpp - attn::TransformerEncoderLayer, TransformerDecoderLayer,
+// TransformerEncoder, TransformerDecoder and Transformer against PyTorch 1.13
+// (tests/data/layers/encoder_* and decoder_*, written by tools/gen_fixtures.py, and transformer_*,
+// by tools/gen_transformer_fixtures.py, in float64), incremental decoding against the caches
+// held to the same whole-target outputs, identities that need no fixture, and errors.
 //
 // Each fixture is a typed test, float and double: TransformerPyTorch/double.encoder_layer_causal.
 // Parameters are loaded by their state_dict names (attn::io::load_state_dict); the 6-layer
@@ -191,6 +193,78 @@ void run_encoder(const Fixture& f) {
   EXPECT_TRUE(matrices_near(x, want, tolerance<T>())) << "forward_into in place";
 }
 
+// The decoder's output for tgt, step by step against a TransformerDecoderCache: one target
+// position of every sequence per decode() call, in the layout of tgt (rows (l, b), or (b, l) with
+// batch_first), so each row must equal the whole-target forward's with a causal tgt_mask.
+template <class T>
+attn::Matrix<T> decode_incrementally(const attn::TransformerDecoder<T>& dec, const attn::Matrix<T>& tgt,
+                                     const attn::Matrix<T>& memory, const attn::Masks<T>& memory_masks, Index B,
+                                     bool batch_first) {
+  const Index L = tgt.rows() / B;
+  auto cache = dec.start(memory, B, L, memory_masks);
+  attn::Matrix<T> out(tgt.rows(), tgt.cols()), step(B, tgt.cols());
+  const auto row = [&](Index l, Index b) { return batch_first ? b * L + l : l * B + b; };
+  for (Index l = 0; l < L; ++l) {
+    for (Index b = 0; b < B; ++b) step.row(b) = tgt.row(row(l, b));
+    const attn::Matrix<T> y = dec.decode(step, cache);
+    for (Index b = 0; b < B; ++b) out.row(row(l, b)) = y.row(b);
+  }
+  EXPECT_EQ(cache.size(), L);
+  return out;
+}
+
+template <class T>
+void run_decoder(const Fixture& f) {
+  const Index layers = f.meta_int("num_layers"), E = f.meta_int("d_model"), B = f.meta_int("batch");
+  std::optional<attn::LayerNorm<T>> final_norm;
+  if (f.meta_bool("final_norm")) final_norm.emplace(E);
+  const attn::TransformerOptions o = options_of(f);
+  attn::TransformerDecoder<T> dec(attn::TransformerDecoderLayer<T>(E, f.meta_int("nhead"), o), layers, final_norm);
+  ASSERT_EQ(dec.norm() != nullptr, f.has("norm.weight"));
+  load_params(dec, f);  // layers.{i}.*, norm.*
+
+  const attn::Matrix<T> tgt = f.tensor<T>("tgt"), memory = f.tensor<T>("memory");
+  attn::DecoderArgs<T> args;
+  args.batch = B;
+  load_mask(args.tgt_masks, f, "tgt_mask");
+  load_padding(args.memory_masks, f, "memory_key_padding_mask");
+  ASSERT_TRUE(f.meta_bool("tgt_is_causal"));
+  ASSERT_TRUE(is_causal_mask(f.tensor<double>("tgt_mask"), attn::Causal::TopLeft));
+  const attn::Matrix<double> want = f.tensor<double>("output");
+  EXPECT_TRUE(matrices_near(dec.forward(tgt, memory, args), want, tolerance<T>())) << "forward";
+  attn::Matrix<T> x = tgt;
+  dec.forward_into(x, memory, args, x);
+  EXPECT_TRUE(matrices_near(x, want, tolerance<T>())) << "forward_into in place";
+  EXPECT_TRUE(
+      matrices_near(decode_incrementally(dec, tgt, memory, args.memory_masks, B, o.batch_first), want, tolerance<T>()))
+      << "decode, one position at a time against the caches";
+}
+
+template <class T>
+void run_transformer(const Fixture& f) {
+  const Index E = f.meta_int("d_model"), B = f.meta_int("batch");
+  const attn::TransformerOptions o = options_of(f);
+  attn::Transformer<T> model(E, f.meta_int("nhead"), f.meta_int("num_encoder_layers"), f.meta_int("num_decoder_layers"),
+                             o);
+  load_params(model, f);  // encoder.layers.{i}.*, encoder.norm.*, decoder.layers.{i}.*, decoder.norm.*
+
+  const attn::Matrix<T> src = f.tensor<T>("src"), tgt = f.tensor<T>("tgt");
+  attn::TransformerArgs<T> args;
+  args.batch = B;
+  load_padding(args.src_masks, f, "src_key_padding_mask");
+  load_mask(args.tgt_masks, f, "tgt_mask");
+  load_padding(args.memory_masks, f, "memory_key_padding_mask");
+  ASSERT_TRUE(is_causal_mask(f.tensor<double>("tgt_mask"), attn::Causal::TopLeft));
+  const attn::Matrix<double> want = f.tensor<double>("output");
+  EXPECT_TRUE(matrices_near(model.forward(src, tgt, args), want, tolerance<T>())) << "forward";
+  const attn::Matrix<T> memory = model.encode(src, B, args.src_masks);
+  EXPECT_TRUE(matrices_near(memory, f.tensor<double>("memory"), tolerance<T>())) << "encode";
+  EXPECT_TRUE(matrices_near(decode_incrementally(model.decoder(), tgt, memory, args.memory_masks, B, o.batch_first),
+                            want, tolerance<T>()))
+      << "decode, one position at a time against the caches";
+  (void)f.meta_bool("fast_path_checked");
+}
+
 template <class T>
 void run_case(const std::string& name) {
   const Fixture f = Fixture::load("layers/" + name + ".safetensors");
@@ -203,6 +277,10 @@ void run_case(const std::string& name) {
     run_decoder_layer<T>(f);
   } else if (kind == "encoder") {
     run_encoder<T>(f);
+  } else if (kind == "decoder") {
+    run_decoder<T>(f);
+  } else if (kind == "transformer") {
+    run_transformer<T>(f);
   } else {
     FAIL() << "unknown kind \"" << kind << "\"";
   }
@@ -236,8 +314,12 @@ ATTN_TRANSFORMER_CASE(decoder_layer_no_bias)
 ATTN_TRANSFORMER_CASE(encoder_3_layers_final_norm)
 ATTN_TRANSFORMER_CASE(encoder_6_layers_e256)
 
+ATTN_TRANSFORMER_CASE(transformer_decoder_stack)
+ATTN_TRANSFORMER_CASE(transformer_decoder_norm_first)
+ATTN_TRANSFORMER_CASE(transformer_full)
+
 TEST(TransformerPyTorchFiles, EveryFileHasATest) {
-  EXPECT_EQ(attn_test::fixture_files("layers", {"encoder", "decoder"}), attn_test::covered_cases());
+  EXPECT_EQ(attn_test::fixture_files("layers", {"encoder", "decoder", "transformer"}), attn_test::covered_cases());
 }
 
 // --- identities and structure, no fixture ----------------------------------------------------------
@@ -343,7 +425,8 @@ TYPED_TEST(TransformerTest, EncoderLayersAreIndependentCopies) {
   // Zero layers and a final norm: the output is norm(src).
   const attn::TransformerEncoder<T> just_norm(attn::TransformerEncoderLayer<T>(4, 2, o), 0, attn::LayerNorm<T>(4));
   const attn::Matrix<T> x = random_matrix<T>(3, 4, 5);
-  EXPECT_TRUE(matrices_near(just_norm.forward(x, attn_test::batch_of<attn::EncoderArgs<T>>(1)), attn::LayerNorm<T>(4).forward(x), 0));
+  EXPECT_TRUE(matrices_near(just_norm.forward(x, attn_test::batch_of<attn::EncoderArgs<T>>(1)),
+                            attn::LayerNorm<T>(4).forward(x), 0));
 }
 
 TYPED_TEST(TransformerTest, BadArgumentsThrow) {
@@ -370,8 +453,8 @@ TYPED_TEST(TransformerTest, BadArgumentsThrow) {
       {"attn::TransformerEncoderLayer::forward", "batch is not set: set args.batch = B"}));
   EXPECT_TRUE(throws_with<attn::argument_error>(
       [&] {
-        (void)attn::TransformerDecoderLayer<T>(8, 2, o).forward(attn::Matrix<T>::Zero(6, 8), attn::Matrix<T>::Zero(6, 8),
-                                                                attn::DecoderArgs<T>{});
+        (void)attn::TransformerDecoderLayer<T>(8, 2, o).forward(attn::Matrix<T>::Zero(6, 8),
+                                                                attn::Matrix<T>::Zero(6, 8), attn::DecoderArgs<T>{});
       },
       {"batch is not set"}));
   attn::EncoderArgs<T> args;

@@ -25,7 +25,10 @@
 #include "attn/detail/check.hpp"
 #include "attn/detail/gemm.hpp"
 #include "attn/detail/scratch.hpp"
+#include "attn/grouped_query_attention.hpp"
 #include "attn/init.hpp"
+#include "attn/kv_cache.hpp"
+#include "attn/kv_storage.hpp"
 #include "attn/linear.hpp"
 #include "attn/mask.hpp"
 #include "attn/storage.hpp"
@@ -128,8 +131,8 @@ class MultiHeadAttention {
   // as T (copies of the stored values: set_weight_storage).
   Matrix<T> in_proj_weight() const { return need_packed(true, "in_proj_weight"), in_proj_weight_.matrix(); }  // [3E, E]
   Matrix<T> q_proj_weight() const { return need_packed(false, "q_proj_weight"), q_proj_weight_.matrix(); }    // [E, E]
-  Matrix<T> k_proj_weight() const { return need_packed(false, "k_proj_weight"), k_proj_weight_.matrix(); }    // [E, kdim]
-  Matrix<T> v_proj_weight() const { return need_packed(false, "v_proj_weight"), v_proj_weight_.matrix(); }    // [E, vdim]
+  Matrix<T> k_proj_weight() const { return need_packed(false, "k_proj_weight"), k_proj_weight_.matrix(); }  // [E, kdim]
+  Matrix<T> v_proj_weight() const { return need_packed(false, "v_proj_weight"), v_proj_weight_.matrix(); }  // [E, vdim]
   const Vector<T>& in_proj_bias() const { return in_proj_bias_; }  // [3E]; empty without bias
   const Vector<T>& bias_k() const { return bias_k_; }              // [E]; empty without add_bias_kv
   const Vector<T>& bias_v() const { return bias_v_; }              // [E]; empty without add_bias_kv
@@ -152,6 +155,58 @@ class MultiHeadAttention {
   // BFloat16. A call's MhaArgs::precision overrides it for the attention core.
   void set_precision(Precision p) { precision_ = p, out_proj_.set_precision(p); }
   Precision precision() const { return precision_; }
+
+  // --- Incremental decoding against a KV cache (attn/kv_cache.hpp) --------------------------------
+  // A decoder that generates token by token computes each position's key and value once: a
+  // self-attention step appends the new rows' keys and values, then its queries attend everything
+  // kept (causal, bottom-right: CacheArgs' default); a cross-attention appends its memory's once
+  // and attends it at every step (args.causal = Causal::None, memory_key_padding_mask as
+  // key_padding_mask [B, S]). The result equals forward() over the whole sequence, row for row.
+  //   auto cache = mha.make_cache(/*batch=*/B, /*capacity=*/max_len);
+  //   mha.append_kv(x, x, cache);                          // x [B*L, E]: the next L positions
+  //   mha.attend_into(x, cache, attn::CacheArgs<float>(), y);
+  // Not with add_bias_kv or add_zero_attn.
+
+  // A cache for batch sequences of up to capacity positions: num_heads heads of head_dim.
+  KVCache<T> make_cache(Index batch, Index capacity, KVStorage storage = KVStorage::Native) const {
+    return KVCache<T>(storage, batch, H_, head_dim(), capacity);
+  }
+  // key [B*S, kdim], value [B*S, vdim], B = cache.batch(), rows in this module's order: appends their
+  // projections, S positions per sequence. On an error the cache is unchanged.
+  void append_kv(const ConstMatrixRef<T>& key, const ConstMatrixRef<T>& value, KVCache<T>& cache) const {
+    const char* where = "attn::MultiHeadAttention::append_kv";
+    check_cache(cache, where);
+    const Index B = cache.batch();
+    detail::require_shape(key.cols() == kdim_ && key.rows() > 0 && key.rows() % B == 0, where, "key has shape ",
+                          detail::shape(key.rows(), key.cols()), ", expected [B*S, kdim] = [", B, "*S, ", kdim_,
+                          "] with S > 0 (B from the cache)");
+    detail::require_dims(where, "value", value.rows(), value.cols(), key.rows(), vdim_,
+                         "[B*S, vdim] = ", detail::shape(key.rows(), vdim_), " (B*S from key)");
+    Matrix<T> k(key.rows(), E_), v(key.rows(), E_);
+    project(key, 1, 1, k.data());
+    project(value, 2, 1, v.data());
+    cache.append(batch_major(k, B), batch_major(v, B));
+  }
+  // query [B*L, E], rows in this module's order  ->  out [B*L, E], sized by the caller: the queries'
+  // attention against the cache's keys and values, through out_proj. Self-attention's queries are
+  // the cache's newest L positions of each sequence (append_kv first).
+  void attend_into(const ConstMatrixRef<T>& query, const KVCache<T>& cache, const CacheArgs<T>& args,
+                   MatrixRef<T> out) const {
+    const char* where = "attn::MultiHeadAttention::attend_into";
+    check_cache(cache, where);
+    const Index B = cache.batch();
+    detail::require_shape(query.cols() == E_ && query.rows() > 0 && query.rows() % B == 0, where, "query has shape ",
+                          detail::shape(query.rows(), query.cols()), ", expected [B*L, E] = [", B, "*L, ", E_,
+                          "] with L > 0 (B from the cache)");
+    detail::require_dims(where, "out", out.rows(), out.cols(), query.rows(), E_,
+                         "[B*L, E] = ", detail::shape(query.rows(), E_));
+    Matrix<T> q(query.rows(), E_), heads(query.rows(), E_);
+    project(query, 0, 1, q.data());
+    GroupedQueryAttention<T> core(H_, H_);  // scale 1 / sqrt(head_dim), as forward's
+    core.set_precision(precision_);         // args.precision, when set, overrides it per call
+    core.forward_into(batch_major(q, B), cache, -1, args, heads);
+    out_proj_.forward_into(module_order(heads, B), out);
+  }
 
   void set_in_proj_weight(const ConstMatrixRef<T>& w) { set(in_proj_weight_, w, true, "in_proj_weight", 3 * E_, E_); }
   void set_q_proj_weight(const ConstMatrixRef<T>& w) { set(q_proj_weight_, w, false, "q_proj_weight", E_, E_); }
@@ -226,6 +281,34 @@ class MultiHeadAttention {
   void project(const ConstMatrixRef<T>& x, int first, int parts, T* y) const {
     detail::linear_into<T>(x, proj_weight(first, parts), proj_bias(first),
                            Eigen::Map<Matrix<T>>(y, x.rows(), parts * E_), 0, precision_);
+  }
+
+  void check_cache(const KVCache<T>& cache, const char* where) const {
+    detail::require_arg(!opt_.add_bias_kv && !opt_.add_zero_attn, where,
+                        "add_bias_kv and add_zero_attn are not supported against a cache");
+    detail::require_shape(cache.kv_heads() == H_ && cache.head_dim() == head_dim() && cache.value_dim() == head_dim(),
+                          where, "the cache holds ", cache.kv_heads(), " heads of ", cache.head_dim(), " (keys) and ",
+                          cache.value_dim(), " (values), this attention ", H_, " of ", head_dim(),
+                          " (make_cache() fits)");
+  }
+  // Rows (l, b) -> (b, l), as a cache takes them: without batch_first, B > 1 and more than one row
+  // per sequence; otherwise x itself.
+  Matrix<T> batch_major(Matrix<T>& x, Index B) const {
+    const Index n = x.rows() / B;
+    if (opt_.batch_first || B == 1 || n == 1) return std::move(x);
+    Matrix<T> y(x.rows(), x.cols());
+    for (Index b = 0; b < B; ++b)
+      for (Index l = 0; l < n; ++l) y.row(b * n + l) = x.row(l * B + b);
+    return y;
+  }
+  // The reverse: rows (b, l) -> this module's order.
+  Matrix<T> module_order(Matrix<T>& x, Index B) const {
+    const Index n = x.rows() / B;
+    if (opt_.batch_first || B == 1 || n == 1) return std::move(x);
+    Matrix<T> y(x.rows(), x.cols());
+    for (Index b = 0; b < B; ++b)
+      for (Index l = 0; l < n; ++l) y.row(l * B + b) = x.row(b * n + l);
+    return y;
   }
 
   // Whether a and b are one matrix: the same memory, shape and strides.

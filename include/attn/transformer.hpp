@@ -37,6 +37,8 @@
 #include "attn/detail/check.hpp"
 #include "attn/feed_forward.hpp"
 #include "attn/init.hpp"
+#include "attn/kv_cache.hpp"
+#include "attn/kv_storage.hpp"
 #include "attn/layer_norm.hpp"
 #include "attn/mask.hpp"
 #include "attn/multi_head_attention.hpp"
@@ -75,6 +77,8 @@ struct DecoderArgs {
 
 template <class T>
 class TransformerEncoder;
+template <class T>
+class TransformerDecoder;
 
 namespace detail {
 
@@ -273,8 +277,7 @@ class TransformerDecoderLayer {
       : TransformerDecoderLayer(d_model, nhead, options, detail::transformer_default_gen()) {}
 
   // tgt: [B*L, d_model]  memory: [B*S, d_model]  ->  [B*L, d_model], rows in tgt's order
-  Matrix<T> forward(const ConstMatrixRef<T>& tgt, const ConstMatrixRef<T>& memory,
-                    const DecoderArgs<T>& args) const {
+  Matrix<T> forward(const ConstMatrixRef<T>& tgt, const ConstMatrixRef<T>& memory, const DecoderArgs<T>& args) const {
     Matrix<T> out(tgt.rows(), d_model());
     run(tgt, memory, args, out, "attn::TransformerDecoderLayer::forward");
     return out;
@@ -284,6 +287,24 @@ class TransformerDecoderLayer {
   void forward_into(const ConstMatrixRef<T>& tgt, const ConstMatrixRef<T>& memory, const DecoderArgs<T>& args,
                     MatrixRef<T> out) const {
     run(tgt, memory, args, out, "attn::TransformerDecoderLayer::forward_into");
+  }
+
+  // Incremental decoding (TransformerDecoder::start and decode run it for a stack): tgt [B*L,
+  // d_model], the next L target positions of each sequence (B = self_cache.batch()); their keys and
+  // values are appended to self_cache (self_attn().make_cache()), and the cross-attention reads
+  // memory's from cross_cache (multihead_attn().append_kv(memory, memory, cross_cache), once per
+  // sequence). memory_masks: a memory_key_padding_mask [B, S] only. The same rows as forward() over
+  // the whole target with a causal tgt_mask. out [B*L, d_model] may be tgt. On an error the caches
+  // are unchanged.
+  void step_into(const ConstMatrixRef<T>& tgt, KVCache<T>& self_cache, const KVCache<T>& cross_cache,
+                 const Masks<T>& memory_masks, MatrixRef<T> out) const {
+    const char* where = "attn::TransformerDecoderLayer::step_into";
+    check_step(tgt, self_cache, cross_cache, memory_masks, where);
+    detail::require_dims(where, "out", out.rows(), out.cols(), tgt.rows(), d_model(),
+                         "[B*L, d_model] = ", detail::shape(tgt.rows(), d_model()));
+    if (out.data() != tgt.data()) out = tgt;
+    Matrix<T> t(tgt.rows(), d_model()), u(tgt.rows(), d_model());
+    step(out, self_cache, cross_cache, memory_masks, t, u);
   }
 
   Index d_model() const { return self_attn_.embed_dim(); }
@@ -337,23 +358,71 @@ class TransformerDecoderLayer {
 
     const MhaArgs<T> sa = detail::mha_args<T>(args.tgt_masks, B), ca = detail::mha_args<T>(args.memory_masks, B);
     if (out.data() != tgt.data()) out = tgt;
-    MatrixRef<T>& x = out;
     Matrix<T> t(tgt.rows(), d_model()), u(tgt.rows(), d_model());
+    apply(
+        out, t, u, [&](const ConstMatrixRef<T>& in, Matrix<T>& y) { self_attn_.forward_into(in, in, in, sa, y); },
+        // key and value one matrix: fused projection
+        [&](const ConstMatrixRef<T>& in, Matrix<T>& y) { multihead_attn_.forward_into(in, memory, memory, ca, y); });
+  }
+
+  template <class>
+  friend class TransformerDecoder;
+
+  // One decoding step of x [B*L, d_model] in place (checked by check_step).
+  void step(MatrixRef<T> x, KVCache<T>& self_cache, const KVCache<T>& cross_cache, const Masks<T>& memory_masks,
+            Matrix<T>& t, Matrix<T>& u) const {
+    CacheArgs<T> sa;  // causal, bottom-right: each new position sees the cache up to itself
+    CacheArgs<T> ca;
+    static_cast<Masks<T>&>(ca) = memory_masks;
+    ca.causal = Causal::None;
+    apply(
+        x, t, u,
+        [&](const ConstMatrixRef<T>& in, Matrix<T>& y) {
+          self_attn_.append_kv(in, in, self_cache);
+          self_attn_.attend_into(in, self_cache, sa, y);
+        },
+        [&](const ConstMatrixRef<T>& in, Matrix<T>& y) { multihead_attn_.attend_into(in, cross_cache, ca, y); });
+  }
+
+  // The checks of step_into (TransformerDecoder::decode makes them once for every layer).
+  void check_step(const ConstMatrixRef<T>& tgt, const KVCache<T>& self_cache, const KVCache<T>& cross_cache,
+                  const Masks<T>& memory_masks, const char* where) const {
+    const Index B = self_cache.batch();
+    const Index L = detail::sequence_length(where, "tgt", "L", tgt.rows(), tgt.cols(), B, d_model());
+    detail::require_arg(cross_cache.batch() == B && cross_cache.size(0) > 0, where, "the cross-attention cache holds ",
+                        cross_cache.batch(), " sequences (", cross_cache.size(0),
+                        " memory positions), the self-attention cache ", B);
+    detail::require_arg(
+        memory_masks.attn_mask.empty() && memory_masks.attn_bias.empty() && memory_masks.causal == Causal::None, where,
+        "incremental decoding takes a memory_key_padding_mask only (memory_mask and "
+        "memory_is_causal are per target row: run forward() over the whole target)");
+    detail::check_layer_masks(where, "memory_masks.", "memory_mask", "memory_key_padding_mask", memory_masks, B,
+                              nhead(), L, cross_cache.size(0));
+    for (Index b = 0; b < B; ++b)
+      detail::require_arg(self_cache.size(b) == self_cache.size(0) && L <= self_cache.max_append(b), where, "sequence ",
+                          b, " of the self-attention cache holds ", self_cache.size(b), " positions and takes ",
+                          self_cache.max_append(b), " more; this step appends ", L, " to every sequence");
+  }
+
+  // x <- the layer applied to x in place; t and u are [rows of x, d_model] scratch. self_attend(in,
+  // y) and cross_attend(in, y) write the two attentions of rows `in` into y.
+  template <class SelfAttend, class CrossAttend>
+  void apply(MatrixRef<T> x, Matrix<T>& t, Matrix<T>& u, SelfAttend self_attend, CrossAttend cross_attend) const {
     if (opt_.norm_first) {
       norm1_.forward_into(x, t);
-      self_attn_.forward_into(t, t, t, sa, u);
+      self_attend(t, u);
       x += u;
       norm2_.forward_into(x, t);
-      multihead_attn_.forward_into(t, memory, memory, ca, u);  // key and value one matrix: fused projection
+      cross_attend(t, u);
       x += u;
       norm3_.forward_into(x, t);
       ff_.forward_into(t, u);
       x += u;
     } else {
-      self_attn_.forward_into(x, x, x, sa, u);
+      self_attend(x, u);
       x += u;
       norm1_.forward_into(x, x);
-      multihead_attn_.forward_into(x, memory, memory, ca, u);
+      cross_attend(x, u);
       x += u;
       norm2_.forward_into(x, x);
       ff_.forward_into(x, u);
@@ -447,6 +516,212 @@ class TransformerEncoder {
   Index d_model_;
   std::vector<TransformerEncoderLayer<T>> layers_;
   std::optional<LayerNorm<T>> norm_;
+};
+
+// The state of incremental decoding with a TransformerDecoder (start() makes it, decode() advances
+// it): per layer, the keys and values of the target positions decoded so far and of the memory,
+// computed once.
+template <class T>
+struct TransformerDecoderCache {
+  std::vector<KVCache<T>> self_attn;   // per layer: [B sequences, up to capacity target positions]
+  std::vector<KVCache<T>> cross_attn;  // per layer: memory's S positions of each sequence
+  Masks<T> memory_masks;               // the cross-attention's: memory_key_padding_mask [B, S]
+  Index batch() const { return self_attn.empty() ? 0 : self_attn[0].batch(); }
+  Index size() const { return self_attn.empty() ? 0 : self_attn[0].size(0); }  // target positions decoded
+};
+
+// torch.nn.TransformerDecoder(decoder_layer, num_layers, norm): num_layers copies of one layer
+// (weights included, as PyTorch's deepcopy) applied in turn, all with the same masks, then the
+// optional final norm; and incremental decoding, which PyTorch does not have: start() computes
+// each layer's cross-attention keys and values of the memory once, and each decode() call runs
+// only the new target positions against the layers' self-attention caches. Row for row the same
+// as forward() over the whole target with a causal tgt_mask (and no other target mask).
+//
+//   attn::TransformerDecoder<float> dec(attn::TransformerDecoderLayer<float>(512, 8, opt), 6, attn::LayerNorm<float>(512));
+//   attn::Matrix<float> y = dec.forward(tgt, memory, args);           // training-style: the whole target
+//   auto cache = dec.start(memory, /*batch=*/1, /*capacity=*/64);     // generation: memory [S, 512]
+//   attn::Matrix<float> h = dec.decode(bos_row, cache);               // [1, 512], then one row per step
+template <class T>
+class TransformerDecoder {
+  ATTN_CHECK_SCALAR(T);
+
+ public:
+  TransformerDecoder(const TransformerDecoderLayer<T>& decoder_layer, Index num_layers,
+                     std::optional<LayerNorm<T>> norm = std::nullopt)
+      : d_model_(decoder_layer.d_model()), norm_(std::move(norm)) {
+    detail::require_shape(num_layers >= 0, "attn::TransformerDecoder", "num_layers must be >= 0, got ", num_layers);
+    detail::require_shape(!norm_ || norm_->normalized_shape() == d_model_, "attn::TransformerDecoder",
+                          "norm has normalized_shape = ", norm_ ? norm_->normalized_shape() : 0,
+                          ", expected d_model = ", d_model_);
+    layers_.assign(static_cast<std::size_t>(num_layers), decoder_layer);
+  }
+
+  // tgt: [B*L, d_model]  memory: [B*S, d_model]  ->  [B*L, d_model], rows in tgt's order
+  Matrix<T> forward(const ConstMatrixRef<T>& tgt, const ConstMatrixRef<T>& memory, const DecoderArgs<T>& args) const {
+    Matrix<T> out(tgt.rows(), d_model_);
+    run(tgt, memory, args, out, "attn::TransformerDecoder::forward");
+    return out;
+  }
+  // The same into out [B*L, d_model], sized by the caller; out may be tgt (not memory).
+  void forward_into(const ConstMatrixRef<T>& tgt, const ConstMatrixRef<T>& memory, const DecoderArgs<T>& args,
+                    MatrixRef<T> out) const {
+    run(tgt, memory, args, out, "attn::TransformerDecoder::forward_into");
+  }
+
+  // Starts incremental decoding of `batch` sequences against memory [B*S, d_model] (rows in the
+  // layers' order), for up to `capacity` target positions each: every layer's cross-attention keys
+  // and values of the memory, computed here once. memory_masks: a memory_key_padding_mask [B, S]
+  // only. Target keys and values are stored as `storage` (attn/kv_storage.hpp).
+  TransformerDecoderCache<T> start(const ConstMatrixRef<T>& memory, Index batch, Index capacity,
+                                   const Masks<T>& memory_masks = {}, KVStorage storage = KVStorage::Native) const {
+    const char* where = "attn::TransformerDecoder::start";
+    const Index S = detail::sequence_length(where, "memory", "S", memory.rows(), memory.cols(), batch, d_model_);
+    detail::require_arg(capacity > 0, where, "capacity must be positive, got ", capacity);
+    TransformerDecoderCache<T> c;
+    c.memory_masks = memory_masks;
+    for (const auto& l : layers_) {
+      c.self_attn.push_back(l.self_attn().make_cache(batch, capacity, storage));
+      c.cross_attn.push_back(l.multihead_attn().make_cache(batch, S));
+      l.multihead_attn().append_kv(memory, memory, c.cross_attn.back());
+    }
+    return c;
+  }
+
+  // The next L target positions of each sequence, tgt [B*L, d_model] (rows in the layers' order):
+  // appends them to the cache and returns the decoder's output for them  ->  [B*L, d_model], after
+  // the final norm. On an error the cache is unchanged.
+  Matrix<T> decode(const ConstMatrixRef<T>& tgt, TransformerDecoderCache<T>& cache) const {
+    const char* where = "attn::TransformerDecoder::decode";
+    detail::require_arg(cache.self_attn.size() == layers_.size() && cache.cross_attn.size() == layers_.size(), where,
+                        "the cache has ", cache.self_attn.size(), " layers, the decoder ", layers_.size(),
+                        " (start() makes one)");
+    Matrix<T> x = tgt;
+    if (!layers_.empty()) {
+      // The layers' caches advance together, so the first layer's checks hold for every layer.
+      layers_[0].check_step(tgt, cache.self_attn[0], cache.cross_attn[0], cache.memory_masks, where);
+      Matrix<T> t(tgt.rows(), d_model_), u(tgt.rows(), d_model_);
+      for (std::size_t i = 0; i < layers_.size(); ++i)
+        layers_[i].step(x, cache.self_attn[i], cache.cross_attn[i], cache.memory_masks, t, u);
+    }
+    if (norm_) norm_->forward_into(x, x);
+    return x;
+  }
+
+  Index num_layers() const { return static_cast<Index>(layers_.size()); }
+  Index d_model() const { return d_model_; }
+  const TransformerDecoderLayer<T>& layer(Index i) const { return layers_[checked_index(i)]; }
+  TransformerDecoderLayer<T>& layer(Index i) { return layers_[checked_index(i)]; }
+  // Keeps every layer's projection weights in storage s (attn/storage.hpp); all or none changes.
+  void set_weight_storage(Storage s) {
+    std::vector<TransformerDecoderLayer<T>> layers = layers_;
+    for (auto& l : layers) l.set_weight_storage(s);
+    layers_ = std::move(layers);
+  }
+  void set_precision(Precision p) {
+    for (auto& l : layers_) l.set_precision(p);
+  }
+  const LayerNorm<T>* norm() const { return norm_ ? &*norm_ : nullptr; }
+  LayerNorm<T>* norm() { return norm_ ? &*norm_ : nullptr; }
+
+ private:
+  std::size_t checked_index(Index i) const {
+    detail::require_arg(i >= 0 && i < num_layers(), "attn::TransformerDecoder::layer", "index ", i,
+                        " is outside [0, num_layers) = [0, ", num_layers(), ")");
+    return static_cast<std::size_t>(i);
+  }
+
+  void run(const ConstMatrixRef<T>& tgt, const ConstMatrixRef<T>& memory, const DecoderArgs<T>& args, MatrixRef<T> out,
+           const char* where) const {
+    detail::sequence_length(where, "tgt", "L", tgt.rows(), tgt.cols(), args.batch, d_model_);
+    detail::require_dims(where, "out", out.rows(), out.cols(), tgt.rows(), d_model_,
+                         "[B*L, d_model] = ", detail::shape(tgt.rows(), d_model_));
+    if (out.data() != tgt.data()) out = tgt;
+    // Each layer checks its arguments before it writes; the first checks what every one would.
+    for (const auto& decoder_layer : layers_) decoder_layer.forward_into(out, memory, args, out);
+    if (norm_) norm_->forward_into(out, out);
+  }
+
+  Index d_model_;
+  std::vector<TransformerDecoderLayer<T>> layers_;
+  std::optional<LayerNorm<T>> norm_;
+};
+
+// Per-call arguments of Transformer: the encoder's masks over src, the decoder's over tgt and over
+// memory (PyTorch's src_mask / src_key_padding_mask, tgt_*, memory_*), and B.
+template <class T>
+struct TransformerArgs {
+  Index batch = 0;        // B, the number of sequences in src and tgt: required (1: unbatched)
+  Masks<T> src_masks;     // src_mask [S, S], src_key_padding_mask [B, S], src_is_causal
+  Masks<T> tgt_masks;     // tgt_mask [L, L], tgt_key_padding_mask [B, L], tgt_is_causal
+  Masks<T> memory_masks;  // memory_mask [L, S], memory_key_padding_mask [B, S], memory_is_causal
+};
+
+// torch.nn.Transformer (eval mode): a TransformerEncoder and a TransformerDecoder, each with its
+// final LayerNorm, under PyTorch's names (encoder.layers.0..., encoder.norm, decoder.layers.0...,
+// decoder.norm):  out = decoder(tgt, encoder(src)).
+//
+//   attn::Transformer<float> model(/*d_model=*/512, /*nhead=*/8, /*enc=*/6, /*dec=*/6, opt);
+//   attn::Matrix<float> y = model.forward(src, tgt, args);           // [B*L, 512]
+//   attn::Matrix<float> memory = model.encode(src, enc_args);        // or, generating:
+//   auto cache = model.decoder().start(memory, B, max_len, enc_args);
+//   attn::Matrix<float> h = model.decoder().decode(next_rows, cache);
+// The layers of each stack start as copies of one (PyTorch re-draws each with xavier_uniform);
+// load trained weights with attn/io/state_dict.hpp.
+template <class T>
+class Transformer {
+  ATTN_CHECK_SCALAR(T);
+
+ public:
+  Transformer(Index d_model, Index nhead, Index num_encoder_layers, Index num_decoder_layers,
+              const TransformerOptions& options, Generator& gen)
+      : encoder_(TransformerEncoderLayer<T>(d_model, nhead, options, gen), num_encoder_layers,
+                 LayerNorm<T>(d_model, options.layer_norm_eps, true, options.bias)),
+        decoder_(TransformerDecoderLayer<T>(d_model, nhead, options, gen), num_decoder_layers,
+                 LayerNorm<T>(d_model, options.layer_norm_eps, true, options.bias)),
+        nhead_(nhead) {}
+  // PyTorch's defaults: d_model 512, nhead 8, 6 and 6 layers.
+  Transformer(Index d_model = 512, Index nhead = 8, Index num_encoder_layers = 6, Index num_decoder_layers = 6,
+              const TransformerOptions& options = {})
+      : Transformer(d_model, nhead, num_encoder_layers, num_decoder_layers, options,
+                    detail::transformer_default_gen()) {}
+
+  // src: [B*S, d_model]  tgt: [B*L, d_model]  ->  [B*L, d_model]
+  Matrix<T> forward(const ConstMatrixRef<T>& src, const ConstMatrixRef<T>& tgt, const TransformerArgs<T>& args) const {
+    const Matrix<T> memory = encode(src, args.batch, args.src_masks);
+    DecoderArgs<T> d;
+    d.batch = args.batch;
+    d.tgt_masks = args.tgt_masks;
+    d.memory_masks = args.memory_masks;
+    return decoder_.forward(tgt, memory, d);
+  }
+
+  // The encoder alone: src [B*S, d_model] -> memory [B*S, d_model].
+  Matrix<T> encode(const ConstMatrixRef<T>& src, Index batch, const Masks<T>& src_masks = {}) const {
+    EncoderArgs<T> e;
+    static_cast<Masks<T>&>(e) = src_masks;
+    e.batch = batch;
+    return encoder_.forward(src, e);
+  }
+
+  Index d_model() const { return encoder_.d_model(); }
+  Index nhead() const { return nhead_; }
+  const TransformerEncoder<T>& encoder() const { return encoder_; }
+  TransformerEncoder<T>& encoder() { return encoder_; }
+  const TransformerDecoder<T>& decoder() const { return decoder_; }
+  TransformerDecoder<T>& decoder() { return decoder_; }
+  void set_weight_storage(Storage s) {
+    TransformerEncoder<T> e = encoder_;
+    TransformerDecoder<T> d = decoder_;
+    e.set_weight_storage(s);
+    d.set_weight_storage(s);
+    encoder_ = std::move(e), decoder_ = std::move(d);
+  }
+  void set_precision(Precision p) { encoder_.set_precision(p), decoder_.set_precision(p); }
+
+ private:
+  TransformerEncoder<T> encoder_;
+  TransformerDecoder<T> decoder_;
+  Index nhead_;
 };
 
 }  // namespace attn

@@ -16,7 +16,9 @@
 //                             which have no feed-forward submodule of their own
 //   TransformerEncoderLayer:  self_attn.*, linear1.*, linear2.*, norm1.*, norm2.*
 //   TransformerDecoderLayer:  self_attn.*, multihead_attn.*, linear1.*, linear2.*, norm1.*, norm2.*, norm3.*
-//   TransformerEncoder:       layers.0.* ... layers.{num_layers-1}.*, norm.* (with a final norm)
+//   TransformerEncoder,       layers.0.* ... layers.{num_layers-1}.*, norm.* (with a final norm)
+//   TransformerDecoder:
+//   Transformer:              encoder.* (a TransformerEncoder), decoder.* (a TransformerDecoder)
 //   RMSNorm:                  weight [E], as Hugging Face's LlamaRMSNorm (input_layernorm, norm)
 //   SwiGLU:                   gate_proj.*, up_proj.*, down_proj.* (Linear's keys), as Hugging Face's
 //                             LlamaMLP (a Llama layer's mlp.*)
@@ -40,8 +42,10 @@
 //   TransformerEncoderLayer,  d_model, nhead, dim_feedforward, activation ("relu", "gelu"),
 //   TransformerDecoderLayer:  layer_norm_eps, batch_first, norm_first, bias; self_attn.*
 //                             (and multihead_attn.*) as MultiHeadAttention
-//   TransformerEncoder:       its layers' (as above, from layers.0), num_layers, final_norm,
-//                             final_norm_eps (with a final norm); layers.<i>.* as a layer
+//   TransformerEncoder,       its layers' (as above, from layers.0), num_layers, final_norm,
+//   TransformerDecoder:       final_norm_eps (with a final norm); layers.<i>.* as a layer
+//   Transformer:              d_model, nhead, num_encoder_layers, num_decoder_layers and the layers'
+//                             arguments; encoder.* and decoder.* as the stacks
 // Loading from a file checks every one of these the metadata has, before anything changes, and
 // throws a format_error naming the key and both values when one differs ("metadata says
 // num_heads = 4, the module has 8: build it with 4 heads"). A key the metadata lacks is not
@@ -114,6 +118,10 @@ template <class T>
 std::vector<Param<TransformerDecoderLayer<T>, T>> params(const TransformerDecoderLayer<T>& m);
 template <class T>
 std::vector<Param<TransformerEncoder<T>, T>> params(const TransformerEncoder<T>& m);
+template <class T>
+std::vector<Param<TransformerDecoder<T>, T>> params(const TransformerDecoder<T>& m);
+template <class T>
+std::vector<Param<Transformer<T>, T>> params(const Transformer<T>& m);
 template <class T>
 std::vector<Param<RMSNorm<T>, T>> params(const RMSNorm<T>& m);
 template <class T>
@@ -306,6 +314,29 @@ std::vector<Param<TransformerEncoder<T>, T>> params(const TransformerEncoder<T>&
   return ps;
 }
 
+template <class T>
+std::vector<Param<TransformerDecoder<T>, T>> params(const TransformerDecoder<T>& m) {
+  std::vector<Param<TransformerDecoder<T>, T>> ps;
+  for (Index i = 0; i < m.num_layers(); ++i)
+    append_child(
+        ps, "layers." + std::to_string(i) + ".", m.layer(i), [i](auto& d) -> auto& { return d.layer(i); });
+  if (m.norm())
+    append_child(
+        ps, "norm.", *m.norm(), [](auto& d) -> auto& { return *d.norm(); });
+  return ps;
+}
+
+// nn.Transformer registers encoder, then decoder.
+template <class T>
+std::vector<Param<Transformer<T>, T>> params(const Transformer<T>& m) {
+  std::vector<Param<Transformer<T>, T>> ps;
+  append_child(
+      ps, "encoder.", m.encoder(), [](auto& t) -> auto& { return t.encoder(); });
+  append_child(
+      ps, "decoder.", m.decoder(), [](auto& t) -> auto& { return t.decoder(); });
+  return ps;
+}
+
 inline std::string normalized_prefix(std::string prefix) {
   if (!prefix.empty() && prefix.back() != '.') prefix += '.';
   return prefix;
@@ -404,6 +435,43 @@ std::vector<Hyperparameter> hyperparameters(const TransformerEncoder<T>& m) {
   if (m.norm()) hs.push_back(hp_real("final_norm_eps", m.norm()->eps()));
   for (Index i = 0; i < m.num_layers(); ++i)
     append_hyperparameters(hs, "layers." + std::to_string(i) + ".", hyperparameters(m.layer(i)));
+  return hs;
+}
+
+// As TransformerEncoder's: the first layer's arguments, num_layers and the final norm; then every layer's own.
+template <class T>
+std::vector<Hyperparameter> hyperparameters(const TransformerDecoder<T>& m) {
+  std::vector<Hyperparameter> hs;
+  if (m.num_layers() > 0)
+    hs = layer_hyperparameters(m.layer(0).d_model(), m.layer(0).nhead(), m.layer(0).options());
+  else
+    hs.push_back(hp_integer("d_model", m.d_model()));
+  hs.push_back(hp_integer("num_layers", m.num_layers()));
+  hs.push_back(hp_flag("final_norm", m.norm() != nullptr));
+  if (m.norm()) hs.push_back(hp_real("final_norm_eps", m.norm()->eps()));
+  for (Index i = 0; i < m.num_layers(); ++i)
+    append_hyperparameters(hs, "layers." + std::to_string(i) + ".", hyperparameters(m.layer(i)));
+  return hs;
+}
+
+// As tools/export_state_dict.py records an nn.Transformer: its constructor's arguments (from the
+// encoder's first layer, or the decoder's), then the two stacks under encoder. and decoder.
+template <class T>
+std::vector<Hyperparameter> hyperparameters(const Transformer<T>& m) {
+  std::vector<Hyperparameter> hs;
+  const TransformerOptions* o = m.encoder().num_layers() > 0   ? &m.encoder().layer(0).options()
+                                : m.decoder().num_layers() > 0 ? &m.decoder().layer(0).options()
+                                                               : nullptr;
+  if (o) {
+    hs = layer_hyperparameters(m.d_model(), m.nhead(), *o);
+  } else {
+    hs.push_back(hp_integer("d_model", m.d_model()));
+    hs.push_back(hp_integer("nhead", m.nhead()));
+  }
+  hs.push_back(hp_integer("num_encoder_layers", m.encoder().num_layers()));
+  hs.push_back(hp_integer("num_decoder_layers", m.decoder().num_layers()));
+  append_hyperparameters(hs, "encoder.", hyperparameters(m.encoder()));
+  append_hyperparameters(hs, "decoder.", hyperparameters(m.decoder()));
   return hs;
 }
 
@@ -810,6 +878,35 @@ template <class T>
 LoadResult load_state_dict(TransformerEncoder<T>& module, const StateDict<T>& src, const std::string& prefix = "",
                            bool strict = true) {
   return detail::load(module, detail::source<T>(src), prefix, strict, "attn::io::load_state_dict(TransformerEncoder)");
+}
+
+template <class T>
+StateDict<T> state_dict(const TransformerDecoder<T>& module, const std::string& prefix = "") {
+  return detail::save<TransformerDecoder<T>, T>(module, prefix);
+}
+template <class T>
+StateDict<T> state_dict(const Transformer<T>& module, const std::string& prefix = "") {
+  return detail::save<Transformer<T>, T>(module, prefix);
+}
+template <class T>
+LoadResult load_state_dict(TransformerDecoder<T>& module, const SafeTensors& src, const std::string& prefix = "",
+                           bool strict = true) {
+  return detail::load(module, detail::source<T>(src), prefix, strict, "attn::io::load_state_dict(TransformerDecoder)");
+}
+template <class T>
+LoadResult load_state_dict(TransformerDecoder<T>& module, const StateDict<T>& src, const std::string& prefix = "",
+                           bool strict = true) {
+  return detail::load(module, detail::source<T>(src), prefix, strict, "attn::io::load_state_dict(TransformerDecoder)");
+}
+template <class T>
+LoadResult load_state_dict(Transformer<T>& module, const SafeTensors& src, const std::string& prefix = "",
+                           bool strict = true) {
+  return detail::load(module, detail::source<T>(src), prefix, strict, "attn::io::load_state_dict(Transformer)");
+}
+template <class T>
+LoadResult load_state_dict(Transformer<T>& module, const StateDict<T>& src, const std::string& prefix = "",
+                           bool strict = true) {
+  return detail::load(module, detail::source<T>(src), prefix, strict, "attn::io::load_state_dict(Transformer)");
 }
 
 template <class T>

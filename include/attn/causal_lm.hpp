@@ -89,8 +89,7 @@ class CausalLM {
     detail::require_arg(b >= 0 && b < cache[0].batch(), where, "sequence ", b, " is outside the cache's batch [0, ",
                         cache[0].batch(), ")");
     detail::require_arg(L > 0, where, "ids is empty");
-    detail::require_arg(L <= cache[0].max_append(b), where, "appending ", L, " tokens to a cache that takes ",
-                        cache[0].max_append(b), " more");
+    check_room(cache, b, L, where);
     const Index n = cache[0].size(b);
     check_positions(n, L, where);
     Matrix<T> x = embed(ids, n);
@@ -110,8 +109,7 @@ class CausalLM {
     for (Index b = 1; b < B; ++b)
       detail::require_arg(cache[0].size(b) == n, where, "sequences 0 and ", b, " hold ", n, " and ", cache[0].size(b),
                           " tokens; run sequences of different lengths one at a time (forward(ids, cache, b))");
-    detail::require_arg(L <= cache[0].max_append(0), where, "appending ", L, " tokens to a cache that takes ",
-                        cache[0].max_append(0), " more");
+    check_room(cache, 0, L, where);
     check_positions(n, L, where);
     Matrix<T> x = embed(ids, n, L);
     for (std::size_t i = 0; i < layers_.size(); ++i) x = layers_[i].forward(x, cache[i]);
@@ -178,9 +176,22 @@ class CausalLM {
     return static_cast<std::size_t>(i);
   }
 
+  // Everything a layer would check of its cache, for every layer, before the first appends: an
+  // error must leave all of them as they were.
   void check_cache(const Cache& cache, const char* where) const {
     detail::require_arg(static_cast<Index>(cache.size()) == num_layers(), where, "the cache has ", cache.size(),
                         " layers, the model ", num_layers(), " (make_cache() fits)");
+    for (std::size_t i = 0; i < cache.size(); ++i) {
+      const DecoderAttention<T>& a = layers_[i].self_attn();
+      detail::require_shape(cache[i].kv_heads() == a.num_kv_heads() && cache[i].head_dim() == a.head_dim() &&
+                                cache[i].value_dim() == a.head_dim(),
+                            where, "the cache of layer ", i, " holds ", cache[i].kv_heads(), " kv heads of ",
+                            cache[i].head_dim(), " (keys) and ", cache[i].value_dim(), " (values), the layer ",
+                            a.num_kv_heads(), " of ", a.head_dim(), " (make_cache() fits)");
+      detail::require_arg(cache[i].window() == 0 || cache[i].window() == a.options().window, where,
+                          "the cache of layer ", i, " has window ", cache[i].window(), ", the layer ",
+                          a.options().window);
+    }
     for (std::size_t i = 1; i < cache.size(); ++i) {
       detail::require_arg(cache[i].batch() == cache[0].batch(), where, "the caches of layers 0 and ", i,
                           " hold different batches");
@@ -188,6 +199,13 @@ class CausalLM {
         detail::require_arg(cache[i].size(b) == cache[0].size(b), where, "the caches of layers 0 and ", i,
                             " hold different numbers of tokens for sequence ", b);
     }
+  }
+
+  // Room for L more tokens of sequence b (of every sequence from b on, for forward_batch) in every layer's cache.
+  void check_room(const Cache& cache, Index b, Index L, const char* where) const {
+    for (std::size_t i = 0; i < cache.size(); ++i)
+      detail::require_arg(L <= cache[i].max_append(b), where, "appending ", L, " tokens to a cache that takes ",
+                          cache[i].max_append(b), " more (layer ", i, ")");
   }
 
   void check_positions(Index n, Index L, const char* where) const {

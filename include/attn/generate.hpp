@@ -64,7 +64,8 @@ inline void check_generation_options(const GenerationOptions& o, const char* whe
 // position, in Hugging Face's order of warpers: p = softmax(logits / temperature); then only the
 // top_k most likely tokens are kept (every token whose logit equals the k-th largest too); then
 // only the fewest most likely tokens whose probabilities, summed, reach top_p (a token is kept when
-// the mass of the tokens more likely than it is below top_p); renormalized. In double.
+// the mass of the tokens more likely than it is below top_p); renormalized. In double. Logits must
+// be finite or -inf (a token never drawn), not all -inf.
 template <class T>
 std::vector<double> sampling_distribution(const ConstVectorRef<T>& logits, const GenerationOptions& o) {
   const char* where = "attn::sampling_distribution";
@@ -76,8 +77,9 @@ std::vector<double> sampling_distribution(const ConstVectorRef<T>& logits, const
   std::vector<double> p(static_cast<std::size_t>(V));
   double m = -std::numeric_limits<double>::infinity();
   for (Index i = 0; i < V; ++i) {
+    detail::require_arg(std::isfinite(static_cast<double>(logits[i])) || logits[i] < T(0), where, "logits[", i,
+                        "] is ", logits[i], ": logits must be finite or -inf");
     p[std::size_t(i)] = static_cast<double>(logits[i]) / o.temperature;
-    detail::require_arg(!std::isnan(p[std::size_t(i)]), where, "logits[", i, "] is NaN");
     m = std::max(m, p[std::size_t(i)]);
   }
   detail::require_arg(m > -std::numeric_limits<double>::infinity(), where, "every logit is -inf");
@@ -112,16 +114,18 @@ std::vector<double> sampling_distribution(const ConstVectorRef<T>& logits, const
   return out;
 }
 
-// The next token from the logits [vocab] of the last position: the argmax (greedy), or a draw from
-// sampling_distribution with one uniform number of gen (the first token whose cumulative
-// probability, in id order, exceeds it).
+// The next token from the logits [vocab] of the last position: the argmax (greedy; a NaN logit is
+// an argument_error), or a draw from sampling_distribution with one uniform number of gen (the
+// first token whose cumulative probability, in id order, exceeds it).
 template <class T>
 int next_token(const ConstVectorRef<T>& logits, const GenerationOptions& o, Generator& gen) {
   if (!o.do_sample) {
     detail::require_arg(logits.size() > 0, "attn::next_token", "logits is empty");
     Index best = 0;
-    for (Index i = 1; i < logits.size(); ++i)
+    for (Index i = 0; i < logits.size(); ++i) {
+      detail::require_arg(!std::isnan(logits[i]), "attn::next_token", "logits[", i, "] is NaN");
       if (logits[i] > logits[best]) best = i;
+    }
     return static_cast<int>(best);
   }
   const std::vector<double> p = sampling_distribution<T>(logits, o);
@@ -138,7 +142,7 @@ int next_token(const ConstVectorRef<T>& logits, const GenerationOptions& o, Gene
 }
 
 // Generates up to max_new_tokens after each prompt (token ids; none empty) and returns the new
-// tokens of each, stop token included. The caches hold the longest prompt plus max_new_tokens
+// tokens of each, stop token included. The caches hold the longest prompt plus max_new_tokens - 1
 // positions, which must fit the model's max_positions().
 template <class T>
 std::vector<std::vector<int>> generate(const CausalLM<T>& model, const std::vector<std::vector<int>>& prompts,
@@ -157,11 +161,13 @@ std::vector<std::vector<int>> generate(const CausalLM<T>& model, const std::vect
                           " is outside the vocabulary [0, ", model.vocab_size(), ")");
     longest = std::max(longest, static_cast<Index>(p.size()));
   }
-  const Index capacity = longest + std::max<Index>(options.max_new_tokens, 1);
-  detail::require_arg(capacity <= model.max_positions(), where, "the longest prompt (", longest, " tokens) plus ",
-                      options.max_new_tokens,
-                      " new tokens exceeds the model's max_positions = ", model.max_positions());
   if (options.max_new_tokens == 0) return out;
+  // The last new token is never fed back: the caches hold the prompt and max_new_tokens - 1 more.
+  const Index capacity = longest + options.max_new_tokens - 1;
+  detail::require_arg(capacity <= model.max_positions(), where, "the longest prompt (", longest, " tokens) and ",
+                      options.max_new_tokens, " new tokens need ", capacity,
+                      " positions (the last new token is not fed back), beyond the model's max_positions = ",
+                      model.max_positions());
 
   typename CausalLM<T>::Cache cache = model.make_cache(B, capacity, options.cache_storage);
   std::vector<Generator> gens;

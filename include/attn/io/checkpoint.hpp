@@ -128,13 +128,15 @@ class Checkpoint {
     const TensorInfo& t = st.info(name);
     if (t.shape.size() != 2)
       fail("tensor \"" + name + "\" has shape " + to_string(t.shape) + ", expected a 2-D weight");
-    const std::optional<Storage> in_place = t.dtype == DType::BF16     ? std::optional<Storage>(Storage::BFloat16)
-                                            : t.dtype == DType::F16    ? std::optional<Storage>(Storage::Float16)
-                                            : t.dtype == dtype_of<T>() ? std::optional<Storage>(Storage::Native)
-                                                                       : std::nullopt;
+    // The storage the bytes already are, if any (a plain flag, not a std::optional: g++ 12 warns,
+    // wrongly, that a copied optional may be uninitialized, its bug 80635).
+    const bool viewable = t.dtype == DType::BF16 || t.dtype == DType::F16 || t.dtype == dtype_of<T>();
+    const Storage in_place = t.dtype == DType::BF16  ? Storage::BFloat16
+                             : t.dtype == DType::F16 ? Storage::Float16
+                                                     : Storage::Native;
     const bool aligned = reinterpret_cast<std::uintptr_t>(st.bytes(name)) % dtype_size(t.dtype) == 0;
-    if (in_place && (!storage || *storage == *in_place) && aligned && detail::host_is_little_endian())
-      return Weight<T>::view(*in_place, t.shape[0], t.shape[1], st.bytes(name), st.keep_alive());
+    if (viewable && (!storage || *storage == in_place) && aligned && detail::host_is_little_endian())
+      return Weight<T>::view(in_place, t.shape[0], t.shape[1], st.bytes(name), st.keep_alive());
     return Weight<T>(st.template matrix<T>(name), storage.value_or(Storage::Native));
   }
 

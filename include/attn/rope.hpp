@@ -24,6 +24,11 @@
 #pragma once
 
 #include <cmath>
+#include <iterator>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <utility>
 #include <vector>
 
 #include "attn/detail/check.hpp"
@@ -96,8 +101,44 @@ inline std::vector<double> rope_frequencies(const Rope& rope, Index R) {
   return theta;
 }
 
+namespace detail {
+
+// cos and sin of m * theta_k: [max_positions, R/2] each.
+template <class T>
+struct RopeTables {
+  Matrix<T> cos, sin;
+};
+
+// The tables for these frequencies and positions, computed in double and rounded to T; shared by
+// every RopeCache built with the same ones while any of them lives. A model's layers all ask for
+// the same table, and Llama 3's (131072 positions of 64 frequencies) is 64 MiB in float: once,
+// not once per layer.
+template <class T>
+std::shared_ptr<const RopeTables<T>> rope_tables(Index max_positions, const std::vector<double>& thetas) {
+  static std::mutex mutex;
+  static std::map<std::pair<Index, std::vector<double>>, std::weak_ptr<const RopeTables<T>>> built;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_pair(max_positions, thetas);
+  if (auto shared = built[key].lock()) return shared;
+  for (auto it = built.begin(); it != built.end();) it = it->second.expired() ? built.erase(it) : std::next(it);
+  auto t = std::make_shared<RopeTables<T>>();
+  const Index half = static_cast<Index>(thetas.size());
+  t->cos.resize(max_positions, half);
+  t->sin.resize(max_positions, half);
+  for (Index k = 0; k < half; ++k)
+    for (Index m = 0; m < max_positions; ++m) {
+      t->cos(m, k) = static_cast<T>(std::cos(double(m) * thetas[std::size_t(k)]));
+      t->sin(m, k) = static_cast<T>(std::sin(double(m) * thetas[std::size_t(k)]));
+    }
+  built[key] = t;
+  return t;
+}
+
+}  // namespace detail
+
 // The cos and sin tables for positions [0, max_positions), computed once (in double, then
-// rounded to T); apply() allocates nothing.
+// rounded to T) and shared with every other RopeCache of the same frequencies and positions
+// (detail::rope_tables); apply() allocates nothing.
 template <class T>
 class RopeCache {
   ATTN_CHECK_SCALAR(T);
@@ -116,16 +157,7 @@ class RopeCache {
     detail::require_arg(R_ > 0 && R_ % 2 == 0 && R_ <= head_dim, where, "rotary_dim = ", rope.rotary_dim,
                         " must be even, positive and at most head_dim = ", head_dim, " (0: all of it)");
     detail::checked_mul(where, "max_positions * rotary_dim / 2", max_positions, R_ / 2);
-    const std::vector<double> thetas = rope_frequencies(rope, R_);
-    cos_.resize(max_positions, R_ / 2);
-    sin_.resize(max_positions, R_ / 2);
-    for (Index k = 0; k < R_ / 2; ++k) {
-      const double theta = thetas[std::size_t(k)];
-      for (Index m = 0; m < max_positions; ++m) {
-        cos_(m, k) = static_cast<T>(std::cos(double(m) * theta));
-        sin_(m, k) = static_cast<T>(std::sin(double(m) * theta));
-      }
-    }
+    tables_ = detail::rope_tables<T>(max_positions, rope_frequencies(rope, R_));
   }
 
   // x: [B*L, heads*head_dim], B = batch sequences of L rows, in place; row l of every sequence is
@@ -161,7 +193,7 @@ class RopeCache {
 
   Index head_dim() const { return D_; }
   Index rotary_dim() const { return R_; }
-  Index max_positions() const { return cos_.rows(); }
+  Index max_positions() const { return tables_->cos.rows(); }
   RopeStyle style() const { return style_; }
 
  private:
@@ -187,8 +219,8 @@ class RopeCache {
   }
 
   void rotate_row(T* row, Index heads, Index m) const {
-    const T* c = cos_.row(m).data();
-    const T* s = sin_.row(m).data();
+    const T* c = tables_->cos.row(m).data();
+    const T* s = tables_->sin.row(m).data();
     const Index half = R_ / 2;
     for (Index h = 0; h < heads; ++h) {
       T* x = row + h * D_;
@@ -206,7 +238,7 @@ class RopeCache {
 
   Index D_, R_;
   RopeStyle style_;
-  Matrix<T> cos_, sin_;  // [max_positions, R/2]: cos and sin of m * theta_k
+  std::shared_ptr<const detail::RopeTables<T>> tables_;  // immutable, shared
 };
 
 // The same, as a free function: x [B*L, heads*head_dim] rotated in place, row l of each of the

@@ -3,8 +3,10 @@
 // both objects and the link fails. The tests check values computed by code in the other object,
 // and use every public template here too, so both objects' instantiations end up in one program.
 #include <attn/attn.hpp>
-#include <attn/io/safetensors.hpp>  // attn/io/ is not in attn.hpp: it needs nlohmann_json
+#include <attn/io/checkpoint.hpp>  // attn/io/ and attn/models/ are not in attn.hpp: they need nlohmann_json
+#include <attn/io/safetensors.hpp>
 #include <attn/io/state_dict.hpp>
+#include <attn/models/load.hpp>
 
 #include <cmath>
 

@@ -6,8 +6,10 @@
 // only the ones some test calls) and computes the values odr_test_a.cpp checks, so code from both
 // objects runs in one program.
 #include <attn/attn.hpp>
-#include <attn/io/safetensors.hpp>  // attn/io/ is not in attn.hpp: it needs nlohmann_json
+#include <attn/io/checkpoint.hpp>  // attn/io/ and attn/models/ are not in attn.hpp: they need nlohmann_json
+#include <attn/io/safetensors.hpp>
 #include <attn/io/state_dict.hpp>
+#include <attn/models/load.hpp>
 
 // Every public class template, for both scalar types.
 template class attn::Linear<float>;
@@ -40,6 +42,18 @@ template class attn::TransformerDecoderLayer<float>;
 template class attn::TransformerDecoderLayer<double>;
 template class attn::TransformerEncoder<float>;
 template class attn::TransformerEncoder<double>;
+template class attn::TransformerDecoder<float>;
+template class attn::TransformerDecoder<double>;
+template class attn::Transformer<float>;
+template class attn::Transformer<double>;
+template class attn::Embedding<float>;
+template class attn::Embedding<double>;
+template class attn::DecoderLayer<float>;
+template class attn::DecoderLayer<double>;
+template class attn::CausalLM<float>;
+template class attn::CausalLM<double>;
+template class attn::models::BertModel<float>;
+template class attn::models::BertModel<double>;
 template struct attn::EncoderArgs<float>;
 template struct attn::EncoderArgs<double>;
 template struct attn::DecoderArgs<float>;

@@ -10,9 +10,11 @@
 #include <attn/detail/parallel.hpp>
 #include <attn/detail/scratch.hpp>
 #include <attn/instantiate.hpp>
+#include <attn/io/checkpoint.hpp>
 #include <attn/io/safetensors.hpp>
 #include <attn/io/state_dict.hpp>
 #include <attn/io/tensor.hpp>
+#include <attn/models/load.hpp>
 
 #include <string>
 
@@ -23,7 +25,8 @@
   template class attn::detail::MaskData<T>; \
   template class attn::detail::Scratch<T>;  \
   template class attn::io::Tensor<T>;       \
-  template class attn::io::StateDict<T>;
+  template class attn::io::StateDict<T>;    \
+  template class attn::models::BertModel<T>;
 ATTN_LINT_CLASSES(float)
 ATTN_LINT_CLASSES(double)
 #undef ATTN_LINT_CLASSES
@@ -78,6 +81,23 @@ void functions(const attn::io::SafeTensors& st, attn::MatrixRef<T> x) {
   (void)attn::io::hyperparameter_metadata(encoder_layer, "layer");
   (void)attn::io::hyperparameter_metadata(decoder_layer);
   (void)attn::io::hyperparameter_metadata(encoder, "encoder");
+  attn::TransformerDecoder<T> decoder(decoder_layer, 2);
+  round_trip(decoder);
+  attn::Transformer<T> transformer(2, 1, 1, 1);
+  round_trip(transformer);
+
+  // Incremental decoding, checkpoints and generation.
+  auto cache = decoder.start(x, 1, 4);
+  (void)decoder.decode(x, cache);
+  const auto ckpt = attn::io::Checkpoint::open("model");
+  (void)ckpt.weight<T>("w");
+  const attn::CausalLM<T> lm = attn::models::load_causal_lm<T>(ckpt);
+  (void)attn::generate<T>(lm, std::vector<int>{1, 2});
+  (void)attn::models::load_encoder<T>(ckpt);
+  (void)attn::models::mean_pooling<T>(x, {}, 1);
+  attn::KVCache<T> kv = mha.make_cache(1, 4);
+  mha.append_kv(x, x, kv);
+  mha.attend_into(x, kv, attn::CacheArgs<T>(), x);
 }
 
 template void functions<float>(const attn::io::SafeTensors&, attn::MatrixRef<float>);

@@ -1,9 +1,13 @@
 // attn/attn.hpp - everything attn offers, in one include.
 #pragma once
 
+#include "attn/causal_lm.hpp"
 #include "attn/decoder_attention.hpp"
+#include "attn/decoder_layer.hpp"
+#include "attn/embedding.hpp"
 #include "attn/error.hpp"
 #include "attn/feed_forward.hpp"
+#include "attn/generate.hpp"
 #include "attn/grouped_query_attention.hpp"
 #include "attn/init.hpp"
 #include "attn/kv_cache.hpp"

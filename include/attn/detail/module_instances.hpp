@@ -7,7 +7,10 @@
 // their dispatch points, detail/attention.hpp and detail/gemm.hpp, whatever header is included.)
 #pragma once
 
+#include "attn/causal_lm.hpp"
 #include "attn/decoder_attention.hpp"
+#include "attn/decoder_layer.hpp"
+#include "attn/embedding.hpp"
 #include "attn/feed_forward.hpp"
 #include "attn/grouped_query_attention.hpp"
 #include "attn/kv_cache.hpp"
@@ -38,7 +41,12 @@
   X(FeedForward)               \
   X(TransformerEncoderLayer)   \
   X(TransformerDecoderLayer)   \
-  X(TransformerEncoder)
+  X(TransformerEncoder)        \
+  X(TransformerDecoder)        \
+  X(Transformer)               \
+  X(Embedding)                 \
+  X(DecoderLayer)              \
+  X(CausalLM)
 
 #ifdef ATTN_EXTERN_TEMPLATES
 #define ATTN_DETAIL_EXTERN_MODULE(Module)    \

@@ -9,8 +9,9 @@
 // Per layer, on rows x (one per token):
 //   h = x + self_attn(input_layernorm(x))             RMSNorm, then DecoderAttention: GQA + RoPE
 //   x = h + mlp(post_attention_layernorm(h))          RMSNorm, then SwiGLU
-// and logits = lm_head(norm(x)). Generation is greedy and runs on a KV cache per layer: the
-// prompt goes through in one call (prefill), then each new token alone (a decoding step).
+// and logits = lm_head(norm(x)): an attn::CausalLM. Generation is greedy (attn::generate) and runs
+// on a KV cache per layer: the prompt goes through in one call (prefill), then each new token alone
+// (a decoding step).
 #pragma once
 
 #include <attn/attn.hpp>
@@ -48,67 +49,30 @@ struct Config {
   }
 };
 
+// The model is an attn::CausalLM built from the file's tensors (attn/causal_lm.hpp): embedding,
+// the layers, final norm, LM head, one KV cache per layer.
 class Model {
  public:
-  explicit Model(const attn::io::SafeTensors& file) : c_(Config::from(file)), norm_(c_.d_model, c_.rms_eps),
-                                                      lm_head_(c_.d_model, vocab_size(), /*bias=*/false) {
-    attn::DecoderAttentionOptions attention;
-    attention.num_kv_heads = c_.n_kv_heads;
-    attention.head_dim = c_.head_dim;
-    attention.rope = attn::Rope{0, c_.rope_base, attn::RopeStyle::NeoX};
-    attention.max_positions = c_.max_seq;
-    for (Index i = 0; i < c_.n_layers; ++i) {
-      const std::string p = "layers." + std::to_string(i) + ".";
-      Layer l{attn::RMSNorm<float>(c_.d_model, c_.rms_eps), attn::DecoderAttention<float>(c_.d_model, c_.n_heads, attention),
-              attn::RMSNorm<float>(c_.d_model, c_.rms_eps), attn::SwiGLU<float>(c_.d_model, c_.ffn_dim)};
-      attn::io::load_state_dict(l.input_layernorm, file, p + "input_layernorm");
-      attn::io::load_state_dict(l.self_attn, file, p + "self_attn");
-      attn::io::load_state_dict(l.post_attention_layernorm, file, p + "post_attention_layernorm");
-      attn::io::load_state_dict(l.mlp, file, p + "mlp");
-      layers_.push_back(std::move(l));
-    }
-    embed_tokens_ = file.matrix<float>("embed_tokens.weight");
-    if (embed_tokens_.rows() != vocab_size() || embed_tokens_.cols() != c_.d_model)
-      throw attn::format_error(file.path() + ": embed_tokens.weight is not [vocab, d_model]");
-    attn::io::load_state_dict(norm_, file, "norm");
-    attn::io::load_state_dict(lm_head_, file, "lm_head");
-  }
+  explicit Model(const attn::io::SafeTensors& file) : c_(Config::from(file)), lm_(build(file, c_)) {}
 
   // A KV cache for each layer, for `batch` sequences of up to max_seq tokens, keys and values
   // stored as `storage` (float, bf16, fp16 or int8: attn/kv_storage.hpp).
   Cache make_cache(Index batch = 1, attn::KVStorage storage = attn::KVStorage::Native) const {
-    Cache cache;
-    for (const Layer& l : layers_) cache.push_back(l.self_attn.make_cache(batch, c_.max_seq, storage));
-    return cache;
+    return lm_.make_cache(batch, c_.max_seq, storage);
   }
 
   // The next tokens of sequence b: appends them to the cache and returns their logits [n, vocab].
-  Matrix forward(const std::vector<int>& tokens, Cache& cache, Index b = 0) const {
-    Matrix x(static_cast<Index>(tokens.size()), c_.d_model);
-    for (Index r = 0; r < x.rows(); ++r) x.row(r) = embed_tokens_.row(check_token(tokens[std::size_t(r)]));
-    for (std::size_t i = 0; i < layers_.size(); ++i) {
-      const Layer& l = layers_[i];
-      x += l.self_attn.forward(l.input_layernorm.forward(x), cache[i], b);
-      x += l.mlp.forward(l.post_attention_layernorm.forward(x));
-    }
-    return lm_head_.forward(norm_.forward(x));
-  }
+  Matrix forward(const std::vector<int>& tokens, Cache& cache, Index b = 0) const { return lm_.forward(tokens, cache, b); }
 
-  // Greedy decoding: the prompt in one call, then one token per step until the stop token (which
-  // is included) or max_new tokens.
+  // Greedy decoding (attn::generate): the prompt in one call, then one token per step until the
+  // stop token (which is included) or max_new tokens.
   std::vector<int> generate(const std::vector<int>& prompt, Index max_new,
                             attn::KVStorage storage = attn::KVStorage::Native) const {
-    Cache cache = make_cache(1, storage);
-    std::vector<int> out;
-    Matrix logits = forward(prompt, cache);
-    for (Index step = 0; step < max_new; ++step) {
-      Index next;
-      logits.row(logits.rows() - 1).maxCoeff(&next);
-      out.push_back(static_cast<int>(next));
-      if (next == stop_id() || cache[0].size(0) == c_.max_seq) break;
-      logits = forward({static_cast<int>(next)}, cache);
-    }
-    return out;
+    attn::GenerationOptions o;
+    o.max_new_tokens = max_new;
+    o.stop_tokens = {stop_id()};
+    o.cache_storage = storage;
+    return attn::generate(lm_, prompt, o);
   }
 
   std::vector<int> encode(const std::string& text) const {
@@ -122,33 +86,55 @@ class Model {
   }
   std::string decode(const std::vector<int>& ids) const {
     std::string s;
-    for (int id : ids) s += c_.vocab.at(std::size_t(check_token(id)));
+    for (int id : ids) {
+      if (id < 0 || id >= vocab_size())
+        throw std::invalid_argument("token id " + std::to_string(id) + " is outside the vocabulary");
+      s += c_.vocab[std::size_t(id)];
+    }
     return s;
   }
 
   const Config& config() const { return c_; }
+  const attn::CausalLM<float>& lm() const { return lm_; }
   Index vocab_size() const { return static_cast<Index>(c_.vocab.size()); }
   int stop_id() const { return encode(std::string(1, c_.stop_token)).at(0); }
 
  private:
-  struct Layer {
-    attn::RMSNorm<float> input_layernorm;
-    attn::DecoderAttention<float> self_attn;
-    attn::RMSNorm<float> post_attention_layernorm;
-    attn::SwiGLU<float> mlp;
-  };
-
-  Index check_token(int id) const {
-    if (id < 0 || id >= vocab_size())
-      throw std::invalid_argument("token id " + std::to_string(id) + " is outside the vocabulary");
-    return id;
+  // Per layer: RMSNorm, DecoderAttention (GQA + RoPE), RMSNorm, SwiGLU, each loaded by its Hugging
+  // Face names; then the embedding, the final norm and the head.
+  static attn::CausalLM<float> build(const attn::io::SafeTensors& file, const Config& c) {
+    attn::DecoderAttentionOptions attention;
+    attention.num_kv_heads = c.n_kv_heads;
+    attention.head_dim = c.head_dim;
+    attention.rope = attn::Rope{0, c.rope_base, attn::RopeStyle::NeoX};
+    attention.max_positions = c.max_seq;
+    const auto rms = [&](const std::string& name) {
+      attn::RMSNorm<float> n(c.d_model, c.rms_eps);
+      attn::io::load_state_dict(n, file, name);
+      return n;
+    };
+    std::vector<attn::DecoderLayer<float>> layers;
+    for (Index i = 0; i < c.n_layers; ++i) {
+      const std::string p = "layers." + std::to_string(i) + ".";
+      attn::DecoderAttention<float> self_attn(c.d_model, c.n_heads, attention);
+      attn::io::load_state_dict(self_attn, file, p + "self_attn");
+      attn::SwiGLU<float> mlp(c.d_model, c.ffn_dim);
+      attn::io::load_state_dict(mlp, file, p + "mlp");
+      layers.emplace_back(rms(p + "input_layernorm"), std::move(self_attn), rms(p + "post_attention_layernorm"),
+                          std::move(mlp));
+    }
+    const Index vocab = static_cast<Index>(c.vocab.size());
+    const Matrix embed = file.matrix<float>("embed_tokens.weight");
+    if (embed.rows() != vocab || embed.cols() != c.d_model)
+      throw attn::format_error(file.path() + ": embed_tokens.weight is not [vocab, d_model]");
+    attn::Linear<float> lm_head(c.d_model, vocab, /*bias=*/false);
+    attn::io::load_state_dict(lm_head, file, "lm_head");
+    return attn::CausalLM<float>(attn::Embedding<float>(attn::Weight<float>(embed)), std::move(layers), rms("norm"),
+                                 std::move(lm_head));
   }
 
   Config c_;
-  std::vector<Layer> layers_;
-  Matrix embed_tokens_;  // [vocab, d_model]
-  attn::RMSNorm<float> norm_;
-  attn::Linear<float> lm_head_;
+  attn::CausalLM<float> lm_;
 };
 
 }  // namespace tiny_gpt

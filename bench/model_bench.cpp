@@ -75,31 +75,22 @@
 //   ./build-bench/bench/model_bench --benchmark_out=model.json --benchmark_out_format=json
 //   ATTN_MODEL_LAYERS=2 ./build-bench/bench/model_bench --benchmark_min_time=0.1    # a quick smoke run
 #include <benchmark/benchmark.h>
-#include <sys/resource.h>
-#include <sys/types.h>
-#include <sys/wait.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <attn/attn.hpp>
-#include <cerrno>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
-#include <fstream>
 #include <map>
 #include <memory>
 #include <string>
 #include <vector>
 
-#if defined(__GLIBC__)
-#include <malloc.h>
-#endif
-
 #include "bench_common.hpp"
+#include "peak_rss.hpp"
 
 namespace {
 
@@ -141,7 +132,6 @@ const Format kFormats[] = {{"f32", attn::Storage::Native, attn::KVStorage::Nativ
                            {"bf16", attn::Storage::BFloat16, attn::KVStorage::BFloat16},
                            {"int8", attn::Storage::Int8, attn::KVStorage::Int8}};
 
-double mib(double bytes) { return bytes / double(1 << 20); }
 
 // ---------------------------------------------------------------------------------------------
 // The model: tiny_gpt's layers, without embedding and LM head.
@@ -262,66 +252,13 @@ class Session {
 // ---------------------------------------------------------------------------------------------
 // Peak RSS of a child process that runs one format.
 
-struct Peak {
-  double peak_mib = -1;       // the child's ru_maxrss
-  double fork_base_mib = -1;  // this process's VmRSS when it forked
-  std::string error;          // empty: measured
-};
-
-// This process's resident memory now, in MiB (/proc/self/statm); -1 where unreadable.
-double resident_mib() {
-  std::ifstream statm("/proc/self/statm");
-  double pages = -1, resident = -1;
-  if (!(statm >> pages >> resident)) return -1;
-  return mib(resident * double(sysconf(_SC_PAGESIZE)));
-}
-
 Peak measure_peak(const Format& f) {
-  Peak p;
-#if defined(__GLIBC__)
-  malloc_trim(0);  // freed heap memory (an earlier model) back to the kernel: not in the child's RSS
-#endif
-  p.fork_base_mib = resident_mib();
-  std::fflush(nullptr);  // nothing buffered for the child to write twice
-  const pid_t pid = fork();
-  if (pid < 0) {
-    p.error = std::string("fork: ") + std::strerror(errno);
-    return p;
-  }
-  if (pid == 0) {  // the child: build, prefill, decode; _exit, no static destructors
-    int code = 0;
-    try {
-      Session s(model_layers(), f);
-      Matrix y = s.prefill();
-      Matrix t = s.decode_step();
-      if (!y.allFinite() || !t.allFinite()) code = 3;
-    } catch (const std::exception& e) {
-      std::fprintf(stderr, "model_bench: peak-RSS child (%s): %s\n", f.name, e.what());
-      code = 1;
-    } catch (...) {
-      code = 1;
-    }
-    _exit(code);
-  }
-  int status = 0;
-  struct rusage usage {};
-  if (wait4(pid, &status, 0, &usage) != pid) {
-    p.error = std::string("wait4: ") + std::strerror(errno);
-    return p;
-  }
-  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
-    p.error = "the peak-RSS child failed (" +
-              (WIFEXITED(status) ? "exit code " + std::to_string(WEXITSTATUS(status))
-                                 : "signal " + std::to_string(WIFSIGNALED(status) ? WTERMSIG(status) : 0)) +
-              ")";
-    return p;
-  }
-#if defined(__APPLE__)
-  p.peak_mib = mib(double(usage.ru_maxrss));  // bytes
-#else
-  p.peak_mib = double(usage.ru_maxrss) / 1024.0;  // KiB
-#endif
-  return p;
+  return peak_rss(f.name, [&] {
+    Session s(model_layers(), f);
+    Matrix y = s.prefill();
+    Matrix t = s.decode_step();
+    return y.allFinite() && t.allFinite() ? 0 : 3;
+  });
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -94,16 +94,25 @@ TYPED_TEST(Decoders, GreedyContinuationsMatchTheFixture) {
   }
 }
 
-// The weights stay as the file stores them unless asked: BF16 as bf16 views of the mapping, F32 in
-// float as views too; LoadOptions::storage converts.
+// The weights stay in the type the file stores them unless asked: BF16 as bf16, F32 in float; views
+// of the mapping, or the model's own copies without map_weights; LoadOptions::storage converts.
 TEST(Models, WeightsStayAsStored) {
   const attn::CausalLM<float> bf16 = attn::models::load_causal_lm<float>(hf("llama3"));
   const attn::Linear<float>& q = bf16.layer(0).self_attn().q_proj();
   EXPECT_EQ(q.storage(), attn::Storage::BFloat16);
   EXPECT_TRUE(q.stored_weight().is_view());
   EXPECT_EQ(bf16.embed_tokens().storage(), attn::Storage::BFloat16);
+  EXPECT_TRUE(bf16.embed_tokens().stored_weight().is_view());
   ASSERT_NE(bf16.lm_head(), nullptr);
   EXPECT_EQ(bf16.lm_head()->storage(), attn::Storage::BFloat16);
+
+  attn::models::LoadOptions copied;
+  copied.map_weights = false;
+  const attn::CausalLM<float> owned = attn::models::load_causal_lm<float>(hf("llama3"), copied);
+  EXPECT_EQ(owned.layer(0).self_attn().q_proj().storage(), attn::Storage::BFloat16);
+  EXPECT_FALSE(owned.layer(0).self_attn().q_proj().stored_weight().is_view());
+  EXPECT_FALSE(owned.embed_tokens().stored_weight().is_view());
+  EXPECT_EQ(owned.forward({3, 1, 4}), bf16.forward({3, 1, 4}));  // the same bits either way
 
   const attn::CausalLM<float> f32 = attn::models::load_causal_lm<float>(hf("qwen2"));
   EXPECT_EQ(f32.layer(1).self_attn().k_proj().storage(), attn::Storage::Native);

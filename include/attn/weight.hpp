@@ -19,6 +19,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <type_traits>
 #include <utility>
@@ -60,6 +61,17 @@ class Weight {
   }
   // Whether the elements are someone else's (view()) rather than this Weight's own.
   bool is_view() const { return external_ != nullptr; }
+  // The same weight owning a copy of its elements (in a buffer of its own: from 2 MiB up on
+  // transparent huge pages, which a decoding step streams faster than a file's 4 KiB mapped pages).
+  Weight owned_copy() const {
+    Weight w = *this;
+    if (!external_) return w;
+    w.bytes_ = detail::PageBuffer(std::size_t(rows_ * cols_ * storage_bytes<T>(storage_)));
+    if (w.bytes_.size()) std::memcpy(w.bytes_.data(), external_, w.bytes_.size());
+    w.external_ = nullptr;
+    w.owner_.reset();
+    return w;
+  }
 
   Index rows() const { return rows_; }
   Index cols() const { return cols_; }

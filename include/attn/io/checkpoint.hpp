@@ -105,6 +105,10 @@ class Checkpoint {
   }
 
   // A float tensor converted to T, as SafeTensors::matrix and ::vector.
+  // Drops a tensor's mapped pages from resident memory once it has been converted or copied
+  // (SafeTensors::release).
+  void release(const std::string& name) const { shard(name).release(name); }
+
   template <class T>
   Matrix<T> matrix(const std::string& name) const {
     return shard(name).template matrix<T>(name);
@@ -118,12 +122,17 @@ class Checkpoint {
     return shard(name).template tensor<T>(name);
   }
 
-  // A 2-D float tensor as a Weight<T>, in place when its bytes can be: with `storage` nullopt (as
-  // stored), BF16 is kept as Storage::BFloat16, F16 as Float16 and T's own dtype as Native, each a
-  // view of the mapping (no copy, no memory until touched); any other dtype is converted to T.
-  // With a storage, the tensor is viewed when its dtype is that storage's, else converted into it.
+  // A 2-D float tensor as a Weight<T>. With `storage` nullopt it keeps the file's type where it
+  // can (BF16 as Storage::BFloat16, F16 as Float16, T's own dtype as Native); any other dtype is
+  // converted to T. With a storage, the tensor is converted into it unless it already is one.
+  //   map = false (the default): the Weight owns its elements (from 2 MiB up on transparent huge
+  //     pages), and the file's pages it read leave this process's resident memory again
+  //     (SafeTensors::release): what a model holds is one copy.
+  //   map = true: a tensor already in its storage type is a view of the mapping instead - no copy,
+  //     no memory until touched, but 4 KiB pages, which a decoding step streams slower (1.65x on
+  //     this repository's VM: bench/RESULTS.md).
   template <class T>
-  Weight<T> weight(const std::string& name, std::optional<Storage> storage = std::nullopt) const {
+  Weight<T> weight(const std::string& name, std::optional<Storage> storage = std::nullopt, bool map = false) const {
     const SafeTensors& st = shard(name);
     const TensorInfo& t = st.info(name);
     if (t.shape.size() != 2)
@@ -135,9 +144,16 @@ class Checkpoint {
                              : t.dtype == DType::F16 ? Storage::Float16
                                                      : Storage::Native;
     const bool aligned = reinterpret_cast<std::uintptr_t>(st.bytes(name)) % dtype_size(t.dtype) == 0;
-    if (viewable && (!storage || *storage == in_place) && aligned && detail::host_is_little_endian())
-      return Weight<T>::view(in_place, t.shape[0], t.shape[1], st.bytes(name), st.keep_alive());
-    return Weight<T>(st.template matrix<T>(name), storage.value_or(Storage::Native));
+    Weight<T> w;
+    if (viewable && (!storage || *storage == in_place) && aligned && detail::host_is_little_endian()) {
+      w = Weight<T>::view(in_place, t.shape[0], t.shape[1], st.bytes(name), st.keep_alive());
+      if (map) return w;
+      w = w.owned_copy();
+    } else {
+      w = Weight<T>(st.template matrix<T>(name), storage.value_or(Storage::Native));
+    }
+    st.release(name);
+    return w;
   }
 
  private:

@@ -242,6 +242,21 @@ class FileBytes {
   }
   std::size_t size() const { return size_; }
 
+  // Hands the mapped pages of bytes [begin, end) back (madvise MADV_DONTNEED): they leave this
+  // process's resident memory and, read again, come back from the file (read-only and private,
+  // so nothing is lost). For a loader that has copied them. A no-op without a mapping.
+  void release(std::size_t begin, std::size_t end) const {
+#if ATTN_IO_MMAP && defined(MADV_DONTNEED)
+    if (!map_ || copied_ || end <= begin || end > size_) return;
+    const std::size_t page = static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
+    const std::size_t first = begin / page * page, last = (end + page - 1) / page * page;
+    ::madvise(static_cast<char*>(map_) + first, std::min(last, (size_ + page - 1) / page * page) - first,
+              MADV_DONTNEED);
+#else
+    (void)begin, (void)end;
+#endif
+  }
+
  private:
 #if ATTN_IO_MMAP
   [[noreturn]] static void fail(const std::string& path, const char* what) {
@@ -361,6 +376,13 @@ class SafeTensors {
   // Shared ownership of the file's bytes: a view of bytes() stays valid while a copy lives (as the
   // views tensor() hands out do).
   std::shared_ptr<const void> keep_alive() const { return file_; }
+  // Drops a tensor's mapped pages from this process's resident memory once it has been copied
+  // (FileBytes::release; reading it again faults them back in from the file). Best effort.
+  void release(const std::string& name) const {
+    const TensorInfo& t = info(name);
+    const std::size_t offset = static_cast<std::size_t>(data_ - file_->data());
+    file_->release(offset + t.begin, offset + t.end);
+  }
 
   // A float tensor as an owned matrix [d0, d1*...*dn] (1-D: [1, n]; scalar: [1, 1]), converted
   // from F64, F32, F16, BF16, F8_E5M2 or F8_E4M3 as a static_cast would (F64 -> float rounds to

@@ -280,6 +280,9 @@ BertModel<T> load_bert(const io::Checkpoint& ckpt, const LoadOptions& opt = {}) 
     layer.linear1().set_bias(ckpt.vector<T>(l + "intermediate.dense.bias"));
     layer.linear2().set_weight(ckpt.matrix<T>(l + "output.dense.weight"));
     layer.linear2().set_bias(ckpt.vector<T>(l + "output.dense.bias"));
+    for (const char* copied : {"attention.self.query", "attention.self.key", "attention.self.value",
+                               "attention.output.dense", "intermediate.dense", "output.dense"})
+      ckpt.release(l + copied + ".weight");  // the layer holds its own copy
     layer.norm1() = norm(l + "attention.output.LayerNorm");
     layer.norm2() = norm(l + "output.LayerNorm");
   }
@@ -288,10 +291,10 @@ BertModel<T> load_bert(const io::Checkpoint& ckpt, const LoadOptions& opt = {}) 
   if (s != Storage::Native) encoder.set_weight_storage(s);
   std::optional<Linear<T>> pool;
   if (pooler)
-    pool.emplace(ckpt.weight<T>(p + "pooler.dense.weight", opt.storage), ckpt.vector<T>(p + "pooler.dense.bias"));
-  return BertModel<T>(Embedding<T>(ckpt.weight<T>(p + "embeddings.word_embeddings.weight")),
-                      Embedding<T>(ckpt.weight<T>(p + "embeddings.position_embeddings.weight")),
-                      Embedding<T>(ckpt.weight<T>(p + "embeddings.token_type_embeddings.weight")),
+    pool.emplace(ckpt.weight<T>(p + "pooler.dense.weight", opt.storage, opt.map_weights), ckpt.vector<T>(p + "pooler.dense.bias"));
+  return BertModel<T>(Embedding<T>(ckpt.weight<T>(p + "embeddings.word_embeddings.weight", std::nullopt, opt.map_weights)),
+                      Embedding<T>(ckpt.weight<T>(p + "embeddings.position_embeddings.weight", std::nullopt, opt.map_weights)),
+                      Embedding<T>(ckpt.weight<T>(p + "embeddings.token_type_embeddings.weight", std::nullopt, opt.map_weights)),
                       norm(p + "embeddings.LayerNorm"), std::move(encoder), std::move(pool),
                       c.roberta() ? c.pad_token_id : -1);
 }

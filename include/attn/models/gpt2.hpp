@@ -122,6 +122,7 @@ CausalLM<T> load_gpt2(const io::Checkpoint& ckpt, const LoadOptions& opt = {}) {
   const auto conv = [&](const std::string& name, Index first, Index out) {
     const Matrix<T> w = ckpt.matrix<T>(name + ".weight");
     const Vector<T> b = ckpt.vector<T>(name + ".bias");
+    ckpt.release(name + ".weight");
     const Storage s = opt.storage.value_or(detail::stored_as(ckpt.info(name + ".weight").dtype));
     return Linear<T>(Weight<T>(w.middleCols(first, out).transpose(), s), b.segment(first, out));
   };
@@ -140,9 +141,9 @@ CausalLM<T> load_gpt2(const io::Checkpoint& ckpt, const LoadOptions& opt = {}) {
     layers.emplace_back(norm(h + "ln_1"), std::move(attention), norm(h + "ln_2"), std::move(mlp));
   }
   std::optional<Linear<T>> head;
-  if (!c.tie_word_embeddings) head.emplace(ckpt.weight<T>("lm_head.weight", opt.storage), Vector<T>());
-  return CausalLM<T>(Embedding<T>(ckpt.weight<T>(p + "wte.weight")), std::move(layers), norm(p + "ln_f"),
-                     std::move(head), Embedding<T>(ckpt.weight<T>(p + "wpe.weight")));
+  if (!c.tie_word_embeddings) head.emplace(ckpt.weight<T>("lm_head.weight", opt.storage, opt.map_weights), Vector<T>());
+  return CausalLM<T>(Embedding<T>(ckpt.weight<T>(p + "wte.weight", std::nullopt, opt.map_weights)), std::move(layers), norm(p + "ln_f"),
+                     std::move(head), Embedding<T>(ckpt.weight<T>(p + "wpe.weight", std::nullopt, opt.map_weights)));
 }
 
 }  // namespace attn::models

@@ -151,7 +151,7 @@ CausalLM<T> load_llama(const io::Checkpoint& ckpt, const LoadOptions& opt = {}) 
   detail::check_checkpoint(ckpt, detail::llama_tensors(c, p), p, opt, ignored, "attn::models::load_llama");
 
   const auto linear = [&](const std::string& name, bool bias) {
-    return Linear<T>(ckpt.weight<T>(name + ".weight", opt.storage),
+    return Linear<T>(ckpt.weight<T>(name + ".weight", opt.storage, opt.map_weights),
                      bias ? ckpt.vector<T>(name + ".bias") : Vector<T>());
   };
   const auto rms = [&](const std::string& name) {
@@ -180,7 +180,7 @@ CausalLM<T> load_llama(const io::Checkpoint& ckpt, const LoadOptions& opt = {}) 
   std::optional<Linear<T>> head;
   if (!c.tie_word_embeddings) head.emplace(linear("lm_head", false));
   // The embedding stays as stored (a bf16 table is looked up row by row), whatever opt.storage says.
-  return CausalLM<T>(Embedding<T>(ckpt.weight<T>(p + "embed_tokens.weight")), std::move(layers), rms(p + "norm"),
+  return CausalLM<T>(Embedding<T>(ckpt.weight<T>(p + "embed_tokens.weight", std::nullopt, opt.map_weights)), std::move(layers), rms(p + "norm"),
                      std::move(head));
 }
 

@@ -22,8 +22,16 @@ struct LoadOptions {
   // error either way.
   bool strict = true;
   // The projection weights' storage (attn/storage.hpp); nullopt keeps each as the file stores it:
-  // BF16 as bf16 and F16 as fp16 (memory-mapped views: no copy), anything else as T.
+  // BF16 as bf16, F16 as fp16, anything else as T.
   std::optional<Storage> storage;
+  // true (llama.cpp's default too): a weight already in its storage type stays a view of the
+  // memory-mapped file - the load takes milliseconds and memory is only what is touched, but a
+  // decoding step streams the file's 4 KiB pages. false: every weight becomes the model's own copy,
+  // on transparent huge pages (the file's pages released as they are copied, so the process holds
+  // one copy): the load reads the whole file, a decoding step runs from huge pages. On this
+  // repository's machine (a Zen 5 VM) the copy decodes 1.65x faster and loads in 6 s instead of
+  // 5 ms (bench/checkpoint_bench, bench/RESULTS.md).
+  bool map_weights = true;
   // > 0: the positions the RoPE tables cover, instead of config.json's max_position_embeddings
   // (each layer holds a table of max_positions * head_dim values).
   Index max_positions = 0;

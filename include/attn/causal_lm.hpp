@@ -156,10 +156,10 @@ class CausalLM {
   // embeddings stay as they are. All or none changes.
   void set_weight_storage(Storage s) {
     std::vector<DecoderLayer<T>> layers = layers_;
-    std::optional<Linear<T>> head = lm_head_;
+    std::optional<Linear<T>> own_head = lm_head_;
     for (auto& l : layers) l.set_weight_storage(s);
-    if (head) head->set_storage(s);
-    layers_ = std::move(layers), lm_head_ = std::move(head);
+    if (own_head) own_head->set_storage(s);
+    layers_ = std::move(layers), lm_head_ = std::move(own_head);
   }
   // The arithmetic of every product (attn/precision.hpp), the head's included.
   void set_precision(Precision p) {

@@ -187,7 +187,7 @@ std::vector<std::vector<int>> generate(const CausalLM<T>& model, const std::vect
       bool go = step + 1 < options.max_new_tokens;
       if (std::find(options.stop_tokens.begin(), options.stop_tokens.end(), t) != options.stop_tokens.end()) go = false;
       if (on_token && !on_token(b, t)) go = false;
-      active[std::size_t(b)] = go;
+      active[std::size_t(b)] = go ? 1 : 0;
       any = any || go;
     }
     if (!any) break;

@@ -360,9 +360,9 @@ class TransformerDecoderLayer {
     if (out.data() != tgt.data()) out = tgt;
     Matrix<T> t(tgt.rows(), d_model()), u(tgt.rows(), d_model());
     apply(
-        out, t, u, [&](const ConstMatrixRef<T>& in, Matrix<T>& y) { self_attn_.forward_into(in, in, in, sa, y); },
+        out, t, u, [&](const ConstMatrixRef<T>& in, MatrixRef<T> y) { self_attn_.forward_into(in, in, in, sa, y); },
         // key and value one matrix: fused projection
-        [&](const ConstMatrixRef<T>& in, Matrix<T>& y) { multihead_attn_.forward_into(in, memory, memory, ca, y); });
+        [&](const ConstMatrixRef<T>& in, MatrixRef<T> y) { multihead_attn_.forward_into(in, memory, memory, ca, y); });
   }
 
   template <class>
@@ -377,11 +377,11 @@ class TransformerDecoderLayer {
     ca.causal = Causal::None;
     apply(
         x, t, u,
-        [&](const ConstMatrixRef<T>& in, Matrix<T>& y) {
+        [&](const ConstMatrixRef<T>& in, MatrixRef<T> y) {
           self_attn_.append_kv(in, in, self_cache);
           self_attn_.attend_into(in, self_cache, sa, y);
         },
-        [&](const ConstMatrixRef<T>& in, Matrix<T>& y) { multihead_attn_.attend_into(in, cross_cache, ca, y); });
+        [&](const ConstMatrixRef<T>& in, MatrixRef<T> y) { multihead_attn_.attend_into(in, cross_cache, ca, y); });
   }
 
   // The checks of step_into (TransformerDecoder::decode makes them once for every layer).
@@ -680,8 +680,8 @@ class Transformer {
                  LayerNorm<T>(d_model, options.layer_norm_eps, true, options.bias)),
         nhead_(nhead) {}
   // PyTorch's defaults: d_model 512, nhead 8, 6 and 6 layers.
-  Transformer(Index d_model = 512, Index nhead = 8, Index num_encoder_layers = 6, Index num_decoder_layers = 6,
-              const TransformerOptions& options = {})
+  explicit Transformer(Index d_model = 512, Index nhead = 8, Index num_encoder_layers = 6,
+                       Index num_decoder_layers = 6, const TransformerOptions& options = {})
       : Transformer(d_model, nhead, num_encoder_layers, num_decoder_layers, options,
                     detail::transformer_default_gen()) {}
 
@@ -721,7 +721,7 @@ class Transformer {
  private:
   TransformerEncoder<T> encoder_;
   TransformerDecoder<T> decoder_;
-  Index nhead_;
+  Index nhead_ = 0;
 };
 
 }  // namespace attn

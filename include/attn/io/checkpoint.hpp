@@ -52,21 +52,20 @@ class Checkpoint {
   // A checkpoint directory (config.json, then model.safetensors.index.json and its shards, or
   // model.safetensors), or one .safetensors file.
   static Checkpoint open(const std::filesystem::path& path) {
-    Checkpoint c;
-    c.path_ = path.string();
+    Checkpoint c(path.string());
     if (!std::filesystem::is_directory(path)) {
       if (!std::filesystem::exists(path)) c.fail("does not exist");
       c.config_ = nlohmann::json::object();
       c.add_shard(path, nullptr);
       return c;
     }
-    const std::filesystem::path config = path / "config.json", index = path / "model.safetensors.index.json",
+    const std::filesystem::path config_file = path / "config.json", index = path / "model.safetensors.index.json",
                                 single = path / "model.safetensors";
-    if (!std::filesystem::exists(config))
+    if (!std::filesystem::exists(config_file))
       c.fail(
           "has no config.json (a Hugging Face checkpoint directory has one; open a .safetensors file alone by "
           "its path)");
-    c.config_ = c.read_json(config);
+    c.config_ = c.read_json(config_file);
     if (!c.config_.is_object()) c.fail("config.json is not a JSON object");
     if (std::filesystem::exists(index)) {
       c.open_shards(path, index);
@@ -157,7 +156,7 @@ class Checkpoint {
   }
 
  private:
-  Checkpoint() = default;
+  explicit Checkpoint(std::string path) : path_(std::move(path)) {}
 
   [[noreturn]] void fail(const std::string& what) const { throw format_error("checkpoint " + path_ + ": " + what); }
 
@@ -181,12 +180,14 @@ class Checkpoint {
       if (listed) {
         const auto it = listed->find(name);
         if (it == listed->end())
-          fail("shard " + base + " holds \"" + name + "\", which model.safetensors.index.json does not list");
+          fail(attn::detail::concat("shard ", base, " holds \"", name,
+                                    "\", which model.safetensors.index.json does not list"));
         if (it->second != base)
-          fail("shard " + base + " holds \"" + name + "\", which the index puts in " + it->second);
+          fail(attn::detail::concat("shard ", base, " holds \"", name, "\", which the index puts in ", it->second));
       }
       if (!where_.emplace(name, i).second)
-        fail("tensor \"" + name + "\" is in two shards: " + shards_[where_[name]].path() + " and " + base);
+        fail(attn::detail::concat("tensor \"", name, "\" is in two shards: ", shards_[where_[name]].path(), " and ",
+                                  base));
       names_.push_back(name);
     }
   }
@@ -212,7 +213,8 @@ class Checkpoint {
       add_shard(dir / f, &listed);
     }
     for (const auto& [name, file] : listed)
-      if (!where_.count(name)) fail("the index puts \"" + name + "\" in " + file + ", which does not hold it");
+      if (!where_.count(name))
+        fail(attn::detail::concat("the index puts \"", name, "\" in ", file, ", which does not hold it"));
   }
 
   std::string path_;
@@ -291,7 +293,8 @@ inline LoadResult check_tensors(const Checkpoint& ckpt, const std::vector<Expect
       bool all = true;
       for (const std::string& m : base) all = all && ckpt.contains(q + m);
       if (all) {
-        msg += "; the missing tensors are all under the prefix \"" + q + "\" instead of \"" + prefix + "\"";
+        msg += attn::detail::concat("; the missing tensors are all under the prefix \"", q, "\" instead of \"", prefix,
+                                    "\"");
         break;
       }
     }

@@ -114,7 +114,7 @@ CausalLM<T> load_gpt2(const io::Checkpoint& ckpt, const LoadOptions& opt = {}) {
   const Gpt2Config c = Gpt2Config::from(ckpt);
   const std::string p = !ckpt.contains("transformer.wte.weight") && ckpt.contains("wte.weight") ? "" : "transformer.";
   std::vector<std::string> ignored = {"attn.bias", "attn.masked_bias"};
-  if (c.tie_word_embeddings) ignored.push_back("lm_head.weight");
+  if (c.tie_word_embeddings) ignored.emplace_back("lm_head.weight");
   detail::check_checkpoint(ckpt, detail::gpt2_tensors(c, p), p, opt, ignored, "attn::models::load_gpt2");
 
   const Index E = c.n_embd;

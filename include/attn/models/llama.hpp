@@ -147,7 +147,7 @@ CausalLM<T> load_llama(const io::Checkpoint& ckpt, const LoadOptions& opt = {}) 
   const LlamaConfig c = LlamaConfig::from(ckpt);
   const std::string p = detail::llama_prefix(ckpt);
   std::vector<std::string> ignored = {"rotary_emb.inv_freq"};
-  if (c.tie_word_embeddings) ignored.push_back("lm_head.weight");  // some writers save the tied copy
+  if (c.tie_word_embeddings) ignored.emplace_back("lm_head.weight");  // some writers save the tied copy
   detail::check_checkpoint(ckpt, detail::llama_tensors(c, p), p, opt, ignored, "attn::models::load_llama");
 
   const auto linear = [&](const std::string& name, bool bias) {

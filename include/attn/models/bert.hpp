@@ -136,7 +136,7 @@ class BertModel {
     if (!attention_mask.empty()) {
       BoolMatrix padded(batch, L);
       for (Index i = 0; i < N; ++i) padded(i / L, i % L) = attention_mask[std::size_t(i)] == 0;
-      args.key_padding_mask = IgnoreMask(padded);
+      args.key_padding_mask = IgnoreMask(std::move(padded));  // owned: padded dies with this scope
     }
     Output out;
     out.last_hidden_state = encoder_.forward(x, args);

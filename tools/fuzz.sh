@@ -41,7 +41,9 @@ cmake --build "$dir" -j "$(nproc)" --target "${targets[@]}"
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-status=0
+# The targets run side by side, one per core (each libFuzzer process is single-threaded), and
+# are reported in order once all have finished.
+pids=()
 for t in "${targets[@]}"; do
   corpus=fuzz/corpus/$t
   [[ -d $corpus ]] || { echo "fuzz.sh: no seed corpus $corpus" >&2; exit 2; }
@@ -51,13 +53,20 @@ for t in "${targets[@]}"; do
   # The working corpus first: libFuzzer writes new inputs to the first directory only. Leaks are
   # failures (-detect_leaks); one input may take 10 s and 2 GB; -error_exitcode is libFuzzer's
   # default 77 for every failure kind, also a timeout or an out-of-memory.
-  if ! "$dir/fuzz/$t" "$work/$t" "$corpus" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 \
+  "$dir/fuzz/$t" "$work/$t" "$corpus" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 \
     -detect_leaks=1 -error_exitcode=77 -timeout_exitcode=77 -artifact_prefix="$artifacts/" \
-    -print_final_stats=1 >"$work/$t.log" 2>&1; then
+    -print_final_stats=1 >"$work/$t.log" 2>&1 &
+  pids+=($!)
+done
+status=0
+for i in "${!targets[@]}"; do
+  t=${targets[$i]}
+  if ! wait "${pids[$i]}"; then
     tail -n 60 "$work/$t.log" >&2
-    echo "fuzz.sh: $t FAILED; the input is in $artifacts/" >&2
+    echo "fuzz.sh: $t FAILED; the input is in $dir/artifacts/$t/" >&2
     status=1
   else
+    echo "== $t"
     grep -E '^(#[0-9]+.*DONE|Done|stat::number_of_executed_units|stat::peak_rss_mb)' "$work/$t.log" || true
     echo "fuzz.sh: $t: no failure, $(find "$work/$t" -type f | wc -l) new inputs"
   fi

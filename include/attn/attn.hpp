@@ -27,6 +27,3 @@
 #include "attn/types.hpp"
 #include "attn/version.hpp"
 #include "attn/weight.hpp"
-
-// ATTN_EXTERN_TEMPLATES: the modules' members declared extern (attn/instantiate.hpp compiles them).
-#include "attn/detail/module_instances.hpp"

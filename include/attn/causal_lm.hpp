@@ -253,3 +253,5 @@ class CausalLM {
 };
 
 }  // namespace attn
+
+ATTN_DETAIL_EXTERN_MODULE(CausalLM);

@@ -296,3 +296,5 @@ class DecoderAttention {
 };
 
 }  // namespace attn
+
+ATTN_DETAIL_EXTERN_MODULE(DecoderAttention);

@@ -121,3 +121,5 @@ class DecoderLayer {
 };
 
 }  // namespace attn
+
+ATTN_DETAIL_EXTERN_MODULE(DecoderLayer);

@@ -91,3 +91,5 @@ class Embedding {
 };
 
 }  // namespace attn
+
+ATTN_DETAIL_EXTERN_MODULE(Embedding);

@@ -128,3 +128,5 @@ class FeedForward {
 };
 
 }  // namespace attn
+
+ATTN_DETAIL_EXTERN_MODULE(FeedForward);

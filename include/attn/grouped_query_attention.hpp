@@ -232,3 +232,5 @@ class GroupedQueryAttention {
 };
 
 }  // namespace attn
+
+ATTN_DETAIL_EXTERN_MODULE(GroupedQueryAttention);

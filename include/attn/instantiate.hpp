@@ -6,7 +6,7 @@
 // (most of its compile time: tools/compile_time.sh). Instead:
 //
 //   1. define ATTN_EXTERN_TEMPLATES when compiling the program's files (-DATTN_EXTERN_TEMPLATES):
-//      they then only declare the kernels, and, where they include attn/attn.hpp, the modules;
+//      they then only declare the kernels and the modules' members, whichever headers they include;
 //   2. add one .cpp holding this one line, compiled with the same flags as the rest (the same
 //      -march above all: Eigen's code must be compiled alike in every file of a program):
 //        #include <attn/instantiate.hpp>

@@ -271,3 +271,5 @@ class KVCache {
 };
 
 }  // namespace attn
+
+ATTN_DETAIL_EXTERN_MODULE(KVCache);

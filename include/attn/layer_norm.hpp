@@ -95,3 +95,5 @@ class LayerNorm {
 };
 
 }  // namespace attn
+
+ATTN_DETAIL_EXTERN_MODULE(LayerNorm);

@@ -146,3 +146,5 @@ void set_storage_of_all(Storage s, const std::array<Linear<T>*, N>& linears) {
 }  // namespace detail
 
 }  // namespace attn
+
+ATTN_DETAIL_EXTERN_MODULE(Linear);

@@ -443,3 +443,5 @@ class MultiHeadAttention {
 };
 
 }  // namespace attn
+
+ATTN_DETAIL_EXTERN_MODULE(MultiHeadAttention);

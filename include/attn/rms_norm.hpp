@@ -72,3 +72,5 @@ class RMSNorm {
 };
 
 }  // namespace attn
+
+ATTN_DETAIL_EXTERN_MODULE(RMSNorm);

@@ -249,3 +249,5 @@ void apply_rope(MatrixRef<T> x, Index heads, Index batch, Index start, const Rop
 }
 
 }  // namespace attn
+
+ATTN_DETAIL_EXTERN_MODULE(RopeCache);

@@ -95,3 +95,5 @@ class ScaledDotProductAttention {
 };
 
 }  // namespace attn
+
+ATTN_DETAIL_EXTERN_MODULE(ScaledDotProductAttention);

@@ -108,3 +108,5 @@ class SwiGLU {
 };
 
 }  // namespace attn
+
+ATTN_DETAIL_EXTERN_MODULE(SwiGLU);

@@ -725,3 +725,9 @@ class Transformer {
 };
 
 }  // namespace attn
+
+ATTN_DETAIL_EXTERN_MODULE(TransformerEncoderLayer);
+ATTN_DETAIL_EXTERN_MODULE(TransformerDecoderLayer);
+ATTN_DETAIL_EXTERN_MODULE(TransformerEncoder);
+ATTN_DETAIL_EXTERN_MODULE(TransformerDecoder);
+ATTN_DETAIL_EXTERN_MODULE(Transformer);

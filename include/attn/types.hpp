@@ -25,6 +25,18 @@ inline constexpr bool is_supported_scalar = std::is_same_v<T, float> || std::is_
                 "attn computes in float or double only: use attn::<class><float> or <double> (16-bit weights " \
                 "and caches are converted to float on load)")
 
+// With ATTN_EXTERN_TEMPLATES (attn/instantiate.hpp), each module's header ends with
+// ATTN_DETAIL_EXTERN_MODULE(Module) at global scope: the float and double members are declared
+// extern there, so a file compiles none of them whichever headers it includes, and
+// attn/instantiate.hpp compiles them once per program. Without it, nothing.
+#ifdef ATTN_EXTERN_TEMPLATES
+#define ATTN_DETAIL_EXTERN_MODULE(Module)    \
+  extern template class attn::Module<float>; \
+  extern template class attn::Module<double>
+#else
+#define ATTN_DETAIL_EXTERN_MODULE(Module) static_assert(true, "")
+#endif
+
 // [rows, cols], row-major: one token per row.
 template <class T>
 using Matrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;

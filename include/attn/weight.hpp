@@ -152,3 +152,5 @@ class Weight {
 };
 
 }  // namespace attn
+
+ATTN_DETAIL_EXTERN_MODULE(Weight);

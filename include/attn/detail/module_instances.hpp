@@ -1,10 +1,12 @@
-// attn/detail/module_instances.hpp - ATTN_EXTERN_TEMPLATES for the module classes.
+// attn/detail/module_instances.hpp - the module class templates that attn/instantiate.hpp compiles.
 //
-// With ATTN_EXTERN_TEMPLATES, a translation unit that includes attn/attn.hpp compiles none of the
-// modules' member functions for float and double: they are declared extern here and compiled once
-// per program, by attn/instantiate.hpp. (Compilers still read the inline members, to inline the
-// small ones; the large ones are called. The kernels behind the modules are declared extern at
-// their dispatch points, detail/attention.hpp and detail/gemm.hpp, whatever header is included.)
+// With ATTN_EXTERN_TEMPLATES, each module's header declares its float and double members extern
+// (ATTN_DETAIL_EXTERN_MODULE, attn/types.hpp), so a translation unit compiles none of them,
+// whichever headers it includes; attn/instantiate.hpp compiles every module listed here once per
+// program. (Compilers still read the inline members, to inline the small ones; the large ones are
+// called. The kernels behind the modules are declared extern at their dispatch points,
+// detail/attention.hpp and detail/gemm.hpp.) A new module adds itself to the list below and ends
+// its header with ATTN_DETAIL_EXTERN_MODULE(Module).
 #pragma once
 
 #include "attn/causal_lm.hpp"
@@ -25,7 +27,7 @@
 #include "attn/weight.hpp"
 
 // The module class templates, as X(Module) each: attn::Module<float> and attn::Module<double> are
-// declared extern below and defined by attn/instantiate.hpp.
+// defined by attn/instantiate.hpp.
 #define ATTN_DETAIL_MODULES(X) \
   X(Weight)                    \
   X(Linear)                    \
@@ -48,10 +50,3 @@
   X(DecoderLayer)              \
   X(CausalLM)
 
-#ifdef ATTN_EXTERN_TEMPLATES
-#define ATTN_DETAIL_EXTERN_MODULE(Module)    \
-  extern template class attn::Module<float>; \
-  extern template class attn::Module<double>;
-ATTN_DETAIL_MODULES(ATTN_DETAIL_EXTERN_MODULE)
-#undef ATTN_DETAIL_EXTERN_MODULE
-#endif

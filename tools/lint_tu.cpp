@@ -37,6 +37,7 @@ namespace attn_lint {
 template <class T>
 void functions(const attn::io::SafeTensors& st, attn::MatrixRef<T> x) {
   (void)attn::alibi_slopes<T>(4);
+  attn::merge_attention_states<T>(x, x, x, x, x, x);
   attn::apply_rope<T>(x, 1, 1, 0, attn::RopeCache<T>(x.cols(), 8));
 
   attn::detail::AttentionProblem<T> p;

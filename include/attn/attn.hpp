@@ -15,6 +15,7 @@
 #include "attn/layer_norm.hpp"
 #include "attn/linear.hpp"
 #include "attn/mask.hpp"
+#include "attn/merge.hpp"
 #include "attn/precision.hpp"
 #include "attn/multi_head_attention.hpp"
 #include "attn/rms_norm.hpp"

@@ -40,17 +40,18 @@ TYPED_TEST(DecodeTest, MatchesReference) {
     ++tested;
     SCOPED_TRACE(r.description + "  (replay: ATTN_TEST_SEED=" + std::to_string(seed - 400000) + ")");
     AsDouble<T> ref(r);
-    attn::Matrix<double> ref_out;
-    attach_outputs(ref.p, ref_out);
+    attn::Matrix<double> ref_out, ref_lse;
+    attach_outputs(ref.p, ref_out, nullptr, &ref_lse);
     attn::detail::attention_reference(ref.p);
 
     const Index chunk = chunks[seed % 4];
     const int threads = 1 + int(seed % 3);
-    attn::Matrix<T> out;
-    attach_outputs(r.p, out);
+    attn::Matrix<T> out, lse;
+    attach_outputs(r.p, out, nullptr, &lse);
     attn::detail::attention_decode(r.p, chunk, threads);
     ASSERT_TRUE(attn_test::matrices_near(out, ref_out, attn_test::tolerance<T>()))
         << "chunk " << chunk << ", threads " << threads;
+    ASSERT_TRUE(attn_test::matrices_near(lse, ref_lse, attn_test::tolerance<T>())) << "lse";
   }
   EXPECT_GT(tested, 300);  // about 35 % of the random problems have L <= 4
 }
@@ -125,9 +126,16 @@ RandomProblem<T> decoding_step(std::uint64_t seed) {
     for (auto& x : r.bias) x = coin(0.05) ? -std::numeric_limits<T>::infinity() : T(normal(rng));
     p.bias = {r.bias.data(), p.heads * p.L * S, p.L * S, S};
   }
+  r.sinks.clear();
+  if (coin(0.2)) {  // attention sinks: a logit per head, and sink tokens kept through the window
+    for (Index h = 0; h < p.heads; ++h) r.sinks.push_back(T(2.0 * normal(rng)));
+    p.sinks = r.sinks.data();
+  }
+  if (p.window > 0 && coin(0.3)) p.sink_tokens = pick(1, 8);
   std::ostringstream s;
   s << "seed=" << seed << " B=" << p.batch << " H=" << p.heads << " H_kv=" << p.kv_heads << " L=" << p.L
     << " S=" << S << " d=" << p.d << " dv=" << p.dv << " causal=" << causal << " window=" << p.window
+    << " sinks=" << bool(p.sinks) << " sink_tokens=" << p.sink_tokens
     << " softcap=" << p.softcap << " alibi=" << bool(p.alibi_slopes) << " padding=" << bool(p.key_padding)
     << " mask=" << bool(p.mask) << " bias=" << bool(p.bias);
   r.description = s.str();

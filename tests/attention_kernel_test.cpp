@@ -30,28 +30,30 @@ TYPED_TEST(KernelTest, BlockedMatchesReference) {
     RandomProblem<T> r(seed);
     SCOPED_TRACE(r.description + "  (replay: ATTN_TEST_SEED=" + std::to_string(seed) + ")");
     AsDouble<T> ref(r);
-    attn::Matrix<double> ref_out, ref_w;
-    attach_outputs(ref.p, ref_out, &ref_w);
+    attn::Matrix<double> ref_out, ref_w, ref_lse;
+    attach_outputs(ref.p, ref_out, &ref_w, &ref_lse);
     attn::detail::attention_reference(ref.p);
 
     for (Index block : {Index(1), Index(7), Index(64)}) {
-      attn::Matrix<T> out, w;
-      attach_outputs(r.p, out, &w);
+      attn::Matrix<T> out, w, lse;
+      attach_outputs(r.p, out, &w, &lse);
       attn::detail::attention_blocked(r.p, block);
       ASSERT_TRUE(attn_test::matrices_near(out, ref_out, attn_test::tolerance<T>()))
           << "output, block " << block;
       ASSERT_TRUE(attn_test::matrices_near(w, ref_w, attn_test::tolerance<T>()))
           << "weights, block " << block;
+      ASSERT_TRUE(attn_test::matrices_near(lse, ref_lse, attn_test::tolerance<T>())) << "lse, block " << block;
       // A masked key weighs exactly 0, as std::exp(-inf) gives the reference.
       for (Index i = 0; i < w.size(); ++i)
         if (ref_w.data()[i] == 0) {
           ASSERT_EQ(w.data()[i], T(0)) << "masked weight " << i << ", block " << block;
         }
     }
-    attn::Matrix<T> out;  // and the dispatch point the public classes call (no weights: the flash kernel)
-    attach_outputs(r.p, out);
+    attn::Matrix<T> out, lse;  // and the dispatch point the public classes call (no weights: flash or decode)
+    attach_outputs(r.p, out, nullptr, &lse);
     attn::detail::attention(r.p);
     ASSERT_TRUE(attn_test::matrices_near(out, ref_out, attn_test::tolerance<T>()));
+    ASSERT_TRUE(attn_test::matrices_near(lse, ref_lse, attn_test::tolerance<T>())) << "lse";
   }
 }
 
@@ -114,19 +116,21 @@ TYPED_TEST(KernelTest, FlashMatchesReference) {
     RandomProblem<T> r(seed);
     SCOPED_TRACE(r.description + "  (replay: ATTN_TEST_SEED=" + std::to_string(seed - 200000) + ")");
     AsDouble<T> ref(r);
-    attn::Matrix<double> ref_out, ref_w;
-    attach_outputs(ref.p, ref_out, &ref_w);
+    attn::Matrix<double> ref_out, ref_w, ref_lse;
+    attach_outputs(ref.p, ref_out, &ref_w, &ref_lse);
     attn::detail::attention_reference(ref.p);
 
     // Blocks and threads follow from the seed, so that a replay runs the failing configuration;
     // one in six takes the dispatch point's choice (flash_blocks).
     const auto blocks = seed % 6 == 5 ? attn::detail::flash_blocks(r.p) : shapes[seed % 6];
     const int threads = 1 + int(seed % 3);
-    attn::Matrix<T> out;
-    attach_outputs(r.p, out);
+    attn::Matrix<T> out, lse;
+    attach_outputs(r.p, out, nullptr, &lse);
     attn::detail::attention_flash(r.p, blocks, threads);
     ASSERT_TRUE(attn_test::matrices_near(out, ref_out, attn_test::tolerance<T>()))
         << "blocks " << blocks.rows << "x" << blocks.cols << ", threads " << threads;
+    ASSERT_TRUE(attn_test::matrices_near(lse, ref_lse, attn_test::tolerance<T>())) << "lse";
+    r.p.lse = {};
     worst_bf16 = std::max(worst_bf16, expect_flash_bf16_within_bound(r, ref_out, blocks, threads));
     if (::testing::Test::HasFailure()) return;
   }

@@ -62,8 +62,8 @@ template struct attn::DecoderArgs<double>;
 template class attn::detail::MaskData<bool>;
 template class attn::detail::MaskData<float>;
 template class attn::detail::MaskData<double>;
-template void attn::detail::attention<float>(const attn::detail::AttentionProblem<float>&);
-template void attn::detail::attention<double>(const attn::detail::AttentionProblem<double>&);
+template void attn::detail::attention<float>(const attn::detail::AttentionProblem<float>*, attn::Index);
+template void attn::detail::attention<double>(const attn::detail::AttentionProblem<double>*, attn::Index);
 template void attn::detail::attention_reference<float>(const attn::detail::AttentionProblem<float>&);
 template void attn::detail::attention_reference<double>(const attn::detail::AttentionProblem<double>&);
 

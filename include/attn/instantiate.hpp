@@ -25,8 +25,8 @@ namespace attn::detail {
 
 // The dispatch points that ATTN_EXTERN_TEMPLATES declares extern (detail/attention.hpp and
 // detail/gemm.hpp); every kernel behind them is instantiated with them.
-template void attention<float>(const AttentionProblem<float>&);
-template void attention<double>(const AttentionProblem<double>&);
+template void attention<float>(const AttentionProblem<float>*, Index);
+template void attention<double>(const AttentionProblem<double>*, Index);
 template void linear_into<float>(const ConstMatrixRef<float>&, const WeightView<float>&, const float*,
                                  MatrixRef<float>, int, Precision);
 template void linear_into<double>(const ConstMatrixRef<double>&, const WeightView<double>&, const double*,

@@ -143,9 +143,11 @@ class AdditiveMask {
 // The logit of query i and key j, in this order (Gemma 2 and flash-attn's order):
 //   s = scale * q_i . k_j
 //   s = softcap * tanh(s / softcap)                                   if softcap > 0
-//   s = -inf  unless causal, the window (|a - j| < window), attn_mask and key_padding_mask allow j
+//   s = -inf  unless causal, the window (|a - j| < window, or j < sink_tokens), attn_mask and
+//             key_padding_mask allow j
 //   s += alibi_slopes[h] * (j - a)                                     (-slope * distance when causal)
 //   s += attn_bias[i, j]
+// then p_j = exp(s_j) / (sum_j' exp(s_j') + exp(sinks[h])) (without sinks: the softmax).
 //
 //   attn::Masks<float> m;                       // Mistral: causal + window 4096; Gemma 2: + softcap 50
 //   m.causal = attn::Causal::BottomRight;  m.window = 4096;  m.softcap = 50;
@@ -162,6 +164,12 @@ struct Masks {
                               // (with causal: the last `window` keys up to the query, Mistral's)
   T softcap = T(0);           // > 0: logit soft-capping, softcap * tanh(s / softcap)
   Vector<T> alibi_slopes;     // [1] ([H]): ALiBi, one slope per head; empty = none
+  // Attention sinks. sinks [1] ([H]): a logit per head that joins every row's softmax denominator
+  // with no value (gpt-oss): the row's weights sum to less than 1, and a row with no attended key
+  // is zeros. sink_tokens: the first keys [0, sink_tokens) stay visible through the window
+  // (StreamingLLM's attention sinks); causal masking and the masks still apply to them.
+  Vector<T> sinks;
+  Index sink_tokens = 0;
   // The arithmetic of this call's Q K^T and P V (attn/precision.hpp); unset: the module's
   // (set_precision), Native unless set.
   std::optional<Precision> precision;

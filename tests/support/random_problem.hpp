@@ -22,7 +22,7 @@ using attn::detail::AttentionProblem;
 // One random problem: buffers owned here, described by the strided views the kernels take.
 template <class T>
 struct RandomProblem {
-  std::vector<T> q, k, v, bias, slopes;
+  std::vector<T> q, k, v, bias, slopes, sinks;
   std::vector<char> mask_store, pad_store;  // bool buffers (vector<bool> is not addressable)
   AttentionProblem<T> p;
   std::string description;
@@ -113,11 +113,18 @@ struct RandomProblem {
       p.alibi_slopes = slopes.data();
     }
     if (coin(0.3)) p.window = pick(1, std::max<Index>(p.S, 1) + 2);
+    // Attention sinks: a logit per head in the denominator (gpt-oss), sink tokens kept through the
+    // window (StreamingLLM).
+    if (coin(0.25)) {
+      for (Index h = 0; h < p.heads; ++h) sinks.push_back(T(2.0 * normal(rng)));
+      p.sinks = sinks.data();
+    }
+    if (p.window > 0 && coin(0.4)) p.sink_tokens = pick(1, 4);
     std::ostringstream s;
     s << "seed=" << seed << " B=" << p.batch << " H=" << p.heads << " H_kv=" << p.kv_heads << " L=" << p.L << " S=" << p.S << " d=" << p.d
       << " dv=" << p.dv << " mask_keys=" << mk << " scale=" << p.scale << " causal=" << causal << " mask=" << mask_kind
       << " bias=" << bias_kind << " padding=" << bool(p.key_padding) << " softcap=" << p.softcap << " alibi=" << bool(p.alibi_slopes)
-      << " window=" << p.window << (interleaved ? " interleaved" : " stacked");
+      << " window=" << p.window << " sinks=" << bool(p.sinks) << " sink_tokens=" << p.sink_tokens << (interleaved ? " interleaved" : " stacked");
     description = s.str();
   }
 };
@@ -125,10 +132,11 @@ struct RandomProblem {
 // The same problem in double: same strides over converted copies of the buffers.
 template <class T>
 struct AsDouble {
-  std::vector<double> q, k, v, bias, slopes;
+  std::vector<double> q, k, v, bias, slopes, sinks;
   AttentionProblem<double> p;
   explicit AsDouble(const RandomProblem<T>& r) : q(r.q.begin(), r.q.end()), k(r.k.begin(), r.k.end()), v(r.v.begin(), r.v.end()),
-                                                 bias(r.bias.begin(), r.bias.end()), slopes(r.slopes.begin(), r.slopes.end()) {
+                                                 bias(r.bias.begin(), r.bias.end()), slopes(r.slopes.begin(), r.slopes.end()),
+                                                 sinks(r.sinks.begin(), r.sinks.end()) {
     const auto& s = r.p;
     p.batch = s.batch, p.heads = s.heads, p.L = s.L, p.S = s.S, p.d = s.d, p.dv = s.dv, p.mask_keys = s.mask_keys;
     p.scale = double(s.scale);
@@ -137,6 +145,8 @@ struct AsDouble {
     p.softcap = double(s.softcap);
     p.window = s.window;
     if (s.alibi_slopes) p.alibi_slopes = slopes.data();
+    if (s.sinks) p.sinks = sinks.data();
+    p.sink_tokens = s.sink_tokens;
     p.q = {q.data(), s.q.batch_stride, s.q.head_stride, s.q.row_stride};
     p.k = {k.data(), s.k.batch_stride, s.k.head_stride, s.k.row_stride};
     p.v = {v.data(), s.v.batch_stride, s.v.head_stride, s.v.row_stride};
@@ -148,15 +158,26 @@ struct AsDouble {
   }
 };
 
-// Output [B*H*L, dv], packed, attached to the problem; weights [B*H*L, S] too when given.
+// Output [B*H*L, dv], packed, attached to the problem; weights [B*H*L, S] and the log-sum-exp
+// [B*H, L] too when given.
+template <class T>
+struct NonDeduced {
+  using type = T;
+};
 template <class P, class T>
-void attach_outputs(P& p, attn::Matrix<T>& out, attn::Matrix<T>* weights = nullptr) {
+void attach_outputs(P& p, attn::Matrix<T>& out, typename NonDeduced<attn::Matrix<T>>::type* weights = nullptr,
+                    typename NonDeduced<attn::Matrix<T>>::type* lse = nullptr) {
   out.setConstant(p.batch * p.heads * p.L, p.dv, T(12345));  // any value left unwritten shows
   p.out = {out.data(), p.heads * p.L * p.dv, p.L * p.dv, p.dv};
   p.weights = {};
   if (weights) {
     weights->setConstant(p.batch * p.heads * p.L, p.S, T(12345));
     p.weights = {weights->data(), p.heads * p.L * p.S, p.L * p.S, p.S};
+  }
+  p.lse = {};
+  if (lse) {
+    lse->setConstant(p.batch * p.heads, p.L, T(12345));
+    p.lse = {lse->data(), p.heads * p.L, p.L, 1};
   }
 }
 

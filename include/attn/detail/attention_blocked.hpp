@@ -60,12 +60,20 @@ void attention_blocked(const AttentionProblem<T>& p, Index block_rows = mk::kSco
         for (Index r = 0; r < n; ++r) {
           T* const row = scores + r * s_pad;
           const T m = masked ? mask_row(p, b, h, i0 + r, 0, row, p.S) : row_max[r];
+          T* const lse = p.lse ? p.lse.row(b, h, i0 + r) : nullptr;
           if (m == kNegInf) {  // every key masked: zeros, as in the reference; NaN if NaN logits were left
-            std::fill(row, row + p.S, any_nan(row, p.S) ? std::numeric_limits<T>::quiet_NaN() : T(0));
+            const bool nan = any_nan(row, p.S);
+            std::fill(row, row + p.S, nan ? std::numeric_limits<T>::quiet_NaN() : T(0));
+            if (lse) *lse = row_end(p, h, m, nan ? std::numeric_limits<T>::quiet_NaN() : T(0)).lse;
             continue;
           }
           const T sum = mk::exp_sum_row(row, p.S, m, masked);
-          for (Index j = 0; j < p.S; ++j) row[j] /= sum;
+          const RowEnd<T> e = row_end(p, h, m, sum);  // num = 1 and den = sum without sinks
+          if (p.sinks)
+            for (Index j = 0; j < p.S; ++j) row[j] = row[j] * e.num / e.den;
+          else
+            for (Index j = 0; j < p.S; ++j) row[j] /= sum;
+          if (lse) *lse = e.lse;
         }
         for (Index r = 0; r < n; ++r) std::fill(p.out.row(b, h, i0 + r), p.out.row(b, h, i0 + r) + p.dv, T(0));
         mk::pv_row_tiles(n, scores, s_pad, v, vs, p.S, p.dv, zeros, p.out.row(b, h, i0),

@@ -45,6 +45,7 @@
 #include <cmath>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 #include "attn/detail/attention_flash.hpp"  // unpadded_end
 #include "attn/detail/attention_problem.hpp"
@@ -138,113 +139,116 @@ EIGEN_STRONG_INLINE void pv_keys(Index rows, const T* p, Index ps, const S* v, I
   }
 }
 
-// The decoding step for K and V stored as S (the element type of p.kv_storage); see the top of the file.
+// One problem's share of a decoding step: its tasks (b, kv head g, chunk c), which are the step's
+// tasks [first_task, first_task + tasks), and its partials, at `partials` in the step's arena.
+struct Plan {
+  Index G = 1, Hk = 0, R = 0, chunks = 0, tasks = 0;
+  Index first_task = 0, partials = 0;
+};
+
+template <class T>
+Plan plan(const AttentionProblem<T>& p, Index chunk) {
+  Plan s;
+  s.G = p.kv_heads > 0 ? p.heads / p.kv_heads : 1;  // query heads per kv head
+  s.Hk = p.heads / s.G;
+  s.R = s.G * p.L;  // the rows of a task: the group's heads' queries, row r = (head g*G + r / L, query r % L)
+  s.chunks = std::max<Index>(1, (p.S + chunk - 1) / chunk);
+  s.tasks = p.batch * p.heads * p.L == 0 ? 0 : p.batch * s.Hk * s.chunks;
+  return s;
+}
+
+// Task `task` of problem p (see the top of the file): its rows' partials (m, l, o) at
+// partials + task * R * (2 + dv), its scores in s ([R, chunk], row stride chunk).
 template <class S, class T>
-void run(const AttentionProblem<T>& p, Index chunk, int threads) {
+void task(const AttentionProblem<T>& p, const Plan& plan, Index chunk, Index task, T* partials, T* s) {
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
-  const Index G = p.kv_heads > 0 ? p.heads / p.kv_heads : 1;  // query heads per kv head
-  const Index Hk = p.heads / G;
-  const Index R = G * p.L;  // the rows of a task: the group's heads' queries, row r = (head g*G + r / L, query r % L)
-  const Index chunks = std::max<Index>(1, (p.S + chunk - 1) / chunk);
-  const Index tasks = p.batch * Hk * chunks;
-  if (p.batch * p.heads * p.L == 0) return;
-  const bool elementwise = p.mask || p.bias || p.key_padding || p.alibi_slopes || p.softcap > T(0);
-
-  // Each task's partials (m, l, o[dv]) of its R rows, written by the task and merged after all
-  // tasks end; and each thread's [R, chunk] scores. One allocation, before the threads start.
+  const Index G = plan.G, Hk = plan.Hk, R = plan.R, chunks = plan.chunks;
+  const bool elementwise = p.mask || p.bias || p.key_padding || p.alibi_slopes || p.softcap > T(0) || sinks_split(p);
   const Index part = 2 + p.dv;  // m, l, o
-  // Threads by bytes streamed (K and V once per kv head: the group's rows share the reads):
-  // threads_for's 8 MFLOP a thread is ~80 us of FMAs, and a thread streams about 1 MB in that
-  // time, so a byte counts as 8 FLOPs.
-  const double bytes = double(p.batch * Hk) * double(p.S) * double(p.d + p.dv) * double(sizeof(S));
-  const int n_threads = static_cast<int>(std::min<Index>(threads > 0 ? threads : threads_for(8.0 * bytes, 0), tasks));
-  Eigen::Matrix<T, Eigen::Dynamic, 1> arena(tasks * R * part + Index(n_threads) * R * chunk);
-  T* const partials = arena.data();
-
-  [[maybe_unused]] const NoEigenMalloc no_malloc;
-  parallel_tasks(tasks, n_threads, [&](Index first, Index step) {
-    T* const s = partials + tasks * R * part + first * R * chunk;  // row r at s + r * chunk
-    for (Index task = first; task < tasks; task += step) {
-      const Index b = task / (Hk * chunks), g = (task / chunks) % Hk, c = task % chunks;
-      const Index padded_end = unpadded_end(p, b);
-      T* const out = partials + task * R * part;  // row r's m, l, o at out + r * part
-      std::fill(out, out + R * part, T(0));
-      // The keys [lo_i, hi_i) of this chunk that causal masking, the window and padding leave to
-      // query i (the same for every head: keys past mask_keys are always attended), and their
-      // union [first_key, end_key): the one range of K and V the task reads for all its rows.
-      Index lo[kDecodeRows], hi[kDecodeRows];
-      Index first_key = std::min(p.S, (c + 1) * chunk), end_key = c * chunk;
-      for (Index i = 0; i < p.L; ++i) {
-        const KeyRange r = positional_keys(p, i);
-        lo[i] = c * chunk, hi[i] = std::min(p.S, lo[i] + chunk);
-        if (hi[i] <= p.mask_keys) {
-          lo[i] = std::max(lo[i], r.begin);
-          hi[i] = std::min({hi[i], r.end, padded_end});
-        } else if (lo[i] < p.mask_keys) {  // the chunk holds MHA's extra keys: mask_row decides
-          lo[i] = std::max(lo[i], r.begin);
-        }
-        if (lo[i] < hi[i]) first_key = std::min(first_key, lo[i]), end_key = std::max(end_key, hi[i]);
-      }
-      if (end_key <= first_key) {  // nothing attended: every row's partial is empty
-        for (Index r = 0; r < R; ++r) out[r * part] = kNegInf;
-        continue;
-      }
-      const Index n = end_key - first_key;
-      const S* const k = stored_row<S>(p, false, b, g, first_key);
-      const S* const v = stored_row<S>(p, true, b, g, first_key);
-      const T* const k_scale = p.k_scale ? p.k_scale.row(b, g, first_key) : nullptr;
-      const T* const v_scale = p.v_scale ? p.v_scale.row(b, g, first_key) : nullptr;
-      // Scores of all R rows, kDecodeKeyBlock keys at a time so that a block of K read from memory
-      // by the first row tile is in L1 for the others: the group reads K once. Only dot_rows
-      // takes the tile's row count at compile time (its registers); nothing after does.
-      // (With one row tile, R <= kDecodeRows, the blocks are not needed: the whole range at once.)
-      const Index score_block = R <= kDecodeRows ? n : kDecodeKeyBlock;
-      for (Index j = 0; j < n; j += score_block) {
-        const Index nj = std::min(score_block, n - j);
-        mk::for_row_tiles<kDecodeRows>(R, [&](Index r0, auto rows) {
-          constexpr int MR = decltype(rows)::value;
-          const T* q[MR];
-          for (int r = 0; r < MR; ++r) q[r] = p.q.row(b, g * G + (r0 + r) / p.L, (r0 + r) % p.L);
-          mk::dot_rows<MR>(q, k + j * p.k.row_stride, p.k.row_stride, k_scale ? k_scale + j : nullptr, nj, p.d,
-                                 p.scale, s + r0 * chunk + j, chunk);
-        });
-      }
-      // Row r's probabilities over the union: exp(s - m_r) on its own keys, 0 on the others
-      // (masked keys come out exactly 0 from exp_sum_row); with int8 values, times each key's
-      // value scale (p_j * s_j weighs the integers of v_j), after the sum l.
-      for (Index r = 0; r < R; ++r) {
-        const Index h = g * G + r / p.L, i = r % p.L;
-        T* const si = s + r * chunk;
-        T* const o = out + r * part;
-        const Index ni = std::max<Index>(0, hi[i] - lo[i]);
-        T* const row = ni > 0 ? si + (lo[i] - first_key) : si;
-        const bool masked = elementwise || hi[i] > p.mask_keys;
-        const T m = ni == 0 ? kNegInf : masked ? mask_row(p, b, h, i, lo[i], row, ni) : mk::max_of(row, ni);
-        if (m == kNegInf) {  // an empty partial: it takes no part in the merge
-          o[0] = kNegInf;
-          // The row max skips NaN logits: a row whose attended logits are all NaN lands here too,
-          // and its l = NaN makes the merged row NaN.
-          if (ni > 0 && Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>>(row, ni).isNaN().any())
-            o[1] = std::numeric_limits<T>::quiet_NaN();
-          std::fill(si, si + n, T(0));
-          continue;
-        }
-        o[0] = m;
-        o[1] = mk::exp_sum_row(row, ni, m, masked);
-        std::fill(si, row, T(0));
-        std::fill(row + ni, si + n, T(0));
-        if (v_scale) {
-          const T* const vs = v_scale + (lo[i] - first_key);
-          for (Index j = 0; j < ni; ++j) row[j] *= vs[j];
-        }
-      }
-      for (Index j = 0; j < n; j += kDecodeKeyBlock)
-        decode::pv_keys(R, s + j, chunk, v + j * p.v.row_stride, p.v.row_stride, std::min(kDecodeKeyBlock, n - j),
-                        p.dv, out + 2, part);
+  const Index b = task / (Hk * chunks), g = (task / chunks) % Hk, c = task % chunks;
+  const Index padded_end = unpadded_end(p, b);
+  T* const out = partials + task * R * part;  // row r's m, l, o at out + r * part
+  std::fill(out, out + R * part, T(0));
+  // The keys [lo_i, hi_i) of this chunk that causal masking, the window and padding leave to
+  // query i (the same for every head: keys past mask_keys are always attended), and their
+  // union [first_key, end_key): the one range of K and V the task reads for all its rows.
+  Index lo[kDecodeRows], hi[kDecodeRows];
+  Index first_key = std::min(p.S, (c + 1) * chunk), end_key = c * chunk;
+  for (Index i = 0; i < p.L; ++i) {
+    const KeyRange r = positional_keys(p, i);
+    lo[i] = c * chunk, hi[i] = std::min(p.S, lo[i] + chunk);
+    if (hi[i] <= p.mask_keys) {
+      lo[i] = std::max(lo[i], r.begin);
+      hi[i] = std::min({hi[i], r.end, padded_end});
+    } else if (lo[i] < p.mask_keys) {  // the chunk holds MHA's extra keys: mask_row decides
+      lo[i] = std::max(lo[i], r.begin);
     }
-  });
+    if (lo[i] < hi[i]) first_key = std::min(first_key, lo[i]), end_key = std::max(end_key, hi[i]);
+  }
+  if (end_key <= first_key) {  // nothing attended: every row's partial is empty
+    for (Index r = 0; r < R; ++r) out[r * part] = kNegInf;
+    return;
+  }
+  const Index n = end_key - first_key;
+  const S* const k = stored_row<S>(p, false, b, g, first_key);
+  const S* const v = stored_row<S>(p, true, b, g, first_key);
+  const T* const k_scale = p.k_scale ? p.k_scale.row(b, g, first_key) : nullptr;
+  const T* const v_scale = p.v_scale ? p.v_scale.row(b, g, first_key) : nullptr;
+  // Scores of all R rows, kDecodeKeyBlock keys at a time so that a block of K read from memory
+  // by the first row tile is in L1 for the others: the group reads K once. Only dot_rows
+  // takes the tile's row count at compile time (its registers); nothing after does.
+  // (With one row tile, R <= kDecodeRows, the blocks are not needed: the whole range at once.)
+  const Index score_block = R <= kDecodeRows ? n : kDecodeKeyBlock;
+  for (Index j = 0; j < n; j += score_block) {
+    const Index nj = std::min(score_block, n - j);
+    mk::for_row_tiles<kDecodeRows>(R, [&](Index r0, auto rows) {
+      constexpr int MR = decltype(rows)::value;
+      const T* q[MR];
+      for (int r = 0; r < MR; ++r) q[r] = p.q.row(b, g * G + (r0 + r) / p.L, (r0 + r) % p.L);
+      mk::dot_rows<MR>(q, k + j * p.k.row_stride, p.k.row_stride, k_scale ? k_scale + j : nullptr, nj, p.d, p.scale,
+                       s + r0 * chunk + j, chunk);
+    });
+  }
+  // Row r's probabilities over the union: exp(s - m_r) on its own keys, 0 on the others
+  // (masked keys come out exactly 0 from exp_sum_row); with int8 values, times each key's
+  // value scale (p_j * s_j weighs the integers of v_j), after the sum l.
+  for (Index r = 0; r < R; ++r) {
+    const Index h = g * G + r / p.L, i = r % p.L;
+    T* const si = s + r * chunk;
+    T* const o = out + r * part;
+    const Index ni = std::max<Index>(0, hi[i] - lo[i]);
+    T* const row = ni > 0 ? si + (lo[i] - first_key) : si;
+    const bool masked = elementwise || hi[i] > p.mask_keys;
+    const T m = ni == 0 ? kNegInf : masked ? mask_row(p, b, h, i, lo[i], row, ni) : mk::max_of(row, ni);
+    if (m == kNegInf) {  // an empty partial: it takes no part in the merge
+      o[0] = kNegInf;
+      // The row max skips NaN logits: a row whose attended logits are all NaN lands here too,
+      // and its l = NaN makes the merged row NaN.
+      if (ni > 0 && Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>>(row, ni).isNaN().any())
+        o[1] = std::numeric_limits<T>::quiet_NaN();
+      std::fill(si, si + n, T(0));
+      continue;
+    }
+    o[0] = m;
+    o[1] = mk::exp_sum_row(row, ni, m, masked);
+    std::fill(si, row, T(0));
+    std::fill(row + ni, si + n, T(0));
+    if (v_scale) {
+      const T* const vs = v_scale + (lo[i] - first_key);
+      for (Index j = 0; j < ni; ++j) row[j] *= vs[j];
+    }
+  }
+  for (Index j = 0; j < n; j += kDecodeKeyBlock)
+    decode::pv_keys(R, s + j, chunk, v + j * p.v.row_stride, p.v.row_stride, std::min(kDecodeKeyBlock, n - j),
+                    p.dv, out + 2, part);
+}
 
-  // Merge each row's chunks in chunk order: the same sums in the same order on any thread count.
+// Merges each row's chunks of problem p in chunk order: the same sums in the same order on any
+// thread count.
+template <class T>
+void merge(const AttentionProblem<T>& p, const Plan& plan, const T* partials) {
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  const Index G = plan.G, Hk = plan.Hk, R = plan.R, chunks = plan.chunks, part = 2 + p.dv;
   for (Index bh = 0; bh < p.batch * p.heads; ++bh) {
     const Index b = bh / p.heads, h = bh % p.heads, g = h / G;
     for (Index i = 0; i < p.L; ++i) {
@@ -254,12 +258,17 @@ void run(const AttentionProblem<T>& p, Index chunk, int threads) {
       bool nan = false;  // a NaN logit in any chunk (l_c = NaN) makes the row NaN, as in the reference
       for (Index c = 0; c < chunks; ++c) m = std::max(m, part_of(c)[0]), nan = nan || std::isnan(part_of(c)[1]);
       Eigen::Map<Vector<T>> o(p.out.row(b, h, i), p.dv);
+      T* const lse = p.lse ? p.lse.row(b, h, i) : nullptr;
       if (nan) {
         o.setConstant(std::numeric_limits<T>::quiet_NaN());
+        if (lse) *lse = std::numeric_limits<T>::quiet_NaN();
         continue;
       }
       o.setZero();
-      if (m == kNegInf) continue;  // every key masked: zeros, as the reference
+      if (m == kNegInf) {  // every key masked: zeros, as the reference
+        if (lse) *lse = row_end(p, h, m, T(0)).lse;
+        continue;
+      }
       T l = 0;
       for (Index c = 0; c < chunks; ++c) {
         const T* pc = part_of(c);
@@ -268,8 +277,56 @@ void run(const AttentionProblem<T>& p, Index chunk, int threads) {
         l += alpha * pc[1];
         o += alpha * Eigen::Map<const Vector<T>>(pc + 2, p.dv);
       }
-      o /= l;
+      const RowEnd<T> e = row_end(p, h, m, l);
+      if (!p.sinks)
+        o /= l;
+      else
+        o = o * e.num / e.den;
+      if (lse) *lse = e.lse;
     }
+  }
+}
+
+// The decoding step for K and V stored as S (the element type of every problem's kv_storage) over
+// problems ps[0, n): a ragged batch, each problem one sequence of its own length, all their tasks
+// split over the threads together; see the top of the file.
+template <class S, class T>
+void run(const AttentionProblem<T>* ps, Index n, Index chunk, int threads) {
+  std::vector<Plan> plans(static_cast<std::size_t>(n));
+  Index tasks = 0, parts = 0, rows = 0;
+  double bytes = 0;
+  for (Index i = 0; i < n; ++i) {
+    const AttentionProblem<T>& p = ps[i];
+    Plan& pl = plans[std::size_t(i)] = plan(p, chunk);
+    pl.first_task = tasks, pl.partials = parts;
+    tasks += pl.tasks;
+    parts += pl.tasks * pl.R * (2 + p.dv);
+    rows = std::max(rows, pl.R);
+    // K and V once per kv head: the group's rows share the reads.
+    if (pl.tasks > 0) bytes += double(p.batch * pl.Hk) * double(p.S) * double(p.d + p.dv) * double(sizeof(S));
+  }
+  if (tasks == 0) return;
+  // Threads by bytes streamed: threads_for's 8 MFLOP a thread is ~80 us of FMAs, and a thread
+  // streams about 1 MB in that time, so a byte counts as 8 FLOPs.
+  const int n_threads = static_cast<int>(std::min<Index>(threads > 0 ? threads : threads_for(8.0 * bytes, 0), tasks));
+  // Each task's partials (m, l, o[dv]) of its rows, written by the task and merged after all
+  // tasks end; and each thread's [rows, chunk] scores. One allocation, before the threads start.
+  Eigen::Matrix<T, Eigen::Dynamic, 1> arena(parts + Index(n_threads) * rows * chunk);
+  T* const partials = arena.data();
+
+  [[maybe_unused]] const NoEigenMalloc no_malloc;
+  parallel_tasks(tasks, n_threads, [&](Index first, Index step) {
+    T* const s = partials + parts + first * rows * chunk;  // row r at s + r * chunk
+    std::size_t i = 0;  // the problem of `t`: tasks only grow
+    for (Index t = first; t < tasks; t += step) {
+      while (t >= plans[i].first_task + plans[i].tasks) ++i;
+      const Plan& pl = plans[i];
+      task<S>(ps[i], pl, chunk, t - pl.first_task, partials + pl.partials, s);
+    }
+  });
+  for (Index i = 0; i < n; ++i) {
+    const Plan& pl = plans[std::size_t(i)];
+    if (pl.tasks > 0) merge(ps[i], pl, partials + pl.partials);
   }
 }
 
@@ -277,10 +334,20 @@ void run(const AttentionProblem<T>& p, Index chunk, int threads) {
 
 // The decoding step, for K and V in any storage type: the one switch from p.kv_storage to the
 // element type the step is compiled for.
+// The decoding step over problems ps[0, n) (a ragged batch: every problem at most kDecodeRows
+// queries, K and V in one storage type), for K and V in any storage type: the one switch from
+// kv_storage to the element type the step is compiled for.
+template <class T>
+void attention_decode(const AttentionProblem<T>* ps, Index n, Index chunk = kDecodeChunk, int threads = 0) {
+  ATTN_ASSERT(n > 0 && chunk > 0);
+  for (Index i = 0; i < n; ++i)
+    ATTN_ASSERT(!ps[i].weights && ps[i].L <= kDecodeRows && ps[i].kv_storage == ps[0].kv_storage);
+  with_storage<T>(ps[0].kv_storage, [&](auto tag) { decode::run<typename decltype(tag)::type>(ps, n, chunk, threads); });
+}
+
 template <class T>
 void attention_decode(const AttentionProblem<T>& p, Index chunk = kDecodeChunk, int threads = 0) {
-  ATTN_ASSERT(!p.weights && p.L <= kDecodeRows && chunk > 0);
-  with_storage<T>(p.kv_storage, [&](auto tag) { decode::run<typename decltype(tag)::type>(p, chunk, threads); });
+  attention_decode(&p, 1, chunk, threads);
 }
 
 }  // namespace attn::detail

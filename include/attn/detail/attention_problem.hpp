@@ -62,6 +62,8 @@ struct AttentionProblem {
   T softcap = T(0);                 // > 0: logit = softcap * tanh(logit / softcap) (Gemma 2)
   const T* alibi_slopes = nullptr;  // [H]: logit += slope_h * (j - i_abs), i.e. -slope * distance
   Index window = 0;                 // > 0: key j visible only if |i_abs - j| < window
+  Index sink_tokens = 0;            // keys [0, sink_tokens) are exempt from the window (StreamingLLM)
+  const T* sinks = nullptr;         // [H]: a logit per head in every row's softmax denominator (gpt-oss)
 
   // Masks cover keys [0, mask_keys); keys past them (MultiHeadAttention's add_bias_kv and
   // add_zero_attn columns) are never masked, as in PyTorch. Causal alignment counts mask_keys.
@@ -74,6 +76,7 @@ struct AttentionProblem {
   bool key_padding_attends = false;
 
   Strided<T> weights;  // [B, H, L, S] probabilities, written only when data is set
+  Strided<T> lse;      // [B, H, L] each row's log-sum-exp (row_end), written only when data is set
 
   // K and V as a KVCache stores them. Native: k and v above. Any other storage type: the elements
   // are at k_stored / v_stored (the element type of kv_storage), with k's and v's strides (k.data and
@@ -133,7 +136,9 @@ Index query_offset(const AttentionProblem<T>& p) {
 }
 
 // The keys [begin, end) of [0, mask_keys) that causal masking and the window leave to query i
-// (begin == end when none). Both rules are intervals, and both bounds grow with i.
+// (begin == end when none). Both rules are intervals, and both bounds grow with i. With sink
+// tokens the window's keys and the sinks are two intervals: begin stays 0, and the kernels mask
+// the keys between them one by one (sinks_split()).
 struct KeyRange {
   Index begin, end;
 };
@@ -143,8 +148,11 @@ KeyRange positional_keys(const AttentionProblem<T>& p, Index i) {
   Index begin = 0, end = p.mask_keys;
   if (p.causal != Causal::None) end = std::min(end, a + 1);
   if (p.window > 0) {
-    begin = std::max(begin, a - p.window + 1);
-    end = std::min(end, a + p.window);
+    const Index window_end = std::min(end, a + p.window);
+    if (p.sink_tokens == 0)
+      begin = std::max(begin, a - p.window + 1), end = window_end;
+    else  // the sinks [0, min(end, sink_tokens)) and the window: one interval from 0 over both
+      end = std::max(window_end, std::min(end, p.sink_tokens));
   }
   begin = std::min(begin, p.mask_keys);
   return {begin, std::max(begin, end)};
@@ -182,7 +190,7 @@ T masked_capped_logit(const AttentionProblem<T>& p, Index b, Index h, Index i, I
   constexpr T kMasked = -std::numeric_limits<T>::infinity();
   if (!causal_allows(p.causal, i, j, p.L, p.mask_keys)) return kMasked;
   const Index a = i + query_offset(p);
-  if (p.window > 0 && (a - j >= p.window || j - a >= p.window)) return kMasked;
+  if (p.window > 0 && j >= p.sink_tokens && (a - j >= p.window || j - a >= p.window)) return kMasked;
   if (p.mask && p.mask.row(b, h, i)[j] != p.mask_attends) return kMasked;
   if (p.key_padding && p.key_padding.row(b, h, i)[j] != p.key_padding_attends) return kMasked;
   if (p.alibi_slopes) capped += p.alibi_slopes[h] * static_cast<T>(j - a);
@@ -196,6 +204,42 @@ T masked_capped_logit(const AttentionProblem<T>& p, Index b, Index h, Index i, I
 template <class T>
 T masked_logit(const AttentionProblem<T>& p, Index b, Index h, Index i, Index j, T raw) {
   return masked_capped_logit(p, b, h, i, j, p.softcap > T(0) ? softcapped(p.softcap, raw) : raw);
+}
+
+// Whether sink tokens split a row's keys into two intervals (the sinks, then the window), which
+// the kernels' interval arithmetic does not cover: masked_logit then masks each key.
+template <class T>
+bool sinks_split(const AttentionProblem<T>& p) {
+  return p.window > 0 && p.sink_tokens > 0;
+}
+
+// The end of a row: the factor that turns its unnormalised output sum_j exp(s_j - m) v_j into
+// the attention output, as num / den (out = o * num / den), and its log-sum-exp, from the row max
+// m and l = sum_j exp(s_j - m):
+//   no sink:         out = o / l,                              lse = m + log l
+//   sink logit s_h:  m' = max(m, s_h), den = l e^(m - m') + e^(s_h - m'),
+//                    out = o e^(m - m') / den,                 lse = m' + log den
+// (the sink joins the denominator and has no value: gpt-oss's sinks, softmax over [s, s_h] with
+// the last column dropped). A row with no attended key (m = -inf) is zeros, its lse -inf, or s_h
+// with a sink; a NaN l (a NaN logit) makes num, den and lse NaN.
+template <class T>
+struct RowEnd {
+  T num, den, lse;
+};
+template <class T>
+RowEnd<T> row_end(const AttentionProblem<T>& p, Index h, T m, T l) {
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  if (std::isnan(l)) return {l, l, l};
+  if (!p.sinks) {
+    if (m == kNegInf) return {T(0), T(1), kNegInf};
+    return {T(1), l, m + std::log(l)};
+  }
+  const T sink = p.sinks[h];
+  if (m == kNegInf) return {T(0), T(1), sink};
+  const T top = std::max(m, sink);
+  const T num = std::exp(m - top);
+  const T den = l * num + std::exp(sink - top);
+  return {num, den, top + std::log(den)};
 }
 
 // Whether any score needs masked_logit's per-score work (the kernels skip it otherwise).
@@ -280,10 +324,41 @@ void bind_masks(AttentionProblem<T>& p, const Masks<T>& m, const char* where) {
   // |a - j| < L + S for every query and key, so a wider window is no window; clamping it keeps
   // a + window (positional_keys) from overflowing for a window such as Index's max.
   p.window = std::min(m.window, L + S);
+  require_arg(m.sink_tokens >= 0, where, "sink_tokens must be >= 0, got ", m.sink_tokens);
+  p.sink_tokens = std::min(m.sink_tokens, S);
+  if (m.sinks.size() > 0) {
+    require_len(where, "sinks", m.sinks.size(), p.heads, "[H] = [", p.heads, "]");
+    require_arg(m.sinks.allFinite(), where, "sinks must be finite");
+    p.sinks = m.sinks.data();
+  }
   require_arg(std::isfinite(m.softcap) && m.softcap >= T(0), where,
               "softcap must be finite and >= 0 (0: no soft-capping), got ", m.softcap);
   p.softcap = m.softcap;
   if (m.precision) p.precision = *m.precision;  // else the module's, set by the caller
+}
+
+// Checks FlashAttention's cu_seqlens for a ragged batch - [B+1] offsets from 0, non-decreasing,
+// ending at `total` rows (a sequence may be empty) - and returns B.
+inline Index ragged_batch(const char* where, const char* name, const Eigen::Ref<const IndexVector>& cu, Index total) {
+  require_shape(cu.size() >= 2, where, name, " has ", cu.size(), " entries, expected [B+1] with B >= 1");
+  require_arg(cu[0] == 0, where, name, "[0] = ", cu[0], ", expected 0");
+  for (Index b = 0; b + 1 < cu.size(); ++b)
+    require_arg(cu[b + 1] >= cu[b], where, name, " must not decrease: ", name, "[", b, "] = ", cu[b], " > ", name, "[",
+                b + 1, "] = ", cu[b + 1]);
+  require_shape(cu[cu.size() - 1] == total, where, name, " ends at ", cu[cu.size() - 1], ", expected ", total,
+                " (the rows of the packed tensor)");
+  return cu.size() - 1;
+}
+
+// The masks of a ragged batch: every score option (causal per sequence, window, ALiBi, softcap,
+// sinks) applies to each sequence; the per-key masks, whose [L, S] shapes assume one length, are
+// refused (a ragged batch needs no padding: each sequence's keys are exactly its own).
+template <class T>
+void require_ragged_masks(const Masks<T>& m, const char* where) {
+  require_arg(m.attn_mask.empty() && m.attn_bias.empty() && m.key_padding_mask.empty(), where,
+              "attn_mask, attn_bias and key_padding_mask are not supported for sequences of different lengths: each"
+              " sequence attends exactly its own keys (use causal, window, alibi_slopes, softcap and sinks, or call"
+              " per sequence)");
 }
 
 }  // namespace attn::detail

@@ -8,6 +8,9 @@
 //   p_j = exp(s_j - m) / sum_j' exp(s_j' - m)      (subtracting m keeps exp <= 1: no overflow,
 //                                                  and logits around 1e4 stay exact)
 //   o_i = sum_j p_j v_j
+//   lse_i = m + log(sum_j' exp(s_j' - m))        (when asked for: p.lse)
+// With sink logits (p.sinks, gpt-oss) the denominator gains exp(sink_h), which has no value:
+// row_end() (attention_problem.hpp) gives the factor and the lse for every kernel.
 // A row whose keys are all masked has m = -inf; it returns zeros (as PyTorch's SDPA and ONNX do),
 // never the NaN that exp(-inf - -inf) would give.
 //
@@ -64,6 +67,7 @@ void attention_reference(const AttentionProblem<T>& p) {
         std::fill(oi, oi + p.dv, T(0));
         if (m == -std::numeric_limits<T>::infinity() && !nan) {  // every key masked
           if (wi) std::fill(wi, wi + p.S, T(0));
+          if (p.lse) *p.lse.row(b, h, i) = row_end(p, h, m, T(0)).lse;
           continue;
         }
         T sum = 0;
@@ -71,13 +75,16 @@ void attention_reference(const AttentionProblem<T>& p) {
           s[j] = std::exp(s[j] - m);
           sum += s[j];
         }
+        // out = sum_j s_j v_j * num / den: den = sum without sinks (attention_problem.hpp, row_end)
+        const RowEnd<T> e = row_end(p, h, m, sum);
         for (Index j = 0; j < p.S; ++j) {
           const T* vj = kv_row(p, true, b, kv_head(p, h), j, row.data());
           for (Index c = 0; c < p.dv; ++c) oi[c] += s[j] * vj[c];
         }
-        for (Index c = 0; c < p.dv; ++c) oi[c] /= sum;
+        for (Index c = 0; c < p.dv; ++c) oi[c] = oi[c] * e.num / e.den;
         if (wi)
-          for (Index j = 0; j < p.S; ++j) wi[j] = s[j] / sum;
+          for (Index j = 0; j < p.S; ++j) wi[j] = s[j] * e.num / e.den;
+        if (p.lse) *p.lse.row(b, h, i) = e.lse;
       }
     }
   }

@@ -261,7 +261,7 @@ TEST(KVCacheAttention, RejectsCallsTheCacheCannotServe) {
   const Matrix<float> q = random(2, 32, 3);
   EXPECT_THROW(gqa.forward(random(4, 32, 3), cache, 0), attn::argument_error);  // 4 queries, 3 cached
   EXPECT_THROW(gqa.forward(random(2, 24, 3), cache, 0), attn::shape_error);     // d = 6, cache's 8
-  EXPECT_THROW(gqa.forward(q, cache), attn::argument_error);                    // sizes 3 and 0 differ
+  EXPECT_THROW(gqa.forward(q, cache), attn::argument_error);  // sequence 1 holds 0 positions, not its 1 query
   attn::CacheArgs<float> top_left;
   top_left.causal = attn::Causal::TopLeft;
   EXPECT_THROW(gqa.forward(q, cache, 0, top_left), attn::argument_error);

@@ -150,19 +150,24 @@ attn::RopeStyle rope_style_of(const std::string& s) {
   throw std::runtime_error("unknown rope style \"" + s + "\"");
 }
 
+// The cases written with attention sinks (gqa_sink*, gqa_lse_*) also hold B sequences (metadata
+// batch), sink_tokens, the sinks [H] when used, and lse [H, B*L] (gpt-oss's reference: a column of
+// sinks[h] concatenated to the logits, softmax, the column dropped; lse over the concatenated row).
+// The older files have none of these: B = 1, sink_tokens = 0, no lse to check.
 template <class T>
 void run_gqa(const Fixture& f) {
   const Index H = f.meta_int("heads"), Hkv = f.meta_int("kv_heads"), L = f.meta_int("L"), S = f.meta_int("S");
+  const Index B = f.has_meta("batch") ? f.meta_int("batch") : 1;
   attn::Matrix<T> q = f.tensor<T>("query"), k = f.tensor<T>("key");
   const attn::Matrix<T> v = f.tensor<T>("value");
   if (f.meta("rope") != "none") {  // a decoding step: keys at 0..S-1, queries at S-L..S-1
     const attn::RopeCache<T> rope(f.meta_int("d"), S,
                                   {f.meta_int("rope_dim"), f.meta_double("rope_base"), rope_style_of(f.meta("rope"))});
-    rope.apply(q, H, 1, S - L);
-    attn::apply_rope<T>(k, Hkv, 1, 0, rope);
+    rope.apply(q, H, B, S - L);
+    attn::apply_rope<T>(k, Hkv, B, 0, rope);
   }
   attn::GqaArgs<T> args;
-  args.batch = 1;
+  args.batch = B;
   args.causal = causal_of(f.meta("causal"));
   args.window = f.meta_int("window");
   args.softcap = static_cast<T>(f.meta_double("softcap"));
@@ -171,12 +176,23 @@ void run_gqa(const Fixture& f) {
     // The file's slopes are the ALiBi paper's get_slopes, computed in Python: attn's are the same.
     EXPECT_TRUE(attn_test::matrices_near(attn::alibi_slopes<T>(H), f.vec<double>("alibi_slopes"), tolerance<T>()));
   }
+  if (f.has("sinks")) args.sinks = f.vec<T>("sinks");
+  if (f.has_meta("sink_tokens")) args.sink_tokens = f.meta_int("sink_tokens");
+  const attn::Matrix<double> want_out = f.tensor<double>("output");
+  if (f.has_meta("all_masked_rows")) {  // the case covers what it says: rows (b, l) with no key are zeros
+    Index zero_rows = 0;
+    for (Index r = 0; r < want_out.rows(); ++r) zero_rows += want_out.row(r).isZero(0) ? 1 : 0;
+    EXPECT_EQ(zero_rows, f.meta_int("all_masked_rows"));
+  }
   const attn::GroupedQueryAttention<T> gqa(H, Hkv);
-  EXPECT_TRUE(attn_test::matrices_near(gqa.forward(q, k, v, args), f.tensor<double>("output"), tolerance<T>()))
-      << "output";
+  EXPECT_TRUE(attn_test::matrices_near(gqa.forward(q, k, v, args), want_out, tolerance<T>())) << "output";
+  if (f.has("lse")) {
+    const attn::AttentionLse<T> r = gqa.forward_with_lse(q, k, v, args);
+    EXPECT_TRUE(attn_test::matrices_near(r.output, want_out, tolerance<T>())) << "forward_with_lse output";
+    EXPECT_TRUE(attn_test::matrices_near(r.lse, f.tensor<double>("lse"), tolerance<T>())) << "lse";
+  }
   args.precision = attn::Precision::BFloat16;
-  expect_bf16_attention<T>(gqa.forward(q, k, v, args), f.tensor<double>("output"), q, k, v, H,
-                           1.0 / std::sqrt(double(q.cols() / H)));
+  expect_bf16_attention<T>(gqa.forward(q, k, v, args), want_out, q, k, v, H, 1.0 / std::sqrt(double(q.cols() / H)));
 }
 
 template <class T>
@@ -369,6 +385,11 @@ ATTN_PYTORCH_CASE(gqa_window_causal)
 ATTN_PYTORCH_CASE(gqa_window_bidirectional)
 ATTN_PYTORCH_CASE(gqa_softcap)
 ATTN_PYTORCH_CASE(gqa_rope_neox_decode)
+ATTN_PYTORCH_CASE(gqa_sinks)
+ATTN_PYTORCH_CASE(gqa_sink_tokens_window)
+ATTN_PYTORCH_CASE(gqa_sinks_window_sink_tokens_softcap)
+ATTN_PYTORCH_CASE(gqa_sinks_all_masked_rows)
+ATTN_PYTORCH_CASE(gqa_lse_all_masked_rows)
 ATTN_PYTORCH_CASE(rope_neox)
 ATTN_PYTORCH_CASE(rope_neox_partial)
 ATTN_PYTORCH_CASE(rope_gptj)

@@ -342,6 +342,19 @@ def sdpa_large_logits():
 #       alibi_slopes [H] when ALiBi is on. Written out by hand: K/V heads repeated with
 #       repeat_interleave, ALiBi as BLOOM adds it (slope * key position, which differs from attn's
 #       slope * (j - i_abs) by a constant per row: the softmax is the same).
+#       The cases with "lse" (gqa_sink*, gqa_lse_*) also hold B sequences, rows (b, l) - query
+#       [B*L, H*d], key/value [B*S, *], output [B*L, H*dv] - and:
+#         lse [H, B*L]   each row's log-sum-exp of its masked logits, column b*L + l (-inf when every
+#                        key is masked and there is no sink);
+#         sinks [H]      attention sinks (gpt-oss): one logit per head that joins every row's softmax
+#                        denominator and has no value. As gpt-oss's reference computes them: a column
+#                        of sinks[h] concatenated to the [.., L, S] logits, softmax, that column
+#                        dropped, then @ v; lse = logsumexp over the concatenated row;
+#       and metadata batch (B), sink_tokens (keys [0, sink_tokens) exempt from the window,
+#       StreamingLLM: visible iff |a - j| < window or j < sink_tokens, causal still applies) and
+#       all_masked_rows (rows (b, l) that see no key: output zeros, lse = sinks[h] or -inf).
+#       The older cases have none of these, so that their files stay byte-identical: the test
+#       reads them as B = 1, sink_tokens = 0 and no lse to check.
 # rope: x [rows, H*D] -> output [rows, H*D], row r at position start + r; metadata heads,
 #       head_dim, rope_dim, rope_base, style, start.
 
@@ -390,18 +403,25 @@ def rope_heads(x, heads, positions, style, rope_dim, base):
 
 
 def gqa_case(name, description, L, S, H, Hkv, d, dv, causal="none", window=0, softcap=0.0, alibi=False,
-             q_scale=1.0, rope="none", rope_dim=None, rope_base=10000.0):
+             q_scale=1.0, rope="none", rope_dim=None, rope_base=10000.0, B=1, sinks=False, sink_tokens=0,
+             lse=False):
+    """lse: write the lse tensor and the batch, sink_tokens and all_masked_rows metadata (a case with
+    B > 1, sinks or sink_tokens needs them); off for the cases that predate them."""
+    assert lse or (B == 1 and not sinks and sink_tokens == 0), f"{name}: B, sinks and sink_tokens need lse=True"
+    # BLOOM's ALiBi shifts each row's logits by a constant: harmless to the softmax, not to the lse or
+    # to a softmax with a sink column. A case with both would need attn's slope * (j - a).
+    assert not (alibi and lse), f"{name}: ALiBi is written BLOOM's way, which changes the lse"
     seed_for(name)
-    q, k, v = randn(L, H * d, scale=q_scale), randn(S, Hkv * d), randn(S, Hkv * dv)
+    q, k, v = randn(B * L, H * d, scale=q_scale), randn(B * S, Hkv * d), randn(B * S, Hkv * dv)
     t = {"query": q, "key": k, "value": v}
     if rope != "none":
         rope_dim = rope_dim or d
-        q = rope_heads(q, H, torch.arange(S - L, S), rope, rope_dim, rope_base)
-        k = rope_heads(k, Hkv, torch.arange(S), rope, rope_dim, rope_base)
-    qh = q.reshape(L, H, d).transpose(0, 1)                                         # [H, L, d]
-    kh = k.reshape(S, Hkv, d).transpose(0, 1).repeat_interleave(H // Hkv, dim=0)    # [H, S, d]
-    vh = v.reshape(S, Hkv, dv).transpose(0, 1).repeat_interleave(H // Hkv, dim=0)   # [H, S, dv]
-    s = (qh @ kh.transpose(1, 2)) / float(np.sqrt(d))
+        q = rope_heads(q, H, torch.arange(S - L, S).repeat(B), rope, rope_dim, rope_base)
+        k = rope_heads(k, Hkv, torch.arange(S).repeat(B), rope, rope_dim, rope_base)
+    qh = q.reshape(B, L, H, d).transpose(1, 2)                                         # [B, H, L, d]
+    kh = k.reshape(B, S, Hkv, d).transpose(1, 2).repeat_interleave(H // Hkv, dim=1)    # [B, H, S, d]
+    vh = v.reshape(B, S, Hkv, dv).transpose(1, 2).repeat_interleave(H // Hkv, dim=1)   # [B, H, S, dv]
+    s = (qh @ kh.transpose(-1, -2)) / float(np.sqrt(d))                                # [B, H, L, S]
     if softcap > 0:
         s = softcap * torch.tanh(s / softcap)  # Gemma 2: cap, then mask
     i = torch.arange(L).unsqueeze(1)
@@ -411,18 +431,30 @@ def gqa_case(name, description, L, S, H, Hkv, d, dv, causal="none", window=0, so
     if causal != "none":
         allowed &= j <= a
     if window > 0:
-        allowed &= (a - j).abs() < window
+        allowed &= ((a - j).abs() < window) | (j < sink_tokens)  # StreamingLLM: sink tokens skip the window
     if alibi:
         slopes = torch.tensor(alibi_get_slopes(H), dtype=F64)
         t["alibi_slopes"] = slopes
         s = s + slopes.view(H, 1, 1) * torch.arange(S, dtype=F64).view(1, 1, S)  # BLOOM: slope * key position
     s = s.masked_fill(~allowed, NEG_INF)
-    dead = torch.isneginf(s.max(dim=-1, keepdim=True).values)
-    w = torch.where(dead, torch.zeros_like(s), torch.softmax(s, dim=-1))
-    t["output"] = (w @ vh).transpose(0, 1).reshape(L, H * dv)
+    if sinks:
+        t["sinks"] = randn(H, scale=1.5)
+        # gpt-oss's sdpa: the sink joins each row as one more logit, whose weight is then dropped. A row
+        # with every key masked puts all its weight on the sink: its output is zeros.
+        sc = torch.cat([s, t["sinks"].view(1, H, 1, 1).expand(B, H, L, 1)], dim=-1)
+        w = torch.softmax(sc, dim=-1)[..., :-1]
+    else:
+        sc = s
+        dead = torch.isneginf(s.max(dim=-1, keepdim=True).values)
+        w = torch.where(dead, torch.zeros_like(s), torch.softmax(s, dim=-1))
+    t["output"] = (w @ vh).transpose(1, 2).reshape(B * L, H * dv)
     meta = {"kind": "gqa", "L": L, "S": S, "heads": H, "kv_heads": Hkv, "d": d, "dv": dv, "causal": causal,
             "window": window, "softcap": float(softcap), "rope": rope, "rope_dim": rope_dim or 0,
             "rope_base": float(rope_base), "description": description}
+    if lse:
+        t["lse"] = torch.logsumexp(sc, dim=-1).transpose(0, 1).reshape(H, B * L)  # [B, H, L] -> [H, B*L]
+        meta.update({"batch": B, "sink_tokens": sink_tokens,
+                     "all_masked_rows": B * int((~allowed.any(dim=-1)).sum())})
     return t, meta
 
 
@@ -465,6 +497,59 @@ def gqa_softcap():
 def gqa_rope_neox_decode():
     return gqa_case("gqa_rope_neox_decode", "RoPE NeoX (Llama) on q at positions 5, 6 and k at 0..6; GQA, causal",
                     L=2, S=7, H=4, Hkv=2, d=8, dv=8, causal="bottom_right", rope="neox")
+
+
+def sink_token_only_rows(L, S, causal, window, sink_tokens):
+    """How many queries see keys only among the sink tokens [0, sink_tokens), and at least one."""
+    i = torch.arange(L).unsqueeze(1)
+    j = torch.arange(S).unsqueeze(0)
+    a = i if causal == "top_left" else i + (S - L)
+    causal_ok = j <= a if causal != "none" else torch.ones(L, S, dtype=torch.bool)
+    in_window = causal_ok & ((a - j).abs() < window)
+    via_sink = causal_ok & (j < sink_tokens)
+    return int((~in_window.any(dim=-1) & via_sink.any(dim=-1)).sum())
+
+
+@case
+def gqa_sinks():
+    return gqa_case("gqa_sinks", "attention sinks [H] (gpt-oss): GQA 4 heads on 2, causal bottom-right, L < S, B 2",
+                    L=5, S=7, H=4, Hkv=2, d=8, dv=6, causal="bottom_right", B=2, sinks=True, lse=True)
+
+
+@case
+def gqa_sink_tokens_window():
+    # Query 8 sees keys 6, 7, 8 through the window and keys 0, 1 as sink tokens; query 1 sees 0, 1.
+    return gqa_case("gqa_sink_tokens_window",
+                    "sink_tokens 2 (StreamingLLM) through sliding window 3, causal, L = S = 9, MQA; lse",
+                    L=9, S=9, H=2, Hkv=1, d=4, dv=4, causal="bottom_right", window=3, sink_tokens=2, lse=True)
+
+
+@case
+def gqa_sinks_window_sink_tokens_softcap():
+    # Top-left, L > S: queries 6 and 7 are past every key of the window (6 - 4 = 2 is not < 2) and
+    # see only the sink tokens 0, 1; query 5 sees key 4 and the sink tokens.
+    assert sink_token_only_rows(8, 5, "top_left", 2, 2) == 2
+    return gqa_case("gqa_sinks_window_sink_tokens_softcap",
+                    "sinks [H] + sink_tokens 2 + window 2 + softcap 2.0, causal top-left, L 8 > S 5 (queries 6, 7 "
+                    "see only the sink tokens), GQA 4 on 2, B 2, large logits",
+                    L=8, S=5, H=4, Hkv=2, d=8, dv=4, causal="top_left", window=2, softcap=2.0, q_scale=4.0,
+                    B=2, sinks=True, sink_tokens=2, lse=True)
+
+
+@case
+def gqa_sinks_all_masked_rows():
+    return gqa_case("gqa_sinks_all_masked_rows",
+                    "sinks [H], causal bottom-right, L 6 > S 4: queries 0, 1 see no key (output zeros, "
+                    "lse = sinks[h]), MHA 2 heads, B 2",
+                    L=6, S=4, H=2, Hkv=2, d=4, dv=4, causal="bottom_right", B=2, sinks=True, lse=True)
+
+
+@case
+def gqa_lse_all_masked_rows():
+    return gqa_case("gqa_lse_all_masked_rows",
+                    "no sinks, causal bottom-right, L 6 > S 4: queries 0, 1 see no key (output zeros, lse -inf), "
+                    "window 3, B 2",
+                    L=6, S=4, H=2, Hkv=1, d=4, dv=4, causal="bottom_right", window=3, B=2, lse=True)
 
 
 def rope_case(name, description, rows, H, D, style, start, rope_dim=None, base=10000.0):

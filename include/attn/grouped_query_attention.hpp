@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <optional>
+#include <vector>
 
 #include "attn/detail/attention.hpp"
 #include "attn/detail/check.hpp"
@@ -88,6 +89,79 @@ class GroupedQueryAttention {
     run(q, k, v, args, out, nullptr, "attn::GroupedQueryAttention::forward_into");
   }
 
+  // The same and each row's log-sum-exp: output [B*L, H*dv], lse [H, B*L] (FlashAttention's layout;
+  // -inf for a row with every key masked): what attn::merge_attention_states takes to combine
+  // attention over disjoint keys.
+  AttentionLse<T> forward_with_lse(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k,
+                                      const ConstMatrixRef<T>& v, const GqaArgs<T>& args) const {
+    const char* where = "attn::GroupedQueryAttention::forward_with_lse";
+    AttentionLse<T> r;
+    r.output.resize(q.rows(), detail::checked_mul(where, "num_heads * dv", H_, v.cols() / Hkv_));
+    r.lse.resize(H_, q.rows());
+    MatrixRef<T> lse(r.lse);
+    run(q, k, v, args, r.output, nullptr, where, &lse);
+    return r;
+  }
+  // The same into out [B*L, H*dv] and lse [H, B*L], sized by the caller.
+  void forward_into(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v,
+                    const GqaArgs<T>& args, MatrixRef<T> out, MatrixRef<T> lse) const {
+    run(q, k, v, args, out, nullptr, "attn::GroupedQueryAttention::forward_into", &lse);
+  }
+
+  // Ragged batches (FlashAttention's varlen convention): B sequences of their own lengths packed
+  // without padding. q [total_q, H*d], k [total_k, H_kv*d], v [total_k, H_kv*dv]; sequence b's
+  // queries are rows [cu_seqlens_q[b], cu_seqlens_q[b+1]) of q and its keys rows
+  // [cu_seqlens_k[b], cu_seqlens_k[b+1]) of k and v (cu_seqlens: [B+1] offsets from 0,
+  // non-decreasing, ending at the row count)  ->  [total_q, H*dv].
+  //
+  // Each sequence is attention on its own: causal masking is per sequence (BottomRight: its last
+  // query at its last key, as FlashAttention; TopLeft: its first at its first), and the window,
+  // ALiBi, softcap and sinks apply within it. Its rows equal a call with it alone, bitwise; the
+  // threads share every sequence's work at once (tasks of (sequence, kv head, query block), or of
+  // key chunks when decoding). A sequence without queries is skipped; one with queries needs keys.
+  // attn_mask, attn_bias and key_padding_mask are refused: a packed sequence has no padding.
+  //
+  //   attn::IndexVector cu(3);  cu << 0, 5, 12;                    // two sequences: 5 and 7 tokens
+  //   attn::Masks<float> m;  m.causal = attn::Causal::BottomRight;
+  //   attn::Matrix<float> out = gqa.forward_varlen(q, k, v, cu, cu, m);  // q, k, v [12, ...]
+  Matrix<T> forward_varlen(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v,
+                           const Eigen::Ref<const IndexVector>& cu_seqlens_q,
+                           const Eigen::Ref<const IndexVector>& cu_seqlens_k, const Masks<T>& masks = {}) const {
+    const char* where = "attn::GroupedQueryAttention::forward_varlen";
+    Matrix<T> out(q.rows(), detail::checked_mul(where, "num_heads * dv", H_, v.cols() / Hkv_));
+    run_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, masks, out, nullptr, where);
+    return out;
+  }
+  // The same and each row's log-sum-exp: output [total_q, H*dv], lse [H, total_q].
+  AttentionLse<T> forward_varlen_with_lse(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k,
+                                             const ConstMatrixRef<T>& v,
+                                             const Eigen::Ref<const IndexVector>& cu_seqlens_q,
+                                             const Eigen::Ref<const IndexVector>& cu_seqlens_k,
+                                             const Masks<T>& masks = {}) const {
+    const char* where = "attn::GroupedQueryAttention::forward_varlen_with_lse";
+    AttentionLse<T> r;
+    r.output.resize(q.rows(), detail::checked_mul(where, "num_heads * dv", H_, v.cols() / Hkv_));
+    r.lse.resize(H_, q.rows());
+    MatrixRef<T> lse(r.lse);
+    run_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, masks, r.output, &lse, where);
+    return r;
+  }
+  // The same into out [total_q, H*dv] (and lse [H, total_q]), sized by the caller.
+  void forward_varlen_into(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v,
+                           const Eigen::Ref<const IndexVector>& cu_seqlens_q,
+                           const Eigen::Ref<const IndexVector>& cu_seqlens_k, const Masks<T>& masks,
+                           MatrixRef<T> out) const {
+    run_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, masks, out, nullptr,
+               "attn::GroupedQueryAttention::forward_varlen_into");
+  }
+  void forward_varlen_into(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v,
+                           const Eigen::Ref<const IndexVector>& cu_seqlens_q,
+                           const Eigen::Ref<const IndexVector>& cu_seqlens_k, const Masks<T>& masks, MatrixRef<T> out,
+                           MatrixRef<T> lse) const {
+    run_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, masks, out, &lse,
+               "attn::GroupedQueryAttention::forward_varlen_into");
+  }
+
   // Against a cache, every sequence at once: q [B*L, H*d], the queries of each sequence's newest L
   // positions (rows of sequence b in [b*L, (b+1)*L)), already appended to the cache, every
   // sequence of the same size  ->  [B*L, H*dv].
@@ -118,6 +192,37 @@ class GroupedQueryAttention {
     run_cached(q, cache, b < 0 ? 0 : b, b < 0 ? cache.batch() : 1, args, out, nullptr,
                "attn::GroupedQueryAttention::forward_into");
   }
+  // The same and each row's log-sum-exp into lse [H, rows of q].
+  void forward_into(const ConstMatrixRef<T>& q, const KVCache<T>& cache, Index b, const CacheArgs<T>& args,
+                    MatrixRef<T> out, MatrixRef<T> lse) const {
+    run_cached(q, cache, b < 0 ? 0 : b, b < 0 ? cache.batch() : 1, args, out, nullptr,
+               "attn::GroupedQueryAttention::forward_into", &lse);
+  }
+
+  // Against a cache, a ragged batch: sequence b's newest L_b positions (already appended), its
+  // queries rows [cu_seqlens_q[b], cu_seqlens_q[b+1]) of q [total_q, H*d] (cu_seqlens_q: [B+1]
+  // for the cache's B sequences)  ->  [total_q, H*dv]. Each sequence attends its own kept keys;
+  // L_b = 0 leaves sequence b out. One call for a continuous-batching step: many sequences
+  // decoding (L_b = 1) at different lengths, and prompts or prompt chunks beside them. Rows equal
+  // forward(q_b, cache, b), bitwise. The options as in forward(q, cache, b); attn_mask, attn_bias
+  // and key_padding_mask are refused (each sequence's keys are exactly its own).
+  Matrix<T> forward_varlen(const ConstMatrixRef<T>& q, const KVCache<T>& cache,
+                           const Eigen::Ref<const IndexVector>& cu_seqlens_q, const CacheArgs<T>& args = {}) const {
+    Matrix<T> out(q.rows(), out_cols(cache));
+    run_cached_varlen(q, cache, cu_seqlens_q, args, out, nullptr, "attn::GroupedQueryAttention::forward_varlen");
+    return out;
+  }
+  void forward_varlen_into(const ConstMatrixRef<T>& q, const KVCache<T>& cache,
+                           const Eigen::Ref<const IndexVector>& cu_seqlens_q, const CacheArgs<T>& args,
+                           MatrixRef<T> out) const {
+    run_cached_varlen(q, cache, cu_seqlens_q, args, out, nullptr, "attn::GroupedQueryAttention::forward_varlen_into");
+  }
+  // The same and each row's log-sum-exp into lse [H, total_q].
+  void forward_varlen_into(const ConstMatrixRef<T>& q, const KVCache<T>& cache,
+                           const Eigen::Ref<const IndexVector>& cu_seqlens_q, const CacheArgs<T>& args,
+                           MatrixRef<T> out, MatrixRef<T> lse) const {
+    run_cached_varlen(q, cache, cu_seqlens_q, args, out, &lse, "attn::GroupedQueryAttention::forward_varlen_into");
+  }
 
   Index num_heads() const { return H_; }
   Index num_kv_heads() const { return Hkv_; }
@@ -131,7 +236,7 @@ class GroupedQueryAttention {
  private:
   // weights, when given, receives [B*H*L, S] probabilities (the blocked kernel writes them).
   void run(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v, const GqaArgs<T>& args,
-           MatrixRef<T> out, Matrix<T>* weights, const char* where) const {
+           MatrixRef<T> out, Matrix<T>* weights, const char* where, MatrixRef<T>* lse = nullptr) const {
     using detail::shape;
     const Index B = args.batch;
     detail::require_batch(B, where);
@@ -145,13 +250,60 @@ class GroupedQueryAttention {
     detail::require_shape(v.rows() == B * S && v.cols() == Hkv_ * dv && dv > 0, where, "value has shape ",
                           shape(v.rows(), v.cols()), ", expected [B*S, H_kv*dv] = [", B * S, ", ", Hkv_, "*dv]");
     detail::require_dims(where, "out", out.rows(), out.cols(), B * L, H_ * dv, "[B*L, H*dv] = ", shape(B * L, H_ * dv));
+    check_lse(lse, B * L, where);
 
     detail::AttentionProblem<T> p = problem(B, L, S, d, dv, q, out);
     p.k = {k.data(), S * k.outerStride(), d, k.outerStride()};
     p.v = {v.data(), S * v.outerStride(), dv, v.outerStride()};
     detail::bind_masks(p, args, where);
     bind_weights(p, weights, where);
+    bind_lse(p, lse, 0);
     detail::attention(p);
+  }
+
+  // lse, when asked for: [H, N] for N query rows.
+  void check_lse(const MatrixRef<T>* lse, Index N, const char* where) const {
+    if (lse) detail::require_dims(where, "lse", lse->rows(), lse->cols(), H_, N, "[H, N] = ", detail::shape(H_, N));
+  }
+  // Points p's log-sum-exp at *lse [H, N] from column n0: row i of sequence b at column n0 + b*L + i.
+  static void bind_lse(detail::AttentionProblem<T>& p, MatrixRef<T>* lse, Index n0) {
+    if (lse) p.lse = {lse->data() + n0, p.L, lse->outerStride(), 1};
+  }
+
+  // Packed sequences: see forward_varlen.
+  void run_varlen(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v,
+                  const Eigen::Ref<const IndexVector>& cu_q, const Eigen::Ref<const IndexVector>& cu_k,
+                  const Masks<T>& masks, MatrixRef<T> out, MatrixRef<T>* lse, const char* where) const {
+    using detail::shape;
+    const Index B = detail::ragged_batch(where, "cu_seqlens_q", cu_q, q.rows());
+    detail::require_shape(cu_k.size() == B + 1, where, "cu_seqlens_k has ", cu_k.size(), " entries, expected [B+1] = [",
+                          B + 1, "] (B from cu_seqlens_q)");
+    detail::ragged_batch(where, "cu_seqlens_k", cu_k, k.rows());
+    const Index d = q.cols() / H_, dv = v.cols() / Hkv_;
+    detail::require_shape(q.cols() == H_ * d && d > 0, where, "query has shape ", shape(q.rows(), q.cols()),
+                          ", expected [total_q, H*d] = [", q.rows(), ", ", H_, "*d] with d > 0");
+    detail::require_dims(where, "key", k.rows(), k.cols(), -1, Hkv_ * d, "[total_k, H_kv*d] = [total_k, ", Hkv_ * d,
+                         "] (d = ", d, " from query)");
+    detail::require_shape(v.rows() == k.rows() && v.cols() == Hkv_ * dv && dv > 0, where, "value has shape ",
+                          shape(v.rows(), v.cols()), ", expected [total_k, H_kv*dv] = [", k.rows(), ", ", Hkv_, "*dv]");
+    detail::require_dims(where, "out", out.rows(), out.cols(), q.rows(), H_ * dv, "[total_q, H*dv] = ",
+                         shape(q.rows(), H_ * dv));
+    check_lse(lse, q.rows(), where);
+    detail::require_ragged_masks(masks, where);
+    std::vector<detail::AttentionProblem<T>> ps;
+    for (Index b = 0; b < B; ++b) {
+      const Index L = cu_q[b + 1] - cu_q[b], S = cu_k[b + 1] - cu_k[b];
+      if (L == 0) continue;
+      detail::require_arg(S > 0, where, "sequence ", b, " has ", L, " queries and no keys (cu_seqlens_k[", b,
+                          "] = cu_seqlens_k[", b + 1, "] = ", cu_k[b], ")");
+      detail::AttentionProblem<T> p = problem(1, L, S, d, dv, q, out, cu_q[b]);
+      p.k = {k.data() + cu_k[b] * k.outerStride(), 0, d, k.outerStride()};
+      p.v = {v.data() + cu_k[b] * v.outerStride(), 0, dv, v.outerStride()};
+      detail::bind_masks(p, masks, where);
+      bind_lse(p, lse, cu_q[b]);
+      ps.push_back(p);
+    }
+    if (!ps.empty()) detail::attention(ps.data(), Index(ps.size()));
   }
 
   // Sizes *weights [B*H*L, S] (when asked for) and points the problem at it: rows (b, h, l).
@@ -162,9 +314,10 @@ class GroupedQueryAttention {
     p.weights = {weights->data(), H_ * p.L * p.S, p.L * p.S, p.S};
   }
 
-  // The problem without K and V: q [B*L, H*d] and out [B*L, H*dv], head h in columns [h*d, (h+1)*d).
+  // The problem without K and V: q [B*L, H*d] and out [B*L, H*dv] from row `row0`, head h in
+  // columns [h*d, (h+1)*d).
   detail::AttentionProblem<T> problem(Index B, Index L, Index S, Index d, Index dv, const ConstMatrixRef<T>& q,
-                                      MatrixRef<T>& out) const {
+                                      MatrixRef<T>& out, Index row0 = 0) const {
     detail::AttentionProblem<T> p;
     p.batch = B;
     p.heads = H_;
@@ -173,8 +326,8 @@ class GroupedQueryAttention {
     p.S = p.mask_keys = S;
     p.d = d;
     p.dv = dv;
-    p.q = {q.data(), L * q.outerStride(), d, q.outerStride()};
-    p.out = {out.data(), L * out.outerStride(), dv, out.outerStride()};
+    p.q = {q.data() + row0 * q.outerStride(), L * q.outerStride(), d, q.outerStride()};
+    p.out = {out.data() + row0 * out.outerStride(), L * out.outerStride(), dv, out.outerStride()};
     p.scale = has_scale_ ? scale_ : T(1) / std::sqrt(static_cast<T>(d));
     p.precision = precision_;
     return p;
@@ -184,42 +337,107 @@ class GroupedQueryAttention {
     return detail::checked_mul("attn::GroupedQueryAttention::forward", "num_heads * value_dim", H_, cache.value_dim());
   }
 
-  // Sequences [b0, b0 + B) of the cache.
+  // Sequences [b0, b0 + B) of the cache, L queries each: one problem when their lengths are equal,
+  // a ragged batch (one problem per sequence) when they differ.
   void run_cached(const ConstMatrixRef<T>& q, const KVCache<T>& cache, Index b0, Index B, const CacheArgs<T>& args,
-                  MatrixRef<T> out, Matrix<T>* weights, const char* where) const {
+                  MatrixRef<T> out, Matrix<T>* weights, const char* where, MatrixRef<T>* lse = nullptr) const {
     using detail::shape;
     detail::require_arg(b0 >= 0 && b0 + B <= cache.batch(), where, "sequence ", b0, " is outside the cache's batch [0, ",
                         cache.batch(), ")");
-    detail::require_shape(cache.kv_heads() == Hkv_, where, "the cache has ", cache.kv_heads(),
-                          " kv heads, this attention ", Hkv_);
+    check_cache(cache, where);
     const Index d = cache.head_dim(), dv = cache.value_dim(), L = q.rows() / B;
     detail::require_shape(q.rows() == B * L && L > 0 && q.cols() == H_ * d, where, "query has shape ",
                           shape(q.rows(), q.cols()), ", expected [B*L, H*d] = [", B, "*L, ", H_, "*", d,
                           "] with L > 0 (B and d from the cache)");
     detail::require_dims(where, "out", out.rows(), out.cols(), B * L, H_ * dv, "[B*L, H*dv] = ", shape(B * L, H_ * dv));
-    const Index n = cache.size(b0), S = cache.kept(b0);
-    for (Index b = b0 + 1; b < b0 + B; ++b)
-      detail::require_arg(cache.size(b) == n, where, "sequences ", b0, " and ", b, " hold ", n, " and ", cache.size(b),
-                          " positions; attend sequences of different lengths one at a time (forward(q, cache, b))");
-    detail::require_arg(L <= n, where, "the ", L, " queries must be the newest positions of the cache, which holds ", n,
-                        ": append their keys and values first");
+    check_lse(lse, B * L, where);
+    bool equal = true;
+    for (Index b = b0; b < b0 + B; ++b) {
+      check_cached_sequence(cache, b, L, args, where);
+      equal = equal && cache.size(b) == cache.size(b0);
+    }
+    const Masks<T> masks = cache_masks(cache, args);
+    if (equal) {
+      detail::AttentionProblem<T> p = problem(B, L, cache.kept(b0), d, dv, q, out);
+      cache.bind(p, b0);  // K and V in place, in the cache's storage type
+      detail::bind_masks(p, masks, where);
+      bind_weights(p, weights, where);
+      bind_lse(p, lse, 0);
+      detail::attention(p);
+      return;
+    }
+    detail::require_arg(!weights, where, "the weights of sequences of different lengths: ask per sequence");
+    detail::require_ragged_masks(masks, where);
+    std::vector<detail::AttentionProblem<T>> ps;
+    for (Index b = b0; b < b0 + B; ++b) ps.push_back(cached_problem(q, cache, b, (b - b0) * L, L, masks, out, lse, where));
+    detail::attention(ps.data(), Index(ps.size()));
+  }
+
+  // See forward_varlen against a cache.
+  void run_cached_varlen(const ConstMatrixRef<T>& q, const KVCache<T>& cache, const Eigen::Ref<const IndexVector>& cu_q,
+                         const CacheArgs<T>& args, MatrixRef<T> out, MatrixRef<T>* lse, const char* where) const {
+    using detail::shape;
+    check_cache(cache, where);
+    const Index B = detail::ragged_batch(where, "cu_seqlens_q", cu_q, q.rows());
+    detail::require_shape(B == cache.batch(), where, "cu_seqlens_q has ", cu_q.size(), " entries, expected [B+1] = [",
+                          cache.batch() + 1, "] (B from the cache)");
+    const Index d = cache.head_dim(), dv = cache.value_dim();
+    detail::require_dims(where, "query", q.rows(), q.cols(), -1, H_ * d, "[total_q, H*d] = [total_q, ", H_, "*", d,
+                         "] (d from the cache)");
+    detail::require_dims(where, "out", out.rows(), out.cols(), q.rows(), H_ * dv, "[total_q, H*dv] = ",
+                         shape(q.rows(), H_ * dv));
+    check_lse(lse, q.rows(), where);
+    const Masks<T> masks = cache_masks(cache, args);
+    detail::require_ragged_masks(masks, where);
+    for (Index b = 0; b < B; ++b)
+      if (cu_q[b + 1] > cu_q[b]) check_cached_sequence(cache, b, cu_q[b + 1] - cu_q[b], args, where);
+    std::vector<detail::AttentionProblem<T>> ps;
+    for (Index b = 0; b < B; ++b)
+      if (cu_q[b + 1] > cu_q[b])
+        ps.push_back(cached_problem(q, cache, b, cu_q[b], cu_q[b + 1] - cu_q[b], masks, out, lse, where));
+    if (!ps.empty()) detail::attention(ps.data(), Index(ps.size()));
+  }
+
+  void check_cache(const KVCache<T>& cache, const char* where) const {
+    detail::require_shape(cache.kv_heads() == Hkv_, where, "the cache has ", cache.kv_heads(),
+                          " kv heads, this attention ", Hkv_);
+  }
+
+  // Sequence b's L queries are its newest positions, and the cache keeps what they attend.
+  void check_cached_sequence(const KVCache<T>& cache, Index b, Index L, const CacheArgs<T>& args,
+                             const char* where) const {
+    const Index n = cache.size(b), S = cache.kept(b);
+    detail::require_arg(L <= n, where, "the ", L, " queries of sequence ", b,
+                        " must be its newest positions, but the cache holds ", n,
+                        " for it: append their keys and values first");
     detail::require_arg(args.causal != Causal::TopLeft, where,
                         "causal must be BottomRight or None against a cache (the queries are its newest positions)");
     const Index W = cache.window();
     detail::require_arg(W == 0 || (args.window >= 0 && args.window <= W), where, "window = ", args.window,
                         " cannot exceed the cache's window ", W);
     // A ring keeps the last `capacity` positions: the first query needs the window - 1 before it.
-    detail::require_arg(W == 0 || cache.first_kept(b0) <= std::max<Index>(0, n - L - W + 1), where, "the ", L,
-                        " queries need the ", W - 1, " positions before them, but the cache keeps only the last ", S,
+    detail::require_arg(W == 0 || cache.first_kept(b) <= std::max<Index>(0, n - L - W + 1), where, "the ", L,
+                        " queries of sequence ", b, " need the ", W - 1,
+                        " positions before them, but the cache keeps only the last ", S,
                         " (attend after each append of at most max_append() rows)");
+  }
 
-    detail::AttentionProblem<T> p = problem(B, L, S, d, dv, q, out);
-    cache.bind(p, b0);  // K and V in place, in the cache's storage type
+  // The cache's window, unless args narrow it.
+  static Masks<T> cache_masks(const KVCache<T>& cache, const CacheArgs<T>& args) {
     Masks<T> masks = args;
-    if (W > 0 && masks.window == 0) masks.window = W;
+    if (cache.window() > 0 && masks.window == 0) masks.window = cache.window();
+    return masks;
+  }
+
+  // Sequence b alone: its L queries at rows [row0, row0 + L) of q and out.
+  detail::AttentionProblem<T> cached_problem(const ConstMatrixRef<T>& q, const KVCache<T>& cache, Index b, Index row0,
+                                             Index L, const Masks<T>& masks, MatrixRef<T>& out, MatrixRef<T>* lse,
+                                             const char* where) const {
+    detail::AttentionProblem<T> p = problem(1, L, cache.kept(b), cache.head_dim(), cache.value_dim(), q, out, row0);
+    cache.bind(p, b);
     detail::bind_masks(p, masks, where);
-    bind_weights(p, weights, where);
-    detail::attention(p);
+    bind_lse(p, lse, row0);
+    return p;
   }
 
   Index H_ = 0, Hkv_ = 0;

@@ -50,6 +50,23 @@ class ScaledDotProductAttention {
     return r;
   }
 
+  // q: [L, d]  k: [S, d]  v: [S, dv]  ->  output [L, dv], lse [1, L]: each row's log-sum-exp,
+  // log sum_j exp(s_j) over its scaled, masked logits (-inf for a row with every key masked), what
+  // attn::merge_attention_states needs to combine attention over disjoint keys.
+  AttentionLse<T> forward_with_lse(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k,
+                                      const ConstMatrixRef<T>& v, const Masks<T>& masks = {}) const {
+    AttentionLse<T> r{Matrix<T>(q.rows(), v.cols()), Matrix<T>(1, q.rows())};
+    MatrixRef<T> lse(r.lse);
+    run(q, k, v, masks, r.output, nullptr, "attn::ScaledDotProductAttention::forward_with_lse", &lse);
+    return r;
+  }
+
+  // The same into out [L, dv] and lse [1, L], sized by the caller.
+  void forward_into(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v,
+                    const Masks<T>& masks, MatrixRef<T> out, MatrixRef<T> lse) const {
+    run(q, k, v, masks, out, nullptr, "attn::ScaledDotProductAttention::forward_into", &lse);
+  }
+
   // The fixed scale, or nullopt for 1 / sqrt(d).
   std::optional<T> scale() const { return has_scale_ ? std::optional<T>(scale_) : std::nullopt; }
 
@@ -60,7 +77,7 @@ class ScaledDotProductAttention {
 
  private:
   void run(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v, const Masks<T>& masks,
-           MatrixRef<T> out, Matrix<T>* weights, const char* where) const {
+           MatrixRef<T> out, Matrix<T>* weights, const char* where, MatrixRef<T>* lse = nullptr) const {
     using detail::shape;
     const Index L = q.rows(), d = q.cols(), S = k.rows(), dv = v.cols();
     detail::require_shape(L > 0 && d > 0, where, "query has shape ", shape(L, d), ", expected [L, d] with L, d > 0");
@@ -69,6 +86,7 @@ class ScaledDotProductAttention {
     detail::require_dims(where, "value", v.rows(), v.cols(), S, -1, "[S, dv] = [", S, ", dv] (S from key)");
     detail::require_shape(dv > 0, where, "value has shape ", shape(S, dv), ", expected dv > 0");
     detail::require_dims(where, "out", out.rows(), out.cols(), L, dv, "[L, dv] = ", shape(L, dv));
+    if (lse) detail::require_dims(where, "lse", lse->rows(), lse->cols(), 1, L, "[1, L] = ", shape(1, L));
 
     detail::AttentionProblem<T> p;
     p.L = L;
@@ -83,6 +101,7 @@ class ScaledDotProductAttention {
     p.precision = precision_;
     detail::bind_masks(p, masks, where);
     if (weights) p.weights = {weights->data(), 0, 0, S};
+    if (lse) p.lse = {lse->data(), 0, 0, lse->innerStride()};
     detail::attention(p);
   }
 

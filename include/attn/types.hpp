@@ -73,4 +73,12 @@ struct AttentionResult {
   Matrix<T> weights;  // attention probabilities; 0 x 0 when they were not asked for
 };
 
+// The output and each row's log-sum-exp (forward_with_lse): lse [H, N] for N query rows,
+// FlashAttention's layout, what attn::merge_attention_states takes.
+template <class T>
+struct AttentionLse {
+  Matrix<T> output;
+  Matrix<T> lse;
+};
+
 }  // namespace attn

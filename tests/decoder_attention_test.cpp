@@ -117,6 +117,8 @@ TEST(DecoderAttention, DecodingThroughTheCacheEqualsTheWholeForward) {
     DecoderAttentionOptions o = options(2);
     o.window = 6;
     cases.push_back({"window, ring", 32, 4, o, 8, false, {3, 1, 2}, 45});
+    // A prompt longer than the ring's max_append() (8 - 6 + 1 = 3) goes in chunks of 3.
+    cases.push_back({"window, ring, chunked prefill", 32, 4, o, 8, false, {20, 1, 7}, 45});
     cases.push_back({"window, full cache", 32, 4, o, 45, true, {10, 1}, 45});
     o.softcap = 2.0;
     o.alibi = true;
@@ -169,6 +171,22 @@ TEST(DecoderAttention, ABatchThroughTheCacheEqualsEachSequence) {
   }
 }
 
+// A batch's prompts longer than a ring's max_append() (capacity 7, window 4: 4 rows at a time)
+// go in chunks of 4, 4 and 2, each sequence's rows in place: the whole windowed forward, row for row.
+TEST(DecoderAttention, ABatchPromptLongerThanTheRingTakesInChunks) {
+  DecoderAttentionOptions o = options(2);
+  o.window = 4;
+  DecoderAttention<float> block(32, 4, o);
+  const Index B = 2, P = 10;
+  const Matrix<float> x = random(B * P, 32, 8);
+  attn::KVCache<float> ring = block.make_cache(B, 7);
+  ASSERT_EQ(ring.max_append(0), 4);
+  const Matrix<float> y = block.forward(x, ring);
+  EXPECT_TRUE(matrices_near(y, block.forward(x, B), 1e-5));
+  EXPECT_EQ(ring.size(0), P);
+  EXPECT_EQ(ring.size(1), P);
+}
+
 TEST(DecoderAttention, AFailedCallLeavesTheCacheAsItWas) {
   DecoderAttentionOptions o = options(2);
   o.max_positions = 6;
@@ -195,7 +213,8 @@ TEST(DecoderAttention, AFailedCallLeavesTheCacheAsItWas) {
   DecoderAttention<float> windowed(16, 4, w);
   attn::KVCache<float> ring = windowed.make_cache(1, 6);  // max_append 3
   EXPECT_EQ(ring.max_append(0), 3);
-  EXPECT_THROW(windowed.forward(random(4, 16, 3), ring, 0), attn::argument_error);
+  // 4 rows go in chunks of 3 and 1, but their weights would be two matrices: refused.
+  EXPECT_THROW(windowed.forward_with_weights(random(4, 16, 3), ring, 0), attn::argument_error);
   EXPECT_EQ(ring.size(0), 0);
   attn::KVCache<float> other_window(1, 2, 4, 6, 5);
   EXPECT_THROW(windowed.forward(random(1, 16, 3), other_window, 0), attn::argument_error);

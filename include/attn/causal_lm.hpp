@@ -116,11 +116,44 @@ class CausalLM {
     return head(x, B, rows);
   }
 
+  // A ragged batch of the caches' sequences (continuous batching): ids [total], sequence b's next
+  // L_b tokens at [cu_seqlens[b], cu_seqlens[b+1]) (cu_seqlens: [B+1] for the caches' B
+  // sequences; L_b = 0 leaves sequence b out), each sequence at its own length, in one call per
+  // layer  ->  logits [total, vocab], or with Last one row per sequence that has tokens (its last),
+  // in sequence order. Each L_b at most max_append(b) of every layer's cache. On an error nothing
+  // changes.
+  Matrix<T> forward_varlen(const std::vector<int>& ids, const Eigen::Ref<const IndexVector>& cu_seqlens, Cache& cache,
+                           LogitRows rows = LogitRows::All) const {
+    const char* where = "attn::CausalLM::forward_varlen";
+    check_cache(cache, where);
+    const Index B = detail::ragged_batch(where, "cu_seqlens", cu_seqlens, static_cast<Index>(ids.size()));
+    detail::require_shape(B == cache[0].batch(), where, "cu_seqlens has ", cu_seqlens.size(),
+                          " entries, expected [B+1] = [", cache[0].batch() + 1, "] (B from the cache)");
+    std::vector<int> positions(ids.size());
+    Index with_tokens = 0;
+    for (Index b = 0; b < B; ++b) {
+      const Index L = cu_seqlens[b + 1] - cu_seqlens[b], n = cache[0].size(b);
+      if (L == 0) continue;
+      ++with_tokens;
+      check_room(cache, b, L, where, false);
+      check_positions(n, L, where);
+      for (Index r = 0; r < L; ++r) positions[std::size_t(cu_seqlens[b] + r)] = static_cast<int>(n + r);
+    }
+    Matrix<T> x = embed_tokens_.forward(ids);
+    if (embed_positions_) x += embed_positions_->forward(positions);
+    for (std::size_t i = 0; i < layers_.size(); ++i) x = layers_[i].forward_varlen(x, cache[i], cu_seqlens);
+    if (rows == LogitRows::All) return head(x, 1, LogitRows::All);
+    Matrix<T> last(with_tokens, x.cols());
+    for (Index b = 0, r = 0; b < B; ++b)
+      if (cu_seqlens[b + 1] > cu_seqlens[b]) last.row(r++) = x.row(cu_seqlens[b + 1] - 1);
+    return head(last, 1, LogitRows::All);
+  }
+
   // A KV cache per layer for `batch` sequences of up to `capacity` tokens each (0: max_positions()),
   // stored as `storage` (attn/kv_storage.hpp). A sliding-window model (Mistral) attends through its
   // window over a full cache; for endless generation in bounded memory, build ring caches of
-  // capacity >= window with layer(i).self_attn().make_cache() instead (prompts then go in chunks of
-  // at most max_append()).
+  // capacity >= window with layer(i).self_attn().make_cache() instead (a longer prompt then goes
+  // through each ring in chunks of max_append(), by the layers).
   Cache make_cache(Index batch, Index capacity = 0, KVStorage storage = KVStorage::Native) const {
     const Index c = capacity > 0 ? capacity : max_positions();
     Cache cache;
@@ -201,11 +234,13 @@ class CausalLM {
     }
   }
 
-  // Room for L more tokens of sequence b (of every sequence from b on, for forward_batch) in every layer's cache.
-  void check_room(const Cache& cache, Index b, Index L, const char* where) const {
+  // Room for L more tokens of sequence b (of every sequence from b on, for forward_batch) in every
+  // layer's cache; a sliding-window ring takes any number in chunks (DecoderAttention) unless
+  // `chunks` is false.
+  void check_room(const Cache& cache, Index b, Index L, const char* where, bool chunks = true) const {
     for (std::size_t i = 0; i < cache.size(); ++i)
-      detail::require_arg(L <= cache[i].max_append(b), where, "appending ", L, " tokens to a cache that takes ",
-                          cache[i].max_append(b), " more (layer ", i, ")");
+      detail::require_arg(L <= cache[i].max_append(b) || (chunks && cache[i].window() > 0), where, "appending ", L,
+                          " tokens to a cache that takes ", cache[i].max_append(b), " more (layer ", i, ")");
   }
 
   void check_positions(Index n, Index L, const char* where) const {

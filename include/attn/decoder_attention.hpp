@@ -107,6 +107,49 @@ class DecoderAttention {
     return run_cached(x, cache, b, 1, nullptr, "attn::DecoderAttention::forward");
   }
 
+  // Against a cache, a ragged batch (continuous batching): x [total, E] packed, sequence b's next
+  // L_b tokens at rows [cu_seqlens[b], cu_seqlens[b+1]) (cu_seqlens: [B+1] for the cache's B
+  // sequences; L_b = 0 leaves sequence b out), each sequence at its own position cache.size(b).
+  // One projection for all rows, each sequence's keys and values appended, one ragged attention
+  // call (GroupedQueryAttention::forward_varlen)  ->  [total, E]. Each L_b at most
+  // cache.max_append(b). On an error the cache is unchanged.
+  Matrix<T> forward_varlen(const ConstMatrixRef<T>& x, KVCache<T>& cache,
+                           const Eigen::Ref<const IndexVector>& cu_seqlens) const {
+    const char* where = "attn::DecoderAttention::forward_varlen";
+    check_cache(cache, where);
+    const Index B = detail::ragged_batch(where, "cu_seqlens", cu_seqlens, x.rows());
+    detail::require_shape(B == cache.batch(), where, "cu_seqlens has ", cu_seqlens.size(),
+                          " entries, expected [B+1] = [", cache.batch() + 1, "] (B from the cache)");
+    detail::require_dims(where, "x", x.rows(), x.cols(), -1, E_, "[total, embed_dim] = [total, ", E_, "]");
+    IndexVector positions(x.rows());
+    for (Index b = 0; b < B; ++b) {
+      const Index L = cu_seqlens[b + 1] - cu_seqlens[b], n = cache.size(b);
+      detail::require_arg(L <= cache.max_append(b), where, "appending ", L, " positions to sequence ", b,
+                          " of a cache that takes ", cache.max_append(b), " more");
+      detail::require_arg(!rope_ || n + L <= rope_->max_positions(), where, "positions [", n, ", ", n + L,
+                          ") of sequence ", b, " exceed max_positions = ", opt_.max_positions);
+      for (Index r = 0; r < L; ++r) positions[cu_seqlens[b] + r] = n + r;
+    }
+    Matrix<T> q = q_proj_.forward(x), k = k_proj_.forward(x), v = v_proj_.forward(x);
+    if (rope_) {
+      rope_->apply(q, H_, positions);
+      rope_->apply(k, Hkv_, positions);
+    }
+    // The storage type's checks for all rows before the first append: all or nothing is appended.
+    detail::check_storable<T>(cache.storage(), k, where, "key", "cache");
+    detail::check_storable<T>(cache.storage(), v, where, "value", "cache");
+    for (Index b = 0; b < B; ++b)
+      if (cu_seqlens[b + 1] > cu_seqlens[b]) {
+        const Index L = cu_seqlens[b + 1] - cu_seqlens[b];
+        cache.append(b, k.middleRows(cu_seqlens[b], L), v.middleRows(cu_seqlens[b], L));
+      }
+    CacheArgs<T> args;  // causal, bottom-right
+    set_options(args);
+    Matrix<T> out(x.rows(), H_ * D_);
+    core_.forward_varlen_into(q, cache, cu_seqlens, args, out);
+    return o_proj_.forward(out);
+  }
+
   // The same three calls with every head's attention probabilities (GroupedQueryAttention's
   // forward_with_weights):  ->  output [B*L, E], weights [B*H*L, S] with rows (b, h, l), over the
   // S = L keys of the sequence, or over the S = cache.kept(b) kept keys of a cache.
@@ -250,33 +293,65 @@ class DecoderAttention {
     return o_proj_.forward(r.output);
   }
 
-  Matrix<T> run_cached(const ConstMatrixRef<T>& x, KVCache<T>& cache, Index b0, Index B, Matrix<T>* weights,
-                       const char* where) const {
-    // Every check that could fail comes before the cache is touched.
-    detail::require_arg(b0 >= 0 && b0 + B <= cache.batch(), where, "sequence ", b0, " is outside the cache's batch [0, ",
-                        cache.batch(), ")");
+  void check_cache(const KVCache<T>& cache, const char* where) const {
     detail::require_shape(cache.kv_heads() == Hkv_ && cache.head_dim() == D_ && cache.value_dim() == D_, where,
                           "the cache holds ", cache.kv_heads(), " kv heads of ", cache.head_dim(), " (keys) and ",
                           cache.value_dim(), " (values), this block ", Hkv_, " of ", D_, " (make_cache() fits)");
     detail::require_arg(cache.window() == 0 || cache.window() == opt_.window, where, "the cache's window ",
                         cache.window(), " differs from this block's ", opt_.window);
+  }
+
+  Matrix<T> run_cached(const ConstMatrixRef<T>& x, KVCache<T>& cache, Index b0, Index B, Matrix<T>* weights,
+                       const char* where) const {
+    // Every check that could fail comes before the cache is touched.
+    detail::require_arg(b0 >= 0 && b0 + B <= cache.batch(), where, "sequence ", b0, " is outside the cache's batch [0, ",
+                        cache.batch(), ")");
+    check_cache(cache, where);
     const Index L = check_x(x, B, where), n = cache.size(b0);
     for (Index b = b0 + 1; b < b0 + B; ++b)
       detail::require_arg(cache.size(b) == n, where, "sequences ", b0, " and ", b, " hold ", n, " and ", cache.size(b),
                           " positions; run sequences of different lengths one at a time (forward(x, cache, b))");
-    detail::require_arg(L <= cache.max_append(b0), where, "appending ", L, " positions to a cache that takes ",
-                        cache.max_append(b0), " more", cache.window() > 0 ? " per step (split the prompt)" : "");
+    // A sliding-window ring takes at most max_append() rows at a time (their queries need the
+    // window before them): a longer prompt goes in chunks of that size, each appended and then
+    // attended - each chunk's rows see exactly their window, as in one call over a full cache.
+    const Index chunk = cache.max_append(b0);
+    const bool chunked = cache.window() > 0 && L > chunk;
+    detail::require_arg(L <= chunk || cache.window() > 0, where, "appending ", L, " positions to a cache that takes ",
+                        chunk, " more");
+    detail::require_arg(!chunked || !weights, where, "the weights of ", L,
+                        " positions, which a sliding-window cache takes in chunks of at most ", chunk,
+                        " (max_append()): ask for weights with at most that many");
     detail::require_arg(!rope_ || n + L <= rope_->max_positions(), where, "positions [", n, ", ", n + L,
                         ") exceed max_positions = ", opt_.max_positions);
 
     Matrix<T> q = q_proj_.forward(x), k = k_proj_.forward(x), v = v_proj_.forward(x);
     rotate(q, k, B, n);
+    CacheArgs<T> args;  // causal, bottom-right
+    set_options(args);
+    if (chunked) {
+      Matrix<T> out(x.rows(), H_ * D_);
+      for (Index r0 = 0; r0 < L; r0 += chunk) {
+        const Index c = std::min(chunk, L - r0);
+        // Rows [r0, r0 + c) of every sequence (sequence b's rows start at b * L).
+        const auto rows = [&](const Matrix<T>& m) {
+          Matrix<T> part(B * c, m.cols());
+          for (Index b = 0; b < B; ++b) part.middleRows(b * c, c) = m.middleRows(b * L + r0, c);
+          return part;
+        };
+        Matrix<T> part_out(B * c, H_ * D_);
+        if (B == 1)
+          cache.append(b0, rows(k), rows(v));
+        else
+          cache.append(rows(k), rows(v));
+        core_.forward_into(rows(q), cache, B == 1 ? b0 : -1, args, part_out);
+        for (Index b = 0; b < B; ++b) out.middleRows(b * L + r0, c) = part_out.middleRows(b * c, c);
+      }
+      return o_proj_.forward(out);
+    }
     if (B == 1)
       cache.append(b0, k, v);
     else
       cache.append(k, v);
-    CacheArgs<T> args;  // causal, bottom-right
-    set_options(args);
     if (weights) {
       AttentionResult<T> r = core_.forward_with_weights(q, cache, B == 1 ? b0 : -1, args);
       *weights = std::move(r.weights);

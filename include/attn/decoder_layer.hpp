@@ -65,6 +65,13 @@ class DecoderLayer {
     return run(x, [&](const Matrix<T>& n) { return self_attn_.forward(n, cache, b); });
   }
 
+  // Against a cache, a ragged batch: x [total, E], sequence b's next L_b tokens at rows
+  // [cu_seqlens[b], cu_seqlens[b+1]) (DecoderAttention::forward_varlen)  ->  [total, E].
+  Matrix<T> forward_varlen(const ConstMatrixRef<T>& x, KVCache<T>& cache,
+                           const Eigen::Ref<const IndexVector>& cu_seqlens) const {
+    return run(x, [&](const Matrix<T>& n) { return self_attn_.forward_varlen(n, cache, cu_seqlens); });
+  }
+
   Index embed_dim() const { return self_attn_.embed_dim(); }
 
   const Norm& input_layernorm() const { return input_layernorm_; }

@@ -172,8 +172,17 @@ std::vector<std::vector<int>> generate(const CausalLM<T>& model, const std::vect
   typename CausalLM<T>::Cache cache = model.make_cache(B, capacity, options.cache_storage);
   std::vector<Generator> gens;
   for (Index b = 0; b < B; ++b) gens.emplace_back(options.seed + std::uint64_t(b));
-  Matrix<T> logits(B, model.vocab_size());
-  for (Index b = 0; b < B; ++b) logits.row(b) = model.forward(prompts[std::size_t(b)], cache, b, LogitRows::Last);
+  // The prompts, of any lengths, in one ragged call; then each step one call over the sequences
+  // still generating (CausalLM::forward_varlen), each at its own length.
+  IndexVector cu(B + 1);
+  cu[0] = 0;
+  std::vector<int> ids;
+  for (Index b = 0; b < B; ++b) {
+    const auto& p = prompts[std::size_t(b)];
+    ids.insert(ids.end(), p.begin(), p.end());
+    cu[b + 1] = cu[b] + static_cast<Index>(p.size());
+  }
+  Matrix<T> logits = model.forward_varlen(ids, cu, cache, LogitRows::Last);  // [B, vocab]
 
   std::vector<char> active(std::size_t(B), 1);
   std::vector<int> next(static_cast<std::size_t>(B));
@@ -191,14 +200,14 @@ std::vector<std::vector<int>> generate(const CausalLM<T>& model, const std::vect
       any = any || go;
     }
     if (!any) break;
-    bool together = true;  // every sequence active and at one length: one call
-    for (Index b = 0; b < B; ++b) together = together && active[std::size_t(b)] && cache[0].size(b) == cache[0].size(0);
-    if (together) {
-      logits = model.forward_batch(next, cache, LogitRows::Last);
-    } else {
-      for (Index b = 0; b < B; ++b)
-        if (active[std::size_t(b)]) logits.row(b) = model.forward({next[std::size_t(b)]}, cache, b, LogitRows::Last);
+    ids.clear();
+    for (Index b = 0; b < B; ++b) {
+      if (active[std::size_t(b)]) ids.push_back(next[std::size_t(b)]);
+      cu[b + 1] = cu[b] + (active[std::size_t(b)] ? 1 : 0);
     }
+    const Matrix<T> step_logits = model.forward_varlen(ids, cu, cache, LogitRows::Last);  // the active rows
+    for (Index b = 0, r = 0; b < B; ++b)
+      if (active[std::size_t(b)]) logits.row(b) = step_logits.row(r++);
   }
   return out;
 }

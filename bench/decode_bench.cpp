@@ -43,6 +43,18 @@
 //                           of their kv head (no copy of K or V, no mask: the one query per sequence
 //                           sees the whole cache); matmul(q * scale, K^T), softmax, matmul(., V); and
 //                           at::_scaled_dot_product_attention (is_causal false)
+//   serving/decode_ragged/<s>/per_sequence, .../one_call
+//                           a decoding step of 32 sequences whose cache lengths spread over
+//                           100..4000 (H = 32, Hkv = 8, D = 128, s = f32 or bf16, one KVCache):
+//                           one GroupedQueryAttention::forward_into call per sequence (b = 0..31),
+//                           against one ragged call for all of them (b = -1); GB/s and
+//                           of_best_read on the bytes the 32 sequences hold, speedup_vs_per_sequence
+//   serving/prefill/padded, .../packed
+//                           a BERT-base-like batch: 32 sequences of 20..512 tokens (seeded), H = 12,
+//                           D = 64, bidirectional: the padded [32 * 512] batch with a key padding
+//                           mask, against forward_varlen on the packed sequences; padding_fraction
+//                           f, speedup_vs_padded, and goal_speedup = 1 / (1 - f) (the packed call
+//                           faster than the padded one by at least the padding fraction)
 //   prefill/<s>/attn/...    L = 2048 queries (the flash kernel) against a cache of S = 2048 in
 //                           storage s = f32, bf16, int8, causal bottom-right, H = 32, Hkv = 8, D = 128
 // Decode shapes: H = 32 query heads of D = 128, Hkv = 32 (MHA) and 8 (GQA), S = 2048 to 16384,
@@ -84,6 +96,7 @@
 #include <attn/detail/attention.hpp>
 #include <attn/detail/page_buffer.hpp>
 #include <attn/detail/parallel.hpp>
+#include <attn/grouped_query_attention.hpp>
 #include <attn/kv_cache.hpp>
 #include <attn/kv_storage.hpp>
 #include <chrono>
@@ -96,6 +109,7 @@
 #include <limits>
 #include <map>
 #include <memory>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -563,6 +577,171 @@ void BM_prefill(benchmark::State& state, Shape s, attn::KVStorage storage) {
   if (const double* t = recall("prefill f32 " + s.key())) state.counters["vs_f32"] = seconds / *t;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Serving: sequences of different lengths in one call (issue 16).
+
+// A decoding step of kServingSequences sequences whose cache lengths spread evenly over
+// [100, 4000] (in a fixed shuffled order), H = 32, Hkv = 8, D = 128, one query each.
+constexpr Index kServingSequences = 32;
+
+struct RaggedState {
+  attn::KVStorage storage;
+  std::vector<Index> lengths;
+  attn::KVCache<float> cache;
+  attn::GroupedQueryAttention<float> gqa{32, 8};
+  Mat<float> q, out, want;  // want: sequences 0 and 31 as attention_reference computes them
+  explicit RaggedState(attn::KVStorage st) : storage(st), cache(st, kServingSequences, 8, 128, 4000) {
+    for (Index b = 0; b < kServingSequences; ++b) lengths.push_back(100 + (3900 * b + 15) / (kServingSequences - 1));
+    std::shuffle(lengths.begin(), lengths.end(), std::mt19937(7));
+    FastRandom gen(2026);
+    q.resize(kServingSequences, 32 * 128);
+    gen.fill(q.data(), q.size());
+    out.setZero(kServingSequences, 32 * 128);
+    Mat<float> k(512, 8 * 128), v(512, 8 * 128);
+    for (Index b = 0; b < kServingSequences; ++b)
+      for (Index r0 = 0; r0 < lengths[std::size_t(b)]; r0 += 512) {
+        const Index rows = std::min<Index>(512, lengths[std::size_t(b)] - r0);
+        gen.fill(k.data(), rows * k.cols());
+        gen.fill(v.data(), rows * v.cols());
+        cache.append(b, k.topRows(rows), v.topRows(rows));
+      }
+    want.setZero(2, 32 * 128);
+    for (const Index b : {Index(0), kServingSequences - 1}) {
+      attn::detail::AttentionProblem<float> p;
+      p.heads = 32, p.kv_heads = 8, p.L = 1, p.S = p.mask_keys = lengths[std::size_t(b)], p.d = p.dv = 128;
+      p.q = {q.data() + b * q.cols(), 0, 128, q.cols()};
+      p.out = {want.data() + (b == 0 ? 0 : want.cols()), 0, 128, want.cols()};
+      p.scale = 1.0f / std::sqrt(128.0f);
+      p.causal = attn::Causal::BottomRight;
+      cache.bind(p, b);
+      attn::detail::attention_reference(p);
+    }
+  }
+  double bytes() const {
+    Index tokens = 0;
+    for (const Index n : lengths) tokens += n;
+    return double(cache.bytes_per_token() * tokens);
+  }
+  template <class Step>
+  void require_agreement(const std::string& what, const Step& step) {
+    out.setConstant(std::numeric_limits<float>::quiet_NaN());
+    step();
+    Mat<float> got(2, out.cols());
+    got.row(0) = out.row(0), got.row(1) = out.row(kServingSequences - 1);
+    attn_bench::require_agreement(what, got, want, 1e-4);
+  }
+};
+
+RaggedState& ragged_for(attn::KVStorage storage) {
+  static std::unique_ptr<RaggedState> current;
+  if (!current || current->storage != storage) {
+    current.reset();
+    current = std::make_unique<RaggedState>(storage);
+  }
+  return *current;
+}
+
+// one_call: GroupedQueryAttention::forward_into(q, cache, -1, ...), all 32 sequences in one ragged
+// call; per_sequence: forward_into(q.row(b), cache, b, ...) for b = 0..31, what attn offered before.
+void BM_decode_ragged(benchmark::State& state, attn::KVStorage storage, bool one_call) {
+  read_rates();
+  RaggedState& r = ragged_for(storage);
+  const attn::CacheArgs<float> args;
+  const auto step = [&] {
+    if (one_call) {
+      r.gqa.forward_into(r.q, r.cache, -1, args, r.out);
+    } else {
+      for (Index b = 0; b < kServingSequences; ++b) r.gqa.forward_into(r.q.row(b), r.cache, b, args, r.out.row(b));
+    }
+  };
+  const std::string row = std::string("ragged ") + (one_call ? "one_call " : "per_sequence ") + storage_row_name(storage);
+  if (first_time(row)) r.require_agreement(row, step);
+  const double seconds = time_steps(state, step);
+  if (seconds <= 0) return;
+  state.counters["GB/s"] = r.bytes() / seconds / 1e9;
+  state.counters["of_best_read"] = r.bytes() / seconds / read_rates().best;
+  state.counters["cache_MiB"] = r.bytes() / double(1 << 20);
+  state.counters["threads"] = attn::num_threads();
+  row_times()[row] = seconds;
+  if (one_call)
+    if (const double* t = recall("ragged per_sequence " + storage_row_name(storage)))
+      state.counters["speedup_vs_per_sequence"] = *t / seconds;
+}
+
+// A BERT-base-like encoder batch: 32 sequences of 20..512 tokens (seeded), H = 12, D = 64,
+// bidirectional. padded: the [32 * 512] batch with a key padding mask (every query row computed,
+// padding keys skipped); packed: forward_varlen on the sequences alone.
+struct PackedState {
+  std::vector<Index> lengths;
+  attn::IndexVector cu;
+  Mat<float> q, k, v, qp, kp, vp, out, out_padded;  // packed [total, 768]; padded [32 * 512, 768]
+  attn::GqaArgs<float> padded_args;
+  attn::GroupedQueryAttention<float> gqa{12, 12};
+  PackedState() {
+    std::mt19937 rng(11);
+    std::uniform_int_distribution<Index> len(20, 512);
+    for (Index b = 0; b < 32; ++b) lengths.push_back(len(rng));
+    cu.resize(33);
+    cu[0] = 0;
+    for (Index b = 0; b < 32; ++b) cu[b + 1] = cu[b] + lengths[std::size_t(b)];
+    FastRandom gen(5);
+    for (Mat<float>* m : {&q, &k, &v}) {
+      m->resize(cu[32], 768);
+      gen.fill(m->data(), m->size());
+    }
+    attn::BoolMatrix pad = attn::BoolMatrix::Zero(32, 512);
+    for (Mat<float>* m : {&qp, &kp, &vp}) m->setZero(32 * 512, 768);
+    for (Index b = 0; b < 32; ++b) {
+      const Index n = lengths[std::size_t(b)];
+      qp.middleRows(b * 512, n) = q.middleRows(cu[b], n);
+      kp.middleRows(b * 512, n) = k.middleRows(cu[b], n);
+      vp.middleRows(b * 512, n) = v.middleRows(cu[b], n);
+      pad.row(b).tail(512 - n).setConstant(true);
+    }
+    padded_args.batch = 32;
+    padded_args.key_padding_mask = attn::IgnoreMask(std::move(pad));
+    out.setZero(cu[32], 768);
+    out_padded.setZero(32 * 512, 768);
+  }
+  double padding_fraction() const { return 1.0 - double(cu[32]) / double(32 * 512); }
+};
+
+PackedState& packed_state() {
+  static PackedState s;
+  return s;
+}
+
+void BM_prefill_packed(benchmark::State& state, bool packed) {
+  PackedState& s = packed_state();
+  const attn::Masks<float> none;
+  const auto step = [&] {
+    if (packed)
+      s.gqa.forward_varlen_into(s.q, s.k, s.v, s.cu, s.cu, none, s.out);
+    else
+      s.gqa.forward_into(s.qp, s.kp, s.vp, s.padded_args, s.out_padded);
+  };
+  const std::string row = packed ? "prefill packed" : "prefill padded";
+  if (packed && first_time(row)) {  // the packed rows equal the padded batch's unpadded rows
+    step();
+    s.gqa.forward_into(s.qp, s.kp, s.vp, s.padded_args, s.out_padded);
+    Mat<float> unpadded(s.cu[32], 768);
+    for (Index b = 0; b < 32; ++b)
+      unpadded.middleRows(s.cu[b], s.lengths[std::size_t(b)]) = s.out_padded.middleRows(b * 512, s.lengths[std::size_t(b)]);
+    attn_bench::require_agreement(row, s.out, unpadded, 1e-5);
+  }
+  const double seconds = time_steps(state, step);
+  if (seconds <= 0) return;
+  state.counters["tokens"] = double(packed ? s.cu[32] : 32 * 512);
+  state.counters["padding_fraction"] = s.padding_fraction();
+  state.counters["threads"] = attn::num_threads();
+  row_times()[row] = seconds;
+  if (packed)
+    if (const double* t = recall("prefill padded")) {
+      state.counters["speedup_vs_padded"] = *t / seconds;
+      state.counters["goal_speedup"] = 1.0 / (1.0 - s.padding_fraction());  // time at most (1 - f) of padded's
+    }
+}
+
 #ifdef ATTN_DECODE_BENCH_TORCH
 // libtorch on the fp32 cache, viewed in place as [B, Hkv, S, D] (the cache's strides), and the
 // queries q [B, H*D] as [B, Hkv, G, D]: the G query heads of kv head g are G query rows against it.
@@ -657,6 +836,22 @@ void register_all() {
 #endif
         }
       }
+  for (const KVStorage storage : {KVStorage::Native, KVStorage::BFloat16}) {
+    benchmark::RegisterBenchmark(("serving/decode_ragged/" + storage_row_name(storage) + "/per_sequence").c_str(),
+                                 BM_decode_ragged, storage, false)
+        ->UseManualTime()
+        ->Unit(benchmark::kMicrosecond);
+    benchmark::RegisterBenchmark(("serving/decode_ragged/" + storage_row_name(storage) + "/one_call").c_str(),
+                                 BM_decode_ragged, storage, true)
+        ->UseManualTime()
+        ->Unit(benchmark::kMicrosecond);
+  }
+  benchmark::RegisterBenchmark("serving/prefill/padded", BM_prefill_packed, false)
+      ->UseManualTime()
+      ->Unit(benchmark::kMillisecond);
+  benchmark::RegisterBenchmark("serving/prefill/packed", BM_prefill_packed, true)
+      ->UseManualTime()
+      ->Unit(benchmark::kMillisecond);
   const Shape prefill{1, 32, 8, 2048, 2048, 128};
   for (const KVStorage storage : {KVStorage::Native, KVStorage::BFloat16, KVStorage::Int8})
     args(benchmark::RegisterBenchmark(("prefill/" + storage_row_name(storage) + "/attn").c_str(), BM_prefill, prefill,

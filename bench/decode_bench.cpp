@@ -55,6 +55,13 @@
 //                           mask, against forward_varlen on the packed sequences; padding_fraction
 //                           f, speedup_vs_padded, and goal_speedup = 1 / (1 - f) (the packed call
 //                           faster than the padded one by at least the padding fraction)
+//   serving/paged/<decode|prefill>/<s>/contiguous, .../paged
+//                           8 sequences of 4096 positions (H = 32, Hkv = 8, D = 128, s = f32 or
+//                           bf16) in a KVCache and in a PagedKVCache of 256-position pages: a
+//                           decoding step (one query each) and a prefill of 2048 queries of one
+//                           sequence, the same ragged GroupedQueryAttention call on either cache
+//                           (the paged output is checked bitwise against the contiguous one);
+//                           time_vs_contiguous on the paged rows
 //   prefill/<s>/attn/...    L = 2048 queries (the flash kernel) against a cache of S = 2048 in
 //                           storage s = f32, bf16, int8, causal bottom-right, H = 32, Hkv = 8, D = 128
 // Decode shapes: H = 32 query heads of D = 128, Hkv = 32 (MHA) and 8 (GQA), S = 2048 to 16384,
@@ -98,6 +105,7 @@
 #include <attn/detail/parallel.hpp>
 #include <attn/grouped_query_attention.hpp>
 #include <attn/kv_cache.hpp>
+#include <attn/paged_kv_cache.hpp>
 #include <attn/kv_storage.hpp>
 #include <chrono>
 #include <cmath>
@@ -742,6 +750,86 @@ void BM_prefill_packed(benchmark::State& state, bool packed) {
     }
 }
 
+// The same 8 sequences of 4096 positions (H = 32, Hkv = 8, D = 128) in a KVCache and in a
+// PagedKVCache of 256-position pages, appended alike; decode: one query per sequence, prefill:
+// 2048 queries of sequence 0 against its 4096 keys; both through GroupedQueryAttention's ragged
+// calls, so that only where K and V live differs.
+struct PagedState {
+  attn::KVStorage storage;
+  attn::KVCache<float> flat;
+  attn::PagedKVCache<float> paged;
+  attn::GroupedQueryAttention<float> gqa{32, 8};
+  attn::IndexVector ids, cu_decode, cu_prefill;
+  Mat<float> q_decode, q_prefill, out_decode, out_prefill;
+  explicit PagedState(attn::KVStorage st)
+      : storage(st), flat(st, 8, 8, 128, 4096), paged(st, 8, 128, 256, 8 * 4096 / 256) {
+    FastRandom gen(4096);
+    Mat<float> k(512, 8 * 128), v(512, 8 * 128);
+    ids.resize(8);
+    for (Index b = 0; b < 8; ++b) {
+      ids[b] = paged.add_sequence();
+      for (Index r0 = 0; r0 < 4096; r0 += 512) {
+        gen.fill(k.data(), k.size());
+        gen.fill(v.data(), v.size());
+        flat.append(b, k, v);
+        paged.append(ids[b], k, v);
+      }
+    }
+    cu_decode.resize(9), cu_prefill.resize(9);
+    for (Index b = 0; b <= 8; ++b) cu_decode[b] = b, cu_prefill[b] = b == 0 ? 0 : 2048;
+    q_decode.resize(8, 32 * 128), q_prefill.resize(2048, 32 * 128);
+    gen.fill(q_decode.data(), q_decode.size());
+    gen.fill(q_prefill.data(), q_prefill.size());
+    out_decode.setZero(8, 32 * 128), out_prefill.setZero(2048, 32 * 128);
+  }
+};
+
+PagedState& paged_for(attn::KVStorage storage) {
+  static std::unique_ptr<PagedState> current;
+  if (!current || current->storage != storage) {
+    current.reset();
+    current = std::make_unique<PagedState>(storage);
+  }
+  return *current;
+}
+
+void BM_paged(benchmark::State& state, attn::KVStorage storage, bool prefill, bool paged) {
+  read_rates();
+  PagedState& s = paged_for(storage);
+  const attn::CacheArgs<float> args;
+  const Mat<float>& q = prefill ? s.q_prefill : s.q_decode;
+  Mat<float>& out = prefill ? s.out_prefill : s.out_decode;
+  const attn::IndexVector& cu = prefill ? s.cu_prefill : s.cu_decode;
+  const auto step = [&] {
+    if (paged)
+      s.gqa.forward_varlen_into(q, s.paged, s.ids, cu, args, out);
+    else
+      s.gqa.forward_varlen_into(q, s.flat, cu, args, out);
+  };
+  const std::string row = std::string("paged ") + (prefill ? "prefill " : "decode ") + storage_row_name(storage);
+  if (paged && first_time(row)) {  // the same bits as the contiguous cache's
+    Mat<float> want(out.rows(), out.cols());
+    s.gqa.forward_varlen_into(q, s.flat, cu, args, want);
+    step();
+    if (!(out == want)) {
+      std::fprintf(stderr, "%s: the paged cache's output differs from the contiguous cache's\n", row.c_str());
+      std::abort();
+    }
+  }
+  const double seconds = time_steps(state, step);
+  if (seconds <= 0) return;
+  if (!prefill) {
+    const double bytes = double(s.flat.bytes_per_token() * 4096 * 8);
+    state.counters["GB/s"] = bytes / seconds / 1e9;
+    state.counters["of_best_read"] = bytes / seconds / read_rates().best;
+  }
+  state.counters["threads"] = attn::num_threads();
+  const std::string key = row + (paged ? " paged" : " contiguous");
+  row_times()[key] = seconds;
+  if (paged)
+    if (const double* t = recall(row + " contiguous")) state.counters["time_vs_contiguous"] = seconds / *t;
+}
+
 #ifdef ATTN_DECODE_BENCH_TORCH
 // libtorch on the fp32 cache, viewed in place as [B, Hkv, S, D] (the cache's strides), and the
 // queries q [B, H*D] as [B, Hkv, G, D]: the G query heads of kv head g are G query rows against it.
@@ -846,6 +934,15 @@ void register_all() {
         ->UseManualTime()
         ->Unit(benchmark::kMicrosecond);
   }
+  for (const KVStorage storage : {KVStorage::Native, KVStorage::BFloat16})
+    for (const bool prefill : {false, true})
+      for (const bool paged : {false, true})
+        benchmark::RegisterBenchmark(("serving/paged/" + std::string(prefill ? "prefill/" : "decode/") +
+                                      storage_row_name(storage) + (paged ? "/paged" : "/contiguous"))
+                                         .c_str(),
+                                     BM_paged, storage, prefill, paged)
+            ->UseManualTime()
+            ->Unit(prefill ? benchmark::kMillisecond : benchmark::kMicrosecond);
   benchmark::RegisterBenchmark("serving/prefill/padded", BM_prefill_packed, false)
       ->UseManualTime()
       ->Unit(benchmark::kMillisecond);

@@ -99,6 +99,19 @@ void functions(const attn::io::SafeTensors& st, attn::MatrixRef<T> x) {
   attn::KVCache<T> kv = mha.make_cache(1, 4);
   mha.append_kv(x, x, kv);
   mha.attend_into(x, kv, attn::CacheArgs<T>(), x);
+  // Serving: ragged calls, a paged cache, lse outputs.
+  const attn::GroupedQueryAttention<T> gqa(2, 1);
+  attn::IndexVector cu(2);
+  cu << 0, 1;
+  (void)gqa.forward_varlen(x, x, x, cu, cu);
+  (void)gqa.forward_varlen(x, kv, cu);
+  (void)gqa.forward_with_lse(x, x, x, attn::GqaArgs<T>());
+  attn::PagedKVCache<T> paged(attn::KVStorage::Native, 1, 2, 16, 4);
+  const attn::Index seq = paged.add_sequence();
+  paged.append(seq, x, x);
+  (void)paged.fork(seq);
+  (void)gqa.forward_varlen(x, paged, cu.head(1), cu);
+  paged.free(seq);
 }
 
 template void functions<float>(const attn::io::SafeTensors&, attn::MatrixRef<float>);

@@ -11,6 +11,7 @@
 #include "attn/grouped_query_attention.hpp"
 #include "attn/init.hpp"
 #include "attn/kv_cache.hpp"
+#include "attn/paged_kv_cache.hpp"
 #include "attn/kv_storage.hpp"
 #include "attn/layer_norm.hpp"
 #include "attn/linear.hpp"

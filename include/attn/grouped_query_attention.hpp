@@ -21,6 +21,7 @@
 #include "attn/detail/attention.hpp"
 #include "attn/detail/check.hpp"
 #include "attn/kv_cache.hpp"
+#include "attn/paged_kv_cache.hpp"
 #include "attn/mask.hpp"
 #include "attn/types.hpp"
 
@@ -224,6 +225,31 @@ class GroupedQueryAttention {
     run_cached_varlen(q, cache, cu_seqlens_q, args, out, &lse, "attn::GroupedQueryAttention::forward_varlen_into");
   }
 
+  // Against a paged cache (attn/paged_kv_cache.hpp): sequences seqs[i] of the cache, the queries
+  // of their newest L_i positions (already appended) at rows [cu_seqlens_q[i], cu_seqlens_q[i+1])
+  // of q [total_q, H*d] (cu_seqlens_q: [n+1] for the n ids in seqs)  ->  [total_q, H*dv]. The
+  // kernels read K and V through each sequence's page table; rows equal those of the same
+  // positions in a KVCache of the same storage type, bitwise. Options as forward_varlen against a
+  // KVCache (a window is a mask over the kept positions).
+  Matrix<T> forward_varlen(const ConstMatrixRef<T>& q, const PagedKVCache<T>& cache,
+                           const Eigen::Ref<const IndexVector>& seqs, const Eigen::Ref<const IndexVector>& cu_seqlens_q,
+                           const CacheArgs<T>& args = {}) const {
+    Matrix<T> out(q.rows(), detail::checked_mul("attn::GroupedQueryAttention::forward_varlen", "num_heads * value_dim",
+                                                H_, cache.value_dim()));
+    run_paged(q, cache, seqs, cu_seqlens_q, args, out, nullptr, "attn::GroupedQueryAttention::forward_varlen");
+    return out;
+  }
+  void forward_varlen_into(const ConstMatrixRef<T>& q, const PagedKVCache<T>& cache,
+                           const Eigen::Ref<const IndexVector>& seqs, const Eigen::Ref<const IndexVector>& cu_seqlens_q,
+                           const CacheArgs<T>& args, MatrixRef<T> out) const {
+    run_paged(q, cache, seqs, cu_seqlens_q, args, out, nullptr, "attn::GroupedQueryAttention::forward_varlen_into");
+  }
+  void forward_varlen_into(const ConstMatrixRef<T>& q, const PagedKVCache<T>& cache,
+                           const Eigen::Ref<const IndexVector>& seqs, const Eigen::Ref<const IndexVector>& cu_seqlens_q,
+                           const CacheArgs<T>& args, MatrixRef<T> out, MatrixRef<T> lse) const {
+    run_paged(q, cache, seqs, cu_seqlens_q, args, out, &lse, "attn::GroupedQueryAttention::forward_varlen_into");
+  }
+
   Index num_heads() const { return H_; }
   Index num_kv_heads() const { return Hkv_; }
   std::optional<T> scale() const { return has_scale_ ? std::optional<T>(scale_) : std::nullopt; }
@@ -395,6 +421,46 @@ class GroupedQueryAttention {
     for (Index b = 0; b < B; ++b)
       if (cu_q[b + 1] > cu_q[b])
         ps.push_back(cached_problem(q, cache, b, cu_q[b], cu_q[b + 1] - cu_q[b], masks, out, lse, where));
+    if (!ps.empty()) detail::attention(ps.data(), Index(ps.size()));
+  }
+
+  // See forward_varlen against a paged cache.
+  void run_paged(const ConstMatrixRef<T>& q, const PagedKVCache<T>& cache, const Eigen::Ref<const IndexVector>& seqs,
+                 const Eigen::Ref<const IndexVector>& cu_q, const CacheArgs<T>& args, MatrixRef<T> out, MatrixRef<T>* lse,
+                 const char* where) const {
+    using detail::shape;
+    detail::require_shape(cache.kv_heads() == Hkv_, where, "the cache has ", cache.kv_heads(),
+                          " kv heads, this attention ", Hkv_);
+    const Index n = detail::ragged_batch(where, "cu_seqlens_q", cu_q, q.rows());
+    detail::require_shape(seqs.size() == n, where, "seqs has ", seqs.size(), " ids, cu_seqlens_q ", cu_q.size(),
+                          " offsets: expected [n] and [n+1]");
+    const Index d = cache.head_dim(), dv = cache.value_dim();
+    detail::require_dims(where, "query", q.rows(), q.cols(), -1, H_ * d, "[total_q, H*d] = [total_q, ", H_, "*", d,
+                         "] (d from the cache)");
+    detail::require_dims(where, "out", out.rows(), out.cols(), q.rows(), H_ * dv, "[total_q, H*dv] = ",
+                         shape(q.rows(), H_ * dv));
+    check_lse(lse, q.rows(), where);
+    detail::require_ragged_masks(args, where);
+    detail::require_arg(args.causal != Causal::TopLeft, where,
+                        "causal must be BottomRight or None against a cache (the queries are its newest positions)");
+    for (Index i = 0; i < n; ++i) {
+      detail::require_arg(cache.is_live(seqs[i]), where, "seqs[", i, "] = ", seqs[i],
+                          " is not a live sequence of the cache");
+      const Index L = cu_q[i + 1] - cu_q[i];
+      detail::require_arg(L <= cache.size(seqs[i]), where, "the ", L, " queries of sequence ", seqs[i],
+                          " must be its newest positions, but the cache holds ", cache.size(seqs[i]),
+                          " for it: append their keys and values first");
+    }
+    std::vector<detail::AttentionProblem<T>> ps;
+    for (Index i = 0; i < n; ++i) {
+      const Index L = cu_q[i + 1] - cu_q[i];
+      if (L == 0) continue;
+      detail::AttentionProblem<T> p = problem(1, L, cache.size(seqs[i]), d, dv, q, out, cu_q[i]);
+      cache.bind(p, seqs[i]);
+      detail::bind_masks(p, args, where);
+      bind_lse(p, lse, cu_q[i]);
+      ps.push_back(p);
+    }
     if (!ps.empty()) detail::attention(ps.data(), Index(ps.size()));
   }
 

@@ -31,7 +31,7 @@ void attention_blocked(const AttentionProblem<T>& p, Index block_rows = mk::kSco
   // The packed K [s_pad, d], one tile's scores [MR, s_pad], and MR zeros (pv_row_tiles' alpha:
   // O = 0 * O + P V, on output rows zeroed first).
   // A compressed cache's K and V of one head are converted to T first ([S, d] and [S, dv]).
-  const bool stored = p.kv_storage != KVStorage::Native;
+  const bool stored = kv_converted(p);  // compressed or paged: each block converted to T
   Eigen::Matrix<T, Eigen::Dynamic, 1> arena(s_pad * p.d + MR * s_pad + MR + (stored ? p.S * (p.d + p.dv) : 0));
   T* const packed = arena.data();
   T* const scores = packed + s_pad * p.d;

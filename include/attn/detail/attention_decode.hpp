@@ -190,23 +190,31 @@ void task(const AttentionProblem<T>& p, const Plan& plan, Index chunk, Index tas
     return;
   }
   const Index n = end_key - first_key;
-  const S* const k = stored_row<S>(p, false, b, g, first_key);
-  const S* const v = stored_row<S>(p, true, b, g, first_key);
-  const T* const k_scale = p.k_scale ? p.k_scale.row(b, g, first_key) : nullptr;
-  const T* const v_scale = p.v_scale ? p.v_scale.row(b, g, first_key) : nullptr;
+  // Keys [first_key + j, ..): K, V and int8 scales are read in place, a run of keys that follow
+  // each other in memory at a time (the whole range, or a page's part of it when paged).
+  const auto k_at = [&](Index j) { return stored_row<S>(p, false, b, g, first_key + j); };
+  const auto v_at = [&](Index j) { return stored_row<S>(p, true, b, g, first_key + j); };
+  const auto scales_at = [&](const Strided<const T>& scales, Index j) -> const T* {
+    if (!scales) return nullptr;
+    if (!p.page_table) return scales.row(b, g, first_key + j);
+    const Index key = first_key + j;
+    return scales.data + p.page_table[key / p.page_size] * p.scale_page_stride + g * scales.head_stride +
+           (key % p.page_size) * scales.row_stride;
+  };
   // Scores of all R rows, kDecodeKeyBlock keys at a time so that a block of K read from memory
   // by the first row tile is in L1 for the others: the group reads K once. Only dot_rows
   // takes the tile's row count at compile time (its registers); nothing after does.
   // (With one row tile, R <= kDecodeRows, the blocks are not needed: the whole range at once.)
   const Index score_block = R <= kDecodeRows ? n : kDecodeKeyBlock;
-  for (Index j = 0; j < n; j += score_block) {
-    const Index nj = std::min(score_block, n - j);
+  for (Index j = 0, nj = 0; j < n; j += nj) {
+    nj = contiguous_keys(p, first_key + j, std::min(score_block, n - j));
+    const S* const k = k_at(j);
+    const T* const k_scale = scales_at(p.k_scale, j);
     mk::for_row_tiles<kDecodeRows>(R, [&](Index r0, auto rows) {
       constexpr int MR = decltype(rows)::value;
       const T* q[MR];
       for (int r = 0; r < MR; ++r) q[r] = p.q.row(b, g * G + (r0 + r) / p.L, (r0 + r) % p.L);
-      mk::dot_rows<MR>(q, k + j * p.k.row_stride, p.k.row_stride, k_scale ? k_scale + j : nullptr, nj, p.d, p.scale,
-                       s + r0 * chunk + j, chunk);
+      mk::dot_rows<MR>(q, k, p.k.row_stride, k_scale, nj, p.d, p.scale, s + r0 * chunk + j, chunk);
     });
   }
   // Row r's probabilities over the union: exp(s - m_r) on its own keys, 0 on the others
@@ -233,14 +241,17 @@ void task(const AttentionProblem<T>& p, const Plan& plan, Index chunk, Index tas
     o[1] = mk::exp_sum_row(row, ni, m, masked);
     std::fill(si, row, T(0));
     std::fill(row + ni, si + n, T(0));
-    if (v_scale) {
-      const T* const vs = v_scale + (lo[i] - first_key);
-      for (Index j = 0; j < ni; ++j) row[j] *= vs[j];
-    }
+    if (p.v_scale)
+      for (Index j = 0, nj = 0; j < ni; j += nj) {
+        nj = contiguous_keys(p, lo[i] + j, ni - j);
+        const T* const vs = scales_at(p.v_scale, lo[i] - first_key + j);
+        for (Index t = 0; t < nj; ++t) row[j + t] *= vs[t];
+      }
   }
-  for (Index j = 0; j < n; j += kDecodeKeyBlock)
-    decode::pv_keys(R, s + j, chunk, v + j * p.v.row_stride, p.v.row_stride, std::min(kDecodeKeyBlock, n - j),
-                    p.dv, out + 2, part);
+  for (Index j = 0, nj = 0; j < n; j += nj) {
+    nj = contiguous_keys(p, first_key + j, std::min(kDecodeKeyBlock, n - j));
+    decode::pv_keys(R, s + j, chunk, v_at(j), p.v.row_stride, nj, p.dv, out + 2, part);
+  }
 }
 
 // Merges each row's chunks of problem p in chunk order: the same sums in the same order on any

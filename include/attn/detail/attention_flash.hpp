@@ -132,7 +132,7 @@ FlashPlan flash_plan(const AttentionProblem<T>& p, FlashBlocks blocks, bool conv
   f.bc_pad = (f.Bc + NR - 1) / NR * NR;
   f.d_ops = mk::steps<Dot, T>(p.d);
   const Index G = f.G, Br = f.Br, Bc = f.Bc, bc_pad = f.bc_pad, d_ops = f.d_ops;
-  const bool stored = p.kv_storage != KVStorage::Native;
+  const bool stored = kv_converted(p);  // compressed or paged: each block converted to T
   f.slice = lines(MR * bc_pad) + lines(G * Br * p.dv) + 2 * lines(G * Br) + lines(MR) +
             (stored ? lines(Bc * p.d) + lines(Bc * p.dv) : 0);
   f.op_slice = lines(bc_pad * d_ops) +
@@ -146,7 +146,7 @@ FlashScratch<T, typename Dot::Operand> flash_scratch(const AttentionProblem<T>& 
                                                      T* at, typename Dot::Operand* op_at) {
   constexpr int MR = mk::kScoreRows;
   constexpr Index V = mk::kValuesPerOperand<Dot, T>;
-  const bool stored = p.kv_storage != KVStorage::Native;
+  const bool stored = kv_converted(p);  // compressed or paged: each block converted to T
   const auto take = [&at](Index n) { return std::exchange(at, at + cache_lines(n)); };
   const auto take_ops = [&op_at](Index n) { return std::exchange(op_at, op_at + cache_lines(n)); };
   FlashScratch<T, typename Dot::Operand> w{};
@@ -179,7 +179,7 @@ void flash_task(const AttentionProblem<T>& p, const FlashPlan& f, const FlashScr
   const bool convert = round || V > 1;  // Q, P and V go through the operand buffers
   const bool elementwise = p.mask || p.bias || p.key_padding || p.alibi_slopes || sinks_split(p);  // every score looked at
   const bool softcap = p.softcap > T(0);
-  const bool stored = p.kv_storage != KVStorage::Native;
+  const bool stored = kv_converted(p);  // compressed or paged: each block converted to T
   const Index G = f.G, Hk = f.Hk, Br = f.Br, Bc = f.Bc, q_blocks = f.q_blocks, bc_pad = f.bc_pad, d_ops = f.d_ops;
   FlashScratch<T, O> w = group;  // out, m and l of the group's current head: head g*G + hh at hh * Br rows
   const Index b = task / (Hk * q_blocks), g = (task / q_blocks) % Hk, i0 = (task % q_blocks) * Br;

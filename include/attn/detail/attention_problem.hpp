@@ -87,37 +87,72 @@ struct AttentionProblem {
   const void* v_stored = nullptr;
   Strided<const T> k_scale, v_scale;
 
+  // Paged K and V (attn::PagedKVCache): key j is row j % page_size of page page_table[j /
+  // page_size]; a page holds every kv head's page_size rows, head h's from h * head_stride. Page
+  // g's rows start page_stride elements after page g - 1's (k_page_stride for K, v_page_stride for
+  // V, scale_page_stride for int8's scales); batch strides are unused (one sequence a problem).
+  const Index* page_table = nullptr;
+  Index page_size = 0;
+  Index k_page_stride = 0, v_page_stride = 0, scale_page_stride = 0;
+
   // BFloat16: the flash kernel's two products on bf16 operands (attn/precision.hpp); the decode
   // and blocked kernels compute in T either way.
   Precision precision = Precision::Native;
 };
 
-// Row j of kv head h of K (value = false) or V (true) in storage type S (the element type of p.kv_storage).
+// Row j of kv head h of K (value = false) or V (true) in storage type S (the element type of
+// p.kv_storage): through the batch stride, or the page table when paged.
 template <class S, class T>
 const S* stored_row(const AttentionProblem<T>& p, bool value, Index b, Index h, Index j) {
   const Strided<const T>& view = value ? p.v : p.k;
+  const S* base = nullptr;
   if constexpr (std::is_same_v<S, T>) {
     ATTN_ASSERT(p.kv_storage == KVStorage::Native);
-    return view.row(b, h, j);
+    base = view.data;
   } else {
-    return static_cast<const S*>(value ? p.v_stored : p.k_stored) + b * view.batch_stride + h * view.head_stride +
-           j * view.row_stride;
+    base = static_cast<const S*>(value ? p.v_stored : p.k_stored);
   }
+  if (p.page_table)
+    return base + p.page_table[j / p.page_size] * (value ? p.v_page_stride : p.k_page_stride) + h * view.head_stride +
+           (j % p.page_size) * view.row_stride;
+  return base + b * view.batch_stride + h * view.head_stride + j * view.row_stride;
+}
+
+// The int8 scale of row j of kv head h of K or V (1 without scales).
+template <class T>
+T row_scale(const AttentionProblem<T>& p, bool value, Index b, Index h, Index j) {
+  const Strided<const T>& scales = value ? p.v_scale : p.k_scale;
+  if (!scales) return T(1);
+  if (p.page_table)
+    return scales.data[p.page_table[j / p.page_size] * p.scale_page_stride + h * scales.head_stride +
+                       (j % p.page_size) * scales.row_stride];
+  return *scales.row(b, h, j);
+}
+
+// How many of keys [j, j + n) follow key j in memory: all of them unless paged, else those on
+// key j's page.
+template <class T>
+Index contiguous_keys(const AttentionProblem<T>& p, Index j, Index n) {
+  return p.page_table ? std::min(n, p.page_size - j % p.page_size) : n;
+}
+
+// Whether the kernels read K and V through a converted copy of each block rather than in place:
+// compressed storage, or pages (a block of keys spans pages).
+template <class T>
+bool kv_converted(const AttentionProblem<T>& p) {
+  return p.kv_storage != KVStorage::Native || p.page_table != nullptr;
 }
 
 // Rows [j0, j0 + n) of kv head h of K (value = false) or V (true) as T, into dst (row stride ds):
-// the flash and blocked kernels' one conversion of a compressed block, where it is reused by many
-// query rows.
+// the flash and blocked kernels' one conversion of a compressed or paged block, where it is
+// reused by many query rows.
 template <class T>
 void convert_rows(const AttentionProblem<T>& p, bool value, Index b, Index h, Index j0, Index n, T* dst, Index ds) {
   const Index cols = value ? p.dv : p.d;
-  const Strided<const T>& scales = value ? p.v_scale : p.k_scale;
   with_storage<T>(p.kv_storage, [&](auto tag) {
     using S = typename decltype(tag)::type;
-    for (Index j = 0; j < n; ++j) {
-      const S* row = stored_row<S>(p, value, b, h, j0 + j);
-      dequantize(row, cols, scales ? *scales.row(b, h, j0 + j) : T(1), dst + j * ds);
-    }
+    for (Index j = 0; j < n; ++j)
+      dequantize(stored_row<S>(p, value, b, h, j0 + j), cols, row_scale(p, value, b, h, j0 + j), dst + j * ds);
   });
 }
 

@@ -38,7 +38,7 @@ namespace attn::detail {
 // Row j of kv head h of K or V as T: in place when stored as T, else converted into buf.
 template <class T>
 const T* kv_row(const AttentionProblem<T>& p, bool value, Index b, Index h, Index j, T* buf) {
-  if (p.kv_storage == KVStorage::Native) return value ? p.v.row(b, h, j) : p.k.row(b, h, j);
+  if (!kv_converted(p)) return value ? p.v.row(b, h, j) : p.k.row(b, h, j);
   convert_rows(p, value, b, h, j, 1, buf, 0);
   return buf;
 }

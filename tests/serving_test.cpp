@@ -355,8 +355,9 @@ TYPED_TEST(ServingTest, MergeOfAnySplitEqualsTheUnsplitCall) {
   }
 }
 
-// The lse through every entry point of a [B, L] batch, in layout [H, B*L], against the reference
-// in double: log sum_j exp(s_j) of the row's scaled, masked logits.
+// GroupedQueryAttention's lse of a [B, L] batch is laid out [H, B*L], each entry log sum_j exp(s_j)
+// of the row's scaled, masked logits, by hand. (Every kernel's lse against the reference: the
+// randomized tests of attention_kernel_test.cpp and attention_decode_test.cpp.)
 TEST(Lse, GqaLayoutIsHeadsByRowsByHand) {
   // 2 heads, 1 kv head (d = 1), B = 2, L = 1, S = 2, scale 1: head h's query is h + 1 in
   // sequence 0 and 0 in sequence 1; keys (0, ln 3)... logits q * k: sequence 0 head 0: (0, ln 3)

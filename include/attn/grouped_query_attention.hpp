@@ -230,7 +230,8 @@ class GroupedQueryAttention {
   // of q [total_q, H*d] (cu_seqlens_q: [n+1] for the n ids in seqs)  ->  [total_q, H*dv]. The
   // kernels read K and V through each sequence's page table; rows equal those of the same
   // positions in a KVCache of the same storage type, bitwise. Options as forward_varlen against a
-  // KVCache (a window is a mask over the kept positions).
+  // KVCache. A cache with a window (PagedKVCache::set_window) applies its window and sink tokens;
+  // args may narrow them, not widen them.
   Matrix<T> forward_varlen(const ConstMatrixRef<T>& q, const PagedKVCache<T>& cache,
                            const Eigen::Ref<const IndexVector>& seqs, const Eigen::Ref<const IndexVector>& cu_seqlens_q,
                            const CacheArgs<T>& args = {}) const {
@@ -443,13 +444,27 @@ class GroupedQueryAttention {
     detail::require_ragged_masks(args, where);
     detail::require_arg(args.causal != Causal::TopLeft, where,
                         "causal must be BottomRight or None against a cache (the queries are its newest positions)");
+    const Index W = cache.window();
+    Masks<T> masks = args;
+    if (W > 0) {  // the cache's window and sink tokens, unless args narrow them
+      detail::require_arg(args.window >= 0 && args.window <= W && args.sink_tokens <= cache.sink_tokens(), where,
+                          "window = ", args.window, " and sink_tokens = ", args.sink_tokens,
+                          " cannot exceed the cache's window ", W, " and sink tokens ", cache.sink_tokens());
+      if (masks.window == 0) masks.window = W;
+      if (masks.sink_tokens == 0) masks.sink_tokens = cache.sink_tokens();
+    }
     for (Index i = 0; i < n; ++i) {
       detail::require_arg(cache.is_live(seqs[i]), where, "seqs[", i, "] = ", seqs[i],
                           " is not a live sequence of the cache");
-      const Index L = cu_q[i + 1] - cu_q[i];
-      detail::require_arg(L <= cache.size(seqs[i]), where, "the ", L, " queries of sequence ", seqs[i],
-                          " must be its newest positions, but the cache holds ", cache.size(seqs[i]),
+      const Index L = cu_q[i + 1] - cu_q[i], size = cache.size(seqs[i]);
+      detail::require_arg(L <= size, where, "the ", L, " queries of sequence ", seqs[i],
+                          " must be its newest positions, but the cache holds ", size,
                           " for it: append their keys and values first");
+      // The window released what the queries of the last append cannot see: attend after each.
+      detail::require_arg(W == 0 || L == 0 || cache.first_kept(seqs[i]) <= std::max<Index>(0, size - L - masks.window + 1),
+                          where, "the ", L, " queries of sequence ", seqs[i], " need the ", masks.window - 1,
+                          " positions before them, but the cache released the pages before position ",
+                          cache.first_kept(seqs[i]), " (attend after each append)");
     }
     std::vector<detail::AttentionProblem<T>> ps;
     for (Index i = 0; i < n; ++i) {
@@ -457,7 +472,7 @@ class GroupedQueryAttention {
       if (L == 0) continue;
       detail::AttentionProblem<T> p = problem(1, L, cache.size(seqs[i]), d, dv, q, out, cu_q[i]);
       cache.bind(p, seqs[i]);
-      detail::bind_masks(p, args, where);
+      detail::bind_masks(p, masks, where);
       bind_lse(p, lse, cu_q[i]);
       ps.push_back(p);
     }
@@ -481,6 +496,9 @@ class GroupedQueryAttention {
     const Index W = cache.window();
     detail::require_arg(W == 0 || (args.window >= 0 && args.window <= W), where, "window = ", args.window,
                         " cannot exceed the cache's window ", W);
+    // A ring's keys start at its oldest kept position, not at position 0.
+    detail::require_arg(W == 0 || args.sink_tokens == 0, where, "sink_tokens = ", args.sink_tokens,
+                        ": a sliding-window KVCache does not keep sink tokens (PagedKVCache::set_window does)");
     // A ring keeps the last `capacity` positions: the first query needs the window - 1 before it.
     detail::require_arg(W == 0 || cache.first_kept(b) <= std::max<Index>(0, n - L - W + 1), where, "the ", L,
                         " queries of sequence ", b, " need the ", W - 1,

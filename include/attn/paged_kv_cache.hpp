@@ -20,11 +20,18 @@
 // A page holds every kv head's page_size rows: [kv_heads, page_size, head_dim] for K (value_dim
 // for V), so a decoding step streams a page's rows of one head contiguously, and the page is the
 // kernels' unit of contiguous keys. An append that needs more pages than are free throws and
-// changes nothing. A sliding window is a mask here (CacheArgs::window), over every position kept.
+// changes nothing.
+//
+// A sliding window (set_window; Mistral's, and with sink tokens StreamingLLM's) bounds what a
+// sequence holds: each append first returns the pages wholly behind what its queries can see,
+// except those holding sink tokens, so an endless generation holds about window + sink_tokens +
+// one append's positions. A released position's table entry names one shared page of zeros that
+// is never written (num_pages(): the kernels may read it, and mask all of it).
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #include "attn/detail/attention_problem.hpp"
@@ -57,10 +64,11 @@ class PagedKVCache {
                         where, "storage ", int(storage), " is not a KVStorage");
     detail::require_shape(kv_heads > 0 && head_dim > 0 && value_dim >= 0, where, "kv_heads = ", kv_heads,
                           ", head_dim = ", head_dim, " must be positive and value_dim = ", value_dim, " >= 0");
-    detail::require_arg(page_size > 0 && num_pages > 0, where, "page_size = ", page_size, " and num_pages = ",
-                        num_pages, " must be positive");
-    const Index rows = detail::checked_mul(where, "num_pages * kv_heads * page_size",
-                                           detail::checked_mul(where, "num_pages * kv_heads", pages_, Hkv_), P_);
+    detail::require_arg(page_size > 0 && num_pages > 0 && num_pages < std::numeric_limits<Index>::max(), where,
+                        "page_size = ", page_size, " and num_pages = ", num_pages, " must be positive");
+    // The pool, and after it the page of zeros that released positions read.
+    const Index rows = detail::checked_mul(where, "(num_pages + 1) * kv_heads * page_size",
+                                           detail::checked_mul(where, "(num_pages + 1) * kv_heads", pages_ + 1, Hkv_), P_);
     detail::checked_mul(where, "pool bytes", detail::checked_mul(where, "rows * dim", rows, std::max(D_, Dv_)),
                         storage_bytes<T>(storage_));
     k_ = detail::PageBuffer(static_cast<std::size_t>(rows * D_ * storage_bytes<T>(storage_)));
@@ -72,6 +80,22 @@ class PagedKVCache {
     refs_.assign(static_cast<std::size_t>(pages_), 0);
     for (Index g = pages_ - 1; g >= 0; --g) free_.push_back(g);  // page 0 is taken first
   }
+
+  // A sliding window over every sequence: attention through this cache sees at most the last
+  // `window` positions of a sequence, and its first `sink_tokens` (CacheArgs may narrow both), and
+  // an append first releases the pages behind what its own queries can see (positions before
+  // size - window + 1) that hold no sink token. Set before any sequence exists. window 0 (the
+  // default) keeps every position.
+  void set_window(Index window, Index sink_tokens = 0) {
+    const char* where = "attn::PagedKVCache::set_window";
+    detail::require_arg(window >= 0 && sink_tokens >= 0 && (window > 0 || sink_tokens == 0), where, "window = ", window,
+                        " and sink_tokens = ", sink_tokens, " must be >= 0, and sink tokens need a window");
+    detail::require_arg(std::none_of(seqs_.begin(), seqs_.end(), [](const Sequence& q) { return q.live; }), where,
+                        "the window is set before any sequence is added");
+    W_ = window, sinks_ = sink_tokens;
+  }
+  Index window() const { return W_; }  // 0: every position is kept
+  Index sink_tokens() const { return sinks_; }
 
   // A new empty sequence; its id (the id of an ended sequence is used again).
   Index add_sequence() {
@@ -85,20 +109,23 @@ class PagedKVCache {
   Index fork(Index seq) {
     const Sequence& from = live(seq, "attn::PagedKVCache::fork");
     Sequence s = from;  // (a copy before place(), which may move the sequences)
-    for (const Index g : s.pages) ++refs_[std::size_t(g)];
+    for (const Index g : s.pages)
+      if (g != zero_page()) ++refs_[std::size_t(g)];
     return place(std::move(s));
   }
 
   // Ends sequence `seq`: the pages no other sequence holds return to the pool.
   void free(Index seq) {
     Sequence& s = live(seq, "attn::PagedKVCache::free");
-    for (const Index g : s.pages) release(g);
+    for (const Index g : s.pages)
+      if (g != zero_page()) release(g);
     s = Sequence{};
   }
 
   // Appends the keys and values of sequence seq's next L positions: k [L, kv_heads*head_dim],
-  // v [L, kv_heads*value_dim]. Takes the pages they need (and a copy of a shared last page it
-  // writes into); when the pool has too few free pages it throws and nothing changes.
+  // v [L, kv_heads*value_dim]. Under a window, first releases the pages its queries cannot see;
+  // then takes the pages they need (and a copy of a shared last page it writes into). When the
+  // pool has too few free pages it throws and nothing changes.
   void append(Index seq, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v) {
     const char* where = "attn::PagedKVCache::append";
     Sequence& s = live(seq, where);
@@ -110,11 +137,19 @@ class PagedKVCache {
     detail::check_storable<T>(storage_, k, where, "key", "cache");
     detail::check_storable<T>(storage_, v, where, "value", "cache");
     const Index have = Index(s.pages.size()), need = (s.size + L + P_ - 1) / P_;
+    const Index lo = std::max(s.released, (sinks_ + P_ - 1) / P_), hi = released_below(s.size);
+    Index returning = 0;  // of the pages released now, those no other sequence holds
+    for (Index x = lo; x < hi; ++x) returning += refs_[std::size_t(s.pages[std::size_t(x)])] == 1 ? 1 : 0;
     const bool copy = L > 0 && s.size % P_ != 0 && refs_[std::size_t(s.pages.back())] > 1;  // copy-on-write
     const Index take = need - have + (copy ? 1 : 0);
-    detail::require_arg(take <= Index(free_.size()), where, "out of pages: sequence ", seq, " (", s.size,
+    detail::require_arg(take <= Index(free_.size()) + returning, where, "out of pages: sequence ", seq, " (", s.size,
                         " positions) needs ", take, " more pages of ", P_, " positions for ", L, " more, and ",
-                        free_.size(), " of ", pages_, " are free");
+                        free_.size(), " of ", pages_, " are free", returning > 0 ? " (with those it releases)" : "");
+    for (Index x = lo; x < hi; ++x) {
+      release(s.pages[std::size_t(x)]);
+      s.pages[std::size_t(x)] = zero_page();
+    }
+    if (hi > lo) s.released = hi;
     if (copy) {
       const Index g = take_page(), old = s.pages.back();
       copy_page(old, g);
@@ -131,8 +166,15 @@ class PagedKVCache {
     }
   }
 
-  // Positions sequence seq holds, and its page table (page ids, in position order).
+  // Positions sequence seq has appended, and its page table (page ids, in position order;
+  // num_pages() for the pages a window released).
   Index size(Index seq) const { return live(seq, "attn::PagedKVCache::size").size; }
+  // The first position past the sink tokens' pages that the sequence still holds: positions from
+  // here on are all held (0 until a window released a page).
+  Index first_kept(Index seq) const {
+    const Sequence& s = live(seq, "attn::PagedKVCache::first_kept");
+    return s.released * P_;
+  }
   const std::vector<Index>& pages(Index seq) const { return live(seq, "attn::PagedKVCache::pages").pages; }
   bool is_live(Index seq) const { return seq >= 0 && seq < Index(seqs_.size()) && seqs_[std::size_t(seq)].live; }
   // How many sequences hold page g (0: free).
@@ -148,14 +190,16 @@ class PagedKVCache {
   Index head_dim() const { return D_; }
   Index value_dim() const { return Dv_; }
   KVStorage storage() const { return storage_; }
-  // Bytes one page holds (K, V and int8's scales of every kv head), and the pool's.
+  // Bytes one page holds (K, V and int8's scales of every kv head), and the cache's: the pool
+  // and the page of zeros.
   Index bytes_per_page() const {
     return P_ * Hkv_ * ((D_ + Dv_) * storage_bytes<T>(storage_) + (storage_ == KVStorage::Int8 ? 2 * Index(sizeof(T)) : 0));
   }
-  Index memory_bytes() const { return pages_ * bytes_per_page(); }
+  Index memory_bytes() const { return (pages_ + 1) * bytes_per_page(); }
 
   // Keys or values of kv head h of sequence seq as T: [size(seq), head_dim] (value_dim), in
-  // position order (a copy, converted back from a compressed storage type).
+  // position order (a copy, converted back from a compressed storage type; zeros where a window
+  // released the page).
   Matrix<T> keys(Index seq, Index h) const { return head_matrix(false, seq, h, "attn::PagedKVCache::keys"); }
   Matrix<T> values(Index seq, Index h) const { return head_matrix(true, seq, h, "attn::PagedKVCache::values"); }
 
@@ -186,7 +230,14 @@ class PagedKVCache {
     bool live = false;
     Index size = 0;
     std::vector<Index> pages;
+    Index released = 0;  // pages [sink pages, released) of the table were released by the window
   };
+
+  // The page id released positions read: the page of zeros after the pool.
+  Index zero_page() const { return pages_; }
+  // Under the window, the pages before this one (in table order) hold only positions that the
+  // queries of an append at position t cannot see: they end at or before t - window + 1.
+  Index released_below(Index t) const { return W_ > 0 ? std::max<Index>(0, t - W_ + 1) / P_ : 0; }
 
   const Sequence& live(Index seq, const char* where) const {
     detail::require_arg(is_live(seq), where, "sequence ", seq, " is not a live sequence of this cache");
@@ -255,8 +306,9 @@ class PagedKVCache {
 
   KVStorage storage_ = KVStorage::Native;
   Index Hkv_ = 0, D_ = 0, Dv_ = 0, P_ = 0, pages_ = 0;
-  detail::PageBuffer k_, v_;          // [num_pages, kv_heads, page_size, dim] in the storage type
-  std::vector<T> k_scale_, v_scale_;  // int8: [num_pages, kv_heads, page_size]
+  Index W_ = 0, sinks_ = 0;           // set_window
+  detail::PageBuffer k_, v_;          // [num_pages + 1, kv_heads, page_size, dim] in the storage type
+  std::vector<T> k_scale_, v_scale_;  // int8: [num_pages + 1, kv_heads, page_size]
   std::vector<Index> refs_;           // sequences holding each page
   std::vector<Index> free_;           // free pages, the next one taken at the back
   std::vector<Sequence> seqs_;

@@ -80,6 +80,35 @@ TYPED_TEST(MhaTest, CrossAttentionByHand) {
   EXPECT_TRUE(matrices_near(into, mat<T>({{6, 4, 1, 4}}), this->tol));  // the flash kernel, as forward() without weights
 }
 
+// Each head's log-sum-exp of its row's logits, in the example above: head 0's logits [ln2, 0]
+// give log(2 + 1) = ln3, head 1's [0, ln3] give log(1 + 3) = ln4.
+TYPED_TEST(MhaTest, LogSumExpByHand) {
+  using T = TypeParam;
+  const auto m = this->make();
+  const attn::AttentionLse<T> r = m.forward_with_lse(this->query, this->key, this->value, one<T>());
+  EXPECT_TRUE(matrices_near(r.output, mat<T>({{6, 4, 1, 4}}), this->tol));
+  EXPECT_TRUE(matrices_near(r.lse, mat<T>({{ln3}, {std::log(4.0)}}), this->tol));
+  attn::Matrix<T> out(1, 4), lse(2, 1);
+  m.forward_into(this->query, this->key, this->value, one<T>(), out, lse);
+  EXPECT_TRUE(out == r.output && lse == r.lse);
+  // Zero projections make every logit 0, add_bias_kv's and add_zero_attn's keys too: with 3 keys
+  // and those 2, lse = log 5 in every row of both sequences and both heads.
+  attn::MhaOptions o;
+  o.add_bias_kv = o.add_zero_attn = true;
+  attn::MultiHeadAttention<T> zero(4, 2, o);
+  zero.set_in_proj_weight(attn::Matrix<T>::Zero(12, 4));
+  const attn::Matrix<T> x = attn::Matrix<T>::Random(4, 4), kv = attn::Matrix<T>::Random(6, 4);
+  const attn::AttentionLse<T> z = zero.forward_with_lse(x, kv, kv, attn_test::batch_of<attn::MhaArgs<T>>(2));
+  EXPECT_TRUE(matrices_near(z.lse, attn::Matrix<T>::Constant(2, 4, T(std::log(5.0))), this->tol));
+  // Shapes and need_weights are checked, naming lse.
+  attn::Matrix<T> wrong(1, 1);
+  EXPECT_TRUE(throws_with<attn::shape_error>([&] { m.forward_into(this->query, this->key, this->value, one<T>(), out, wrong); },
+                                       {"lse", "[1, 1]", "[2, 1]"}));
+  attn::MhaArgs<T> weights = one<T>();
+  weights.need_weights = true;
+  EXPECT_THROW(m.forward_with_lse(this->query, this->key, this->value, weights), attn::argument_error);
+}
+
 // in_proj_bias adds 1 to every value feature; the weights sum to 1, so every head output grows
 // by 1: concat [6, 5, 2, 6] + b_o = [7, 5, 2, 5].
 TYPED_TEST(MhaTest, InProjBiasByHand) {
@@ -379,6 +408,31 @@ TYPED_TEST(MhaTest, FusedSelfAttentionMatchesUnfused) {
 
 // Cross-attention with key and value one matrix (L = 3 queries, S = 6 keys), fused k and v
 // against unfused.
+// lse column n is query row n in either row order: each sequence's columns equal a call on that
+// sequence alone (random module with add_bias_kv, B = 3, L = 4, S = 5).
+TYPED_TEST(MhaTest, LogSumExpFollowsTheQueryRowOrder) {
+  using T = TypeParam;
+  const attn::Index E = 8, H = 2, B = 3, L = 4, S = 5;
+  for (const bool batch_first : {false, true}) {
+    attn::MhaOptions o;
+    o.batch_first = batch_first;
+    o.add_bias_kv = true;
+    const attn::MultiHeadAttention<T> m = random_mha<T>(E, H, o, 41);
+    const attn::Matrix<T> q = random_input<T>(B * L, E, 1), kv = random_input<T>(B * S, E, 2);
+    const attn::Matrix<T> lse = m.forward_with_lse(q, kv, kv, attn_test::batch_of<attn::MhaArgs<T>>(B)).lse;
+    const auto row = [&](attn::Index b, attn::Index i, attn::Index n) { return batch_first ? b * n + i : i * B + b; };
+    for (attn::Index b = 0; b < B; ++b) {
+      attn::Matrix<T> qb(L, E), kvb(S, E), want(H, B * L);
+      for (attn::Index i = 0; i < L; ++i) qb.row(i) = q.row(row(b, i, L));
+      for (attn::Index j = 0; j < S; ++j) kvb.row(j) = kv.row(row(b, j, S));
+      const attn::Matrix<T> alone = m.forward_with_lse(qb, kvb, kvb, one<T>()).lse;
+      for (attn::Index i = 0; i < L; ++i)
+        EXPECT_TRUE(matrices_near(attn::Matrix<T>(lse.col(row(b, i, L))), attn::Matrix<T>(alone.col(i)), this->tol))
+            << "batch_first " << batch_first << ", sequence " << b << ", row " << i;
+    }
+  }
+}
+
 TYPED_TEST(MhaTest, FusedKeyValueMatchesUnfused) {
   using T = TypeParam;
   const attn::Index B = 2, L = 3, S = 6, E = 8, H = 2;

@@ -117,6 +117,30 @@ class MultiHeadAttention {
     run(query, key, value, args, out, nullptr, "attn::MultiHeadAttention::forward_into");
   }
 
+  // The same and each head's log-sum-exp of every query row's scaled logits (over every key,
+  // add_bias_kv's and add_zero_attn's included) into lse [H, B*L], column n for query row n in the
+  // query's order. Before out_proj mixes the heads: the attention's own statistic (its entropy, a
+  // temperature), not a merge input - attn::merge_attention_states combines the cores' outputs.
+  void forward_into(const ConstMatrixRef<T>& query, const ConstMatrixRef<T>& key, const ConstMatrixRef<T>& value,
+                    const MhaArgs<T>& args, MatrixRef<T> out, MatrixRef<T> lse) const {
+    const char* where = "attn::MultiHeadAttention::forward_into";
+    detail::require_arg(!args.need_weights, where, "need_weights is not available here; call forward()");
+    detail::require_dims(where, "lse", lse.rows(), lse.cols(), H_, query.rows(), "[H, B*L] = ",
+                         detail::shape(H_, query.rows()));
+    run(query, key, value, args, out, nullptr, where, &lse);
+  }
+  AttentionLse<T> forward_with_lse(const ConstMatrixRef<T>& query, const ConstMatrixRef<T>& key,
+                                   const ConstMatrixRef<T>& value, const MhaArgs<T>& args) const {
+    const char* where = "attn::MultiHeadAttention::forward_with_lse";
+    detail::require_arg(!args.need_weights, where, "need_weights is not available here; call forward()");
+    AttentionLse<T> r;
+    r.output.resize(query.rows(), E_);
+    r.lse.resize(H_, query.rows());
+    MatrixRef<T> lse(r.lse);
+    run(query, key, value, args, r.output, nullptr, where, &lse);
+    return r;
+  }
+
   Index embed_dim() const { return E_; }
   Index num_heads() const { return H_; }
   Index head_dim() const { return E_ / H_; }
@@ -340,7 +364,8 @@ class MultiHeadAttention {
   }
 
   void run(const ConstMatrixRef<T>& query, const ConstMatrixRef<T>& key, const ConstMatrixRef<T>& value,
-           const MhaArgs<T>& args, MatrixRef<T> out, Matrix<T>* weights, const char* where) const {
+           const MhaArgs<T>& args, MatrixRef<T> out, Matrix<T>* weights, const char* where,
+           MatrixRef<T>* lse = nullptr) const {
     using detail::shape;
     const Index B = args.batch;
     detail::require_batch(B, where);
@@ -417,6 +442,8 @@ class MultiHeadAttention {
       per_head.resize(B * H_ * L, S2);
       p.weights = {per_head.data(), H_ * L * S2, L * S2, S2};
     }
+    if (lse)  // column n = the query row n: (b, l) at b*L + l batch first, l*B + b otherwise
+      p.lse = {lse->data(), opt_.batch_first ? L : 1, lse->outerStride(), opt_.batch_first ? 1 : B};
     detail::attention(p);
     out_proj_.forward_into(Eigen::Map<const Matrix<T>>(heads_out, N, E_), out);
 

@@ -6,15 +6,28 @@
 // point (detail/attention.hpp) picks: flash, decode (at most 4 queries per head, some against more
 // than one 512-key chunk), and blocked (whenever weights are asked for):
 //
-//   seed % 4 == 0   ScaledDotProductAttention: forward, forward_into (strided output),
+//   seed % 5 == 0   ScaledDotProductAttention: forward, forward_into (strided output),
 //                   forward_with_weights; L, S 1..~320 (and 1..4 queries against 513..1200 keys)
-//   seed % 4 == 1   GroupedQueryAttention: B 1..3, H_kv dividing H (multi-query included), forward
+//   seed % 5 == 1   GroupedQueryAttention: B 1..3, H_kv dividing H (multi-query included), forward
 //                   and forward_into
-//   seed % 4 == 2   MultiHeadAttention: kdim/vdim, bias, add_bias_kv, add_zero_attn, both row
+//   seed % 5 == 2   MultiHeadAttention: kdim/vdim, bias, add_bias_kv, add_zero_attn, both row
 //                   orders, fused self-attention, fused key/value, need_weights averaged or per head
-//   seed % 4 == 3   GroupedQueryAttention over a KVCache (full or sliding-window ring): a prefill of
+//   seed % 5 == 3   GroupedQueryAttention over a KVCache (full or sliding-window ring): a prefill of
 //                   P rows, then the rest in chunks (decoding steps among them), per sequence or the
 //                   whole batch at once, held to the full causal forward
+//   seed % 5 == 4   Serving (GroupedQueryAttention over ragged batches; see run_serving): B 1..6
+//                   sequences of their own lengths (keys 1..~320, some decoding against 513..900;
+//                   some without queries), packed (forward_varlen, _with_lse, _into with or without
+//                   lse; causal per sequence), in a KVCache of different lengths (forward_varlen, or
+//                   forward when every sequence has the same queries), or in a PagedKVCache (page
+//                   size 1..64, forks sharing prefix pages and copying on write, a freed sequence,
+//                   Native / bf16 / fp16 / int8 storage); with attention sinks (Masks::sinks) and
+//                   sink tokens beside the options below (no bool masks, bias or padding: a ragged
+//                   batch refuses them, which a few cases check). Besides the oracle (output and
+//                   each row's log-sum-exp): every sequence equals a call with it alone bitwise,
+//                   bf16 / fp16 storage of representable K and V equals Native storage bitwise,
+//                   and merge_attention_states of one sequence's keys split in 2 or 3 ranges equals
+//                   the unsplit call (1e-6 float, 1e-12 double, relative)
 //
 // with every mask kind and combination (bool attn_mask of either polarity, [L, S] or per head
 // [B*H*L, S], owned, viewed or over a raw buffer; additive attn_bias with -inf entries; key padding,
@@ -26,21 +39,29 @@
 // The oracle is written here, independently of the library: a naive loop in double over the same
 // inputs (the float inputs widened exactly), following the semantics attn/mask.hpp documents
 // (soft-cap, then the masks, then ALiBi and the bias; a fully masked row is zeros), with RoPE, the
-// MHA projections and the KV-cache sequence recomputed in double too. For the attention-core
-// cases it is itself cross-checked against detail::attention_reference in double (1e-12).
+// MHA projections and the KV-cache sequence recomputed in double too; with gpt-oss's sinks (a
+// logit per head in every row's denominator, no value) and StreamingLLM's sink tokens for the
+// serving cases, and each row's log-sum-exp (-inf for a row that attends nothing, the sink's logit
+// with a sink). For the attention-core cases it is itself cross-checked against
+// detail::attention_reference in double (1e-12).
 // Tolerance: |actual - expected| <= floor * max(1, max|expected|) + K * eps(T) * cond * max(1, max|v|),
 // floor 1e-5 (float) or 1e-12 (double), K = 4, cond = 1 + the largest |logit| the inputs can give
 // (scale * max|q_i| * max|k_j| + |ALiBi| + |bias|) - the scale of the logits' rounding errors (MHA
 // adds its projections' and out_proj's). The worst case seen is about 0.55 of K = 1's bound.
 // A quarter of the cases run the core under Precision::BFloat16 (per call: Masks::precision); their
 // tolerance adds attn/precision.hpp's stated bound, bf16_attention_error_bound (times out_proj's
-// row L1 norm for MHA), with delta from the same norms as cond.
+// row L1 norm for MHA), with delta from the same norms as cond. An int8 paged cache adds
+// attn/kv_storage.hpp's kv_storage_error_bound (the oracle has the unrounded K and V). The lse is
+// held to floor * max(1, max|lse|) + K * eps(T) * (cond + log(S + 1)), plus the largest change of
+// a logit under bf16 products or int8 keys (their bounds' delta).
 // Beyond closeness: a fully masked row is exactly 0, a masked key weighs exactly 0, and for a
 // quarter of the cases the other thread count gives the same bits.
 //
-// Counts: 5000 cases (1250 per API) in optimized builds, 15-20 s on this repository's 2-core
-// machine; 600 (150 per API) in unoptimized or sanitizer builds, ~2 min in the Debug ASan+UBSan
-// build. ATTN_DIFF_CASES=<n> sets the count; ATTN_DIFF_VERBOSE=1 prints every configuration.
+// Counts: 5000 cases (1000 per API) in optimized builds: 32 s on this repository's 2-core machine
+// (AMD Zen 3, quiet; Serving's 1000: 4.5 s); 300 (60 per API) in unoptimized or sanitizer builds,
+// which are there for memory errors and undefined behaviour on every path, not numerics (the
+// optimized build's 5000 are): ASAN_MINUTES in the Debug ASan+UBSan build.
+// ATTN_DIFF_CASES=<n> sets the count; ATTN_DIFF_VERBOSE=1 prints every configuration.
 //
 // Replay one case (its seed is printed with the configuration on failure):
 //   ATTN_DIFF_SEED=<seed> build/tests/differential_test
@@ -93,7 +114,7 @@ constexpr bool kOptimized = true;
 #else
 constexpr bool kOptimized = false;
 #endif
-constexpr int kDefaultCases = kOptimized && !kSanitized ? 5000 : 600;
+constexpr int kDefaultCases = kOptimized && !kSanitized ? 5000 : 300;
 constexpr std::uint64_t kDefaultBaseSeed = 20261125;
 
 const char* env(const char* name) {
@@ -110,7 +131,8 @@ int case_count() {
 }
 bool verbose() { return env("ATTN_DIFF_VERBOSE") != nullptr; }
 
-enum class Api { Sdpa = 0, Gqa = 1, Mha = 2, Cache = 3 };
+enum class Api { Sdpa = 0, Gqa = 1, Mha = 2, Cache = 3, Serving = 4 };
+constexpr std::uint64_t kApis = 5;
 const char* api_name(Api a) {
   switch (a) {
     case Api::Sdpa:
@@ -121,10 +143,12 @@ const char* api_name(Api a) {
       return "MultiHeadAttention";
     case Api::Cache:
       return "GroupedQueryAttention+KVCache";
+    case Api::Serving:
+      return "Serving";
   }
   return "?";
 }
-Api api_of(std::uint64_t seed) { return static_cast<Api>(seed % 4); }
+Api api_of(std::uint64_t seed) { return static_cast<Api>(seed % kApis); }
 
 // --- random choices --------------------------------------------------------------------------------
 
@@ -159,7 +183,8 @@ struct Config {
   Api api = Api::Sdpa;
   bool dbl = false;  // double, else float
   int threads = 1;
-  int call = 0;  // Sdpa: 0 forward, 1 forward_into, 2 forward_with_weights; Gqa: 0 forward, 1 forward_into
+  int call = 0;  // Sdpa: 0 forward, 1 forward_into, 2 forward_with_weights; Gqa: 0 forward, 1 forward_into;
+                 // Serving: 0..3, the entry point of run_serving's mode
   Index B = 1, H = 1, Hkv = 1, L = 1, S = 1, d = 1, dv = 1;
   int scale_kind = 0;  // 0: default 1/sqrt(d), 1: fixed, 2: fixed 0
   double scale = 0;
@@ -194,6 +219,17 @@ struct Config {
   Index positions = 0;  // N: positions per sequence
   Index prefill = 0, chunk_max = 1, capacity = 0, cache_window = 0, args_window = 0;
   bool whole_batch = false;
+  // Serving: packed sequences (forward_varlen), a KVCache of sequences of different lengths, or a
+  // PagedKVCache; per sequence its queries lq and keys lk (its cache positions).
+  int serve = 0;  // 0 packed, 1 KVCache, 2 PagedKVCache
+  std::vector<Index> lq, lk;
+  bool sinks = false;
+  double sink_amp = 1;
+  Index sink_tokens = 0;
+  attn::KVStorage storage = attn::KVStorage::Native;  // the paged cache's
+  Index page_size = 0, chunk = 1;                     // paged and KVCache appends: chunks of 1..chunk rows
+  bool refuse = false;  // also check that a per-key mask is refused
+  bool merge = false;   // also check merge_attention_states over a split of one sequence's keys
   bool recheck_threads = false;
   bool bf16 = false;  // Precision::BFloat16 for the attention core (per call)
 
@@ -215,6 +251,13 @@ struct Config {
         << " add_zero_attn=" << add_zero_attn << " batch_first=" << batch_first << " inputs="
         << (mha_inputs == 0 ? "self" : mha_inputs == 1 ? "kv-shared" : "separate") << " need_weights=" << need_weights
         << " average=" << average;
+    if (api == Api::Serving) {
+      const char* serve_names[] = {"packed", "KVCache", "PagedKVCache"};
+      s << " serve=" << serve_names[serve] << " storage=" << attn::storage_name(storage) << " page_size=" << page_size
+        << " chunk=" << chunk << " sinks=" << sinks << "/amp" << sink_amp << " sink_tokens=" << sink_tokens
+        << " refuse=" << refuse << " merge=" << merge << " lq/lk=";
+      for (std::size_t b = 0; b < lq.size(); ++b) s << (b ? "," : "") << lq[b] << "/" << lk[b];
+    }
     if (api == Api::Cache)
       s << " N=" << positions << " prefill=" << prefill << " chunk_max=" << chunk_max << " capacity=" << capacity
         << " cache_window=" << cache_window << " args_window=" << args_window << " whole_batch=" << whole_batch;
@@ -276,6 +319,15 @@ void cap_work(Config& c, double cap) {
   }
 }
 
+// Grouped-query heads (multi-query included) and head dims, for the cache and serving cases.
+void draw_heads(Rng& r, Config& c) {
+  const Index group = r.coin(0.4) ? 1 : r.pick(2, 4);
+  c.Hkv = r.coin(0.3) ? 1 : r.pick(2, 3);
+  c.H = c.Hkv * group;
+  c.d = head_dim(r);
+  c.dv = r.coin(0.6) ? c.d : head_dim(r);
+}
+
 Config draw_config(std::uint64_t seed) {
   Rng r(seed);
   Config c;
@@ -333,13 +385,92 @@ Config draw_config(std::uint64_t seed) {
     c.average = r.coin(0.5);
     draw_masks(r, c, true);
     c.strided = r.coin(0.3);
+  } else if (c.api == Api::Serving) {
+    // A serving step: up to 6 sequences of their own lengths (up to ~320 keys, a few decoding
+    // against 513..900, past the decode kernel's 512-key chunk), many of them decoding (1..4
+    // queries), some without queries (left out of the step).
+    c.serve = int(r.pick(0, 2));
+    c.call = int(r.pick(0, 3));
+    c.B = r.coin(0.2) ? 1 : r.pick(2, 6);
+    draw_heads(r, c);
+    for (Index b = 0; b < c.B; ++b) {
+      const Index S = r.coin(0.05) ? r.pick(513, 900) : r.coin(0.4) ? r.pick(1, 40) : seq_len(r);
+      Index L = 0;
+      if (S > 320)
+        L = r.pick(1, 4);
+      else if (c.serve == 0)  // packed: any L, more queries than keys included
+        L = r.coin(0.15) ? 0 : r.coin(0.5) ? r.pick(1, 4) : seq_len(r);
+      else  // a cache: the newest L of its S positions
+        L = r.coin(0.15) ? 0 : r.coin(0.5) ? std::min(S, r.pick(1, 4)) : r.pick(1, S);
+      c.lk.push_back(S);
+      c.lq.push_back(L);
+    }
+    const bool equal = c.serve == 1 && c.call >= 2;  // forward(q, cache): every sequence L queries
+    if (equal) {
+      const Index shortest = *std::min_element(c.lk.begin(), c.lk.end());
+      const Index L = r.coin(0.6) ? std::min(shortest, r.pick(1, 4)) : r.pick(1, shortest);
+      std::fill(c.lq.begin(), c.lq.end(), L);
+    }
+    // Keeps the oracle affordable (and the 1000 cases within seconds): sum_b H * L_b * S_b * (d + dv)
+    // at most 3e6 multiply-adds, shrinking the head dims, then the heads, then the longest sequence.
+    const auto work = [&] {
+      double w = 0;
+      for (Index b = 0; b < c.B; ++b) w += double(c.lq[std::size_t(b)]) * double(c.lk[std::size_t(b)]);
+      return w * double(c.H) * double(c.d + c.dv);
+    };
+    while (work() > 3e6) {
+      if (c.d + c.dv > 64) {
+        c.d = (c.d + 1) / 2, c.dv = (c.dv + 1) / 2;
+      } else if (c.H > c.Hkv) {
+        c.H = c.Hkv * ((c.H / c.Hkv + 1) / 2);
+      } else if (c.Hkv > 1) {
+        c.H = c.Hkv = (c.Hkv + 1) / 2;
+      } else {
+        std::size_t big = 0;
+        for (std::size_t b = 1; b < c.lq.size(); ++b)
+          if (c.lq[b] * c.lk[b] > c.lq[big] * c.lk[big]) big = b;
+        Index& L = c.lq[big];
+        Index& S = c.lk[big];
+        if (S > 4 && (c.serve == 0 || S > L)) {
+          S = std::max((S + 1) / 2, c.serve == 0 ? Index(1) : L);
+        } else if (equal) {
+          for (Index& l : c.lq) l = (l + 1) / 2;
+        } else {
+          L = (L + 1) / 2;
+        }
+      }
+    }
+    c.L = *std::max_element(c.lq.begin(), c.lq.end());
+    c.S = *std::max_element(c.lk.begin(), c.lk.end());
+    c.scale_kind = r.coin(0.7) ? 0 : 1;
+    c.scale = c.scale_kind == 1 ? r.uniform(0.05, 2.0) : 0.0;
+    // The merge check splits one sequence's keys: positions would move, so no causal, window or ALiBi.
+    c.merge = r.coin(0.2);
+    if (!c.merge) {
+      const int causal = int(r.pick(0, 3));  // caches: BottomRight or None; packed: TopLeft as well
+      c.causal = causal == 0 ? Causal::None : causal == 1 && c.serve == 0 ? Causal::TopLeft : Causal::BottomRight;
+      if (r.coin(0.3)) c.window = r.coin(0.1) ? std::numeric_limits<Index>::max() : r.pick(1, c.S + 2);
+      if (r.coin(0.2)) c.alibi = r.coin(0.5) ? 1 : 2;
+      if ((c.window > 0 && r.coin(0.5)) || r.coin(0.05)) c.sink_tokens = r.pick(1, 6);
+    }
+    c.sinks = r.coin(0.35);
+    c.sink_amp = r.coin(0.7) ? 1 : 4;
+    if (r.coin(0.2)) c.softcap = r.uniform(0.5, 30);
+    if (c.serve == 2) {
+      const double u = r.uniform(0, 1);
+      c.storage = u < 0.6    ? attn::KVStorage::Native
+                  : u < 0.75 ? attn::KVStorage::BFloat16
+                  : u < 0.9  ? attn::KVStorage::Float16
+                             : attn::KVStorage::Int8;
+      static const Index pages[] = {1, 2, 3, 5, 7, 16, 32, 64};
+      c.page_size = r.coin(0.4) ? r.one_of(pages) : r.pick(1, 64);
+    }
+    c.chunk = r.coin(0.5) ? r.pick(1, 4) : r.pick(5, 64);
+    c.refuse = r.coin(0.05);
+    c.strided = c.serve == 0 && r.coin(0.3);
   } else {  // KV cache
     c.B = r.coin(0.6) ? 1 : r.pick(2, 3);
-    const Index group = r.coin(0.4) ? 1 : r.pick(2, 4);
-    c.Hkv = r.coin(0.3) ? 1 : r.pick(2, 3);
-    c.H = c.Hkv * group;
-    c.d = head_dim(r);
-    c.dv = r.coin(0.6) ? c.d : head_dim(r);
+    draw_heads(r, c);
     c.positions = r.coin(0.7) ? r.pick(1, 80) : r.pick(81, 300);
     c.L = c.S = c.positions;
     cap_work(c, 2e7);
@@ -367,8 +498,8 @@ Config draw_config(std::uint64_t seed) {
     c.rope_positions = false;
   }
   // A quarter of each API's cases run the attention core in bf16 (per call); decided without a draw,
-  // so every case keeps the inputs it had before bf16 existed.
-  c.bf16 = (seed / 4) % 4 == 1;
+  // so that a case draws the same inputs under either precision.
+  c.bf16 = (seed / kApis) % 4 == 1;
   return c;
 }
 
@@ -383,6 +514,8 @@ struct Naive {
   Causal causal = Causal::None;
   Index window = 0;
   std::vector<double> slopes;  // [H] or empty
+  std::vector<double> sinks;   // [H] or empty: a logit per head in every row's denominator, with no value
+  Index sink_tokens = 0;       // keys [0, sink_tokens) are exempt from the window
 
   double& Q(Index b, Index h, Index i, Index c) { return q[std::size_t(((b * H + h) * L + i) * d + c)]; }
   double& K(Index b, Index h, Index j, Index c) { return k[std::size_t(((b * Hkv + h) * S + j) * d + c)]; }
@@ -394,11 +527,14 @@ struct Naive {
   }
 
   // out [B][H][L][dv]; weights [B][H][L][S]; masked [B][H][L][S] (the logit is -inf); empty
-  // [B][H][L] (every key masked). allowed(b, h, i, j): the bool mask and key padding; bias(b, h, i, j).
-  std::vector<double> out, weights;
+  // [B][H][L] (every key masked); lse [B][H][L], log(sum_j exp(s_j) + exp(sink)): -inf for an empty
+  // row without a sink, the sink's logit with one. allowed(b, h, i, j): the bool mask and key
+  // padding; bias(b, h, i, j).
+  std::vector<double> out, weights, lse;
   std::vector<char> masked, empty;
-  double cond = 1;   // 1 + the largest |logit| the inputs can give, for the tolerance
+  double cond = 1;   // 1 + the largest |logit| the inputs can give (and |sink|), for the tolerance
   double logit = 0;  // |scale| * max ||q_i|| * max ||k_j||: bounds scale * sum_t |q_t k_t| (bf16 cases)
+  double q_l1 = 0, k_abs = 0;  // max ||q_i||_1 and max |k_jc| (the int8 storage bound)
 
   template <class Allowed, class Bias>
   void run(Allowed allowed, Bias bias) {
@@ -406,15 +542,17 @@ struct Naive {
     weights.assign(std::size_t(B * H * L * S), 0.0);
     masked.assign(std::size_t(B * H * L * S), 0);
     empty.assign(std::size_t(B * H * L), 0);
+    lse.assign(std::size_t(B * H * L), -std::numeric_limits<double>::infinity());
     std::vector<double> s(static_cast<std::size_t>(S));
-    double max_q = 0, max_k = 0, max_extra = 0;
+    double max_q = 0, max_k = 0, max_extra = 0, max_sink = 0;
     for (Index b = 0; b < B; ++b)
       for (Index h = 0; h < H; ++h) {
         const Index kh = h / (H / Hkv);
         for (Index i = 0; i < L; ++i) {
-          double nq = 0;
-          for (Index c = 0; c < d; ++c) nq += Q(b, h, i, c) * Q(b, h, i, c);
+          double nq = 0, l1 = 0;
+          for (Index c = 0; c < d; ++c) nq += Q(b, h, i, c) * Q(b, h, i, c), l1 += std::abs(Q(b, h, i, c));
           max_q = std::max(max_q, std::sqrt(nq));
+          q_l1 = std::max(q_l1, l1);
           // Query i sits at a = i (TopLeft) or i + mask_keys - L (bottom-right, also without causal).
           const Index a = causal == Causal::TopLeft ? i : i + mask_keys - L;
           double m = -std::numeric_limits<double>::infinity();
@@ -423,6 +561,7 @@ struct Naive {
             for (Index c = 0; c < d; ++c) {
               dot += Q(b, h, i, c) * K(b, kh, j, c);
               nk += K(b, kh, j, c) * K(b, kh, j, c);
+              k_abs = std::max(k_abs, std::abs(K(b, kh, j, c)));
             }
             max_k = std::max(max_k, std::sqrt(nk));
             double x = scale * dot;
@@ -430,7 +569,7 @@ struct Naive {
             if (j < mask_keys) {
               bool ok = allowed(b, h, i, j);
               if (causal != Causal::None && j > a) ok = false;
-              if (window > 0 && (a - j >= window || j - a >= window)) ok = false;
+              if (window > 0 && j >= sink_tokens && (a - j >= window || j - a >= window)) ok = false;
               if (!ok) {
                 x = -std::numeric_limits<double>::infinity();
               } else {
@@ -448,12 +587,19 @@ struct Naive {
           const std::size_t row = std::size_t((b * H + h) * L + i);
           for (Index j = 0; j < S; ++j)
             masked[row * std::size_t(S) + std::size_t(j)] = s[std::size_t(j)] == -std::numeric_limits<double>::infinity();
+          // A sink's logit joins the denominator: the max is taken over it too, and it has no value.
+          const bool sink = !sinks.empty();
+          const double sink_logit = sink ? sinks[std::size_t(h)] : 0.0;
+          if (sink) max_sink = std::max(max_sink, std::abs(sink_logit));
           if (m == -std::numeric_limits<double>::infinity()) {
             empty[row] = 1;
+            if (sink) lse[row] = sink_logit;
             continue;
           }
-          double sum = 0;
+          if (sink) m = std::max(m, sink_logit);
+          double sum = sink ? std::exp(sink_logit - m) : 0.0;
           for (Index j = 0; j < S; ++j) sum += (s[std::size_t(j)] = std::exp(s[std::size_t(j)] - m));
+          lse[row] = m + std::log(sum);
           for (Index j = 0; j < S; ++j) {
             const double p = s[std::size_t(j)] / sum;
             weights[row * std::size_t(S) + std::size_t(j)] = p;
@@ -462,7 +608,7 @@ struct Naive {
         }
       }
     logit = std::abs(scale) * max_q * max_k;
-    cond = 1 + logit + max_extra;
+    cond = 1 + logit + max_extra + max_sink;
   }
 };
 
@@ -502,9 +648,13 @@ struct Tolerance {
 // bf16_attention_error_bound, with the L2 norms' product standing in for scale * ||q||_1 * max|k|
 // (both bound scale * sum_t |q_t k_t|, which is what the bound's delta stands for). 0 for native cases.
 template <class T>
-double bf16_allowed(const Config& c, const Naive& n, double vmax) {
+double bf16_allowed(const Config& c, double logit, Index S, Index d, double vmax) {
   if (!c.bf16) return 0;
-  return double(attn::bf16_attention_error_bound<T>(T(n.logit), T(1), T(vmax), n.S, n.d));
+  return double(attn::bf16_attention_error_bound<T>(T(logit), T(1), T(vmax), S, d));
+}
+template <class T>
+double bf16_allowed(const Config& c, const Naive& n, double vmax) {
+  return bf16_allowed<T>(c, n.logit, n.S, n.d, vmax);
 }
 
 // Largest |a - e| against the allowed error; non-finite values must agree exactly.
@@ -1125,6 +1275,507 @@ Outcome run_cache(const Config& c) {
   return o;
 }
 
+// --- serving: ragged batches, a KVCache of different lengths, a PagedKVCache ----------------------
+
+// HOOK (serving): B sequences of their own lengths, sequence b with lq[b] queries (its newest
+// positions in a cache) and lk[b] keys, in one call:
+//   packed   forward_varlen (q, k, v packed by cu_seqlens; causal TopLeft, BottomRight or None per
+//            sequence), _with_lse, forward_varlen_into (with or without lse); inputs maybe strided
+//   KVCache  sequences appended in chunks interleaved at random; forward_varlen(q, cache, cu) (some
+//            sequences without queries) or, every sequence with the same L, forward(q, cache)
+//   paged    PagedKVCache of a random page size (1..64), its pool sum ceil(length / page_size)
+//            pages (or 2 more): sequences made new or forked from another once it holds some
+//            positions, grown in chunks interleaved at random (so a shared last page is copied on
+//            write), one sometimes freed once complete; forward_varlen(q, cache, seqs, cu) over the
+//            others in a random order. Native storage, or bf16 / fp16 with K and V rounded to it
+//            first (the output must then equal the Native cache's bitwise), or int8 (held to
+//            kv_storage_error_bound)
+// with sinks, sink tokens, window, ALiBi, softcap, scale and precision as drawn. Checks: (a) output
+// and lse against the oracle, each sequence alone; (b) each sequence's rows equal a call with it
+// alone bitwise (packed: forward_with_lse on its q, k, v; KVCache: forward_into(q_b, cache, b);
+// paged: a one-sequence KVCache of the same storage holding its rows, as forward_varlen over a
+// paged cache promises); (c) when drawn, merge_attention_states of one sequence's keys split in 2
+// or 3 ranges (and the sinks as a part with lse = sink and no value) equals the unsplit call;
+// (d) when drawn, a per-key mask is refused with argument_error, nothing written.
+
+// The oracle of a ragged batch, each sequence alone: out [total_q, H*dv] and lse [H, total_q] in
+// the library's layouts; empty [H][total_q]: the row attends no key; the tolerance's inputs, the
+// largest over the sequences.
+struct RaggedWant {
+  Mat<double> out, lse;
+  std::vector<char> empty;
+  double cond = 1, logit = 0, q_l1 = 0, k_abs = 0;
+  Index S = 1;
+};
+
+template <class T>
+RaggedWant ragged_oracle(const Config& c, const std::vector<Mat<T>>& qs, const std::vector<Mat<T>>& ks,
+                         const std::vector<Mat<T>>& vs, double scale, const std::vector<double>& slopes,
+                         const std::vector<double>& sinks) {
+  const Index H = c.H, Hkv = c.Hkv, d = c.d, dv = c.dv;
+  Index total = 0;
+  for (const Mat<T>& q : qs) total += q.rows();
+  RaggedWant w;
+  w.out.setZero(total, H * dv);
+  w.lse.setZero(H, total);
+  w.empty.assign(std::size_t(H * total), 0);
+  for (std::size_t b = 0, row0 = 0; b < qs.size(); row0 += std::size_t(qs[b].rows()), ++b) {
+    const Index L = qs[b].rows(), S = ks[b].rows();
+    if (L == 0) continue;
+    Naive n;
+    n.B = 1, n.H = H, n.Hkv = Hkv, n.L = L, n.S = n.mask_keys = S, n.d = d, n.dv = dv;
+    n.size();
+    for (Index h = 0; h < H; ++h)
+      for (Index i = 0; i < L; ++i)
+        for (Index e = 0; e < d; ++e) n.Q(0, h, i, e) = double(qs[b](i, h * d + e));
+    for (Index h = 0; h < Hkv; ++h)
+      for (Index j = 0; j < S; ++j) {
+        for (Index e = 0; e < d; ++e) n.K(0, h, j, e) = double(ks[b](j, h * d + e));
+        for (Index e = 0; e < dv; ++e) n.V(0, h, j, e) = double(vs[b](j, h * dv + e));
+      }
+    n.scale = scale;
+    n.softcap = double(T(c.softcap));
+    n.causal = c.causal;
+    n.window = c.window;
+    n.slopes = slopes;
+    n.sinks = sinks;
+    n.sink_tokens = c.sink_tokens;
+    n.run([](Index, Index, Index, Index) { return true; }, [](Index, Index, Index, Index) { return 0.0; });
+    for (Index h = 0; h < H; ++h)
+      for (Index i = 0; i < L; ++i) {
+        const std::size_t at = std::size_t(h * L + i), row = row0 + std::size_t(i);
+        for (Index e = 0; e < dv; ++e) w.out(Index(row), h * dv + e) = n.out[at * std::size_t(dv) + std::size_t(e)];
+        w.lse(h, Index(row)) = n.lse[at];
+        w.empty[std::size_t(h) * std::size_t(total) + row] = n.empty[at];
+      }
+    w.cond = std::max(w.cond, n.cond), w.logit = std::max(w.logit, n.logit);
+    w.q_l1 = std::max(w.q_l1, n.q_l1), w.k_abs = std::max(w.k_abs, n.k_abs), w.S = std::max(w.S, S);
+  }
+  return w;
+}
+
+// (a): the output within the file's tolerance (plus, for an int8 cache, kv_storage_error_bound), a
+// row that attends no key exactly 0, and the lse within floor + K eps (cond + log S) of the oracle's
+// (the logits' rounding, and the sum's) plus what bf16 products or int8 keys may move a logit: -inf
+// exactly where the oracle's is.
+template <class T>
+void check_ragged(const Config& c, Outcome& o, const Mat<T>& out, const Mat<T>& lse, const RaggedWant& w, double vmax,
+                  double scale) {
+  const bool int8 = c.serve == 2 && c.storage == attn::KVStorage::Int8;
+  const double int8_out =
+      int8 ? attn::kv_storage_error_bound<double>(attn::KVStorage::Int8, std::abs(scale) * w.q_l1, w.k_abs, vmax) : 0;
+  o.check(close(out, w.out,
+                {floor_tol<T>(), kCondFactor * eps<T>() * w.cond * vmax + bf16_allowed<T>(c, w.logit, w.S, c.d, vmax) +
+                                     int8_out},
+                "output", &o.ratio));
+  const Index total = out.rows();
+  for (Index h = 0; h < c.H; ++h)
+    for (Index row = 0; row < total; ++row)
+      if (w.empty[std::size_t(h * total + row)] && !(out.row(row).segment(h * c.dv, c.dv).array() == T(0)).all())
+        o.fail("row " + std::to_string(row) + " head " + std::to_string(h) + " attends no key but is not exactly 0");
+  const double u = double(attn::storage_unit_roundoff<double>(attn::KVStorage::BFloat16));
+  double lse_scale = 1;
+  for (Index i = 0; i < w.lse.size(); ++i)
+    if (std::isfinite(w.lse.data()[i])) lse_scale = std::max(lse_scale, std::abs(w.lse.data()[i]));
+  const double allowed = floor_tol<T>() * lse_scale + kCondFactor * eps<T>() * (w.cond + std::log(double(w.S) + 1)) +
+                         (c.bf16 ? w.logit * (2 * u + u * u + double(c.d) * eps<T>()) : 0) +
+                         (int8 ? std::abs(scale) * w.q_l1 * w.k_abs / 254.0 : 0);
+  for (Index h = 0; h < c.H; ++h)
+    for (Index row = 0; row < total; ++row) {
+      const double a = double(lse(h, row)), e = w.lse(h, row);
+      const double err = e == -std::numeric_limits<double>::infinity() ? (a == e ? 0.0 : HUGE_VAL)
+                         : std::isfinite(a)                           ? std::abs(a - e)
+                                                                      : HUGE_VAL;
+      o.ratio = std::max(o.ratio, err / allowed);
+      if (err > allowed) {
+        o.fail("lse (" + std::to_string(h) + ", " + std::to_string(row) + "): " + std::to_string(a) + ", expected " +
+               std::to_string(e) + "; allowed error " + std::to_string(allowed));
+        return;
+      }
+    }
+}
+
+// Rows of xs stacked, and their cu_seqlens.
+template <class T>
+Mat<T> stacked(const std::vector<Mat<T>>& xs, Index cols, attn::IndexVector* cu = nullptr) {
+  Index rows = 0;
+  for (const Mat<T>& x : xs) rows += x.rows();
+  Mat<T> s(rows, cols);
+  if (cu) cu->resize(Index(xs.size()) + 1), (*cu)[0] = 0;
+  for (std::size_t b = 0, r0 = 0; b < xs.size(); r0 += std::size_t(xs[b].rows()), ++b) {
+    s.middleRows(Index(r0), xs[b].rows()) = xs[b];
+    if (cu) (*cu)[Index(b) + 1] = Index(r0) + xs[b].rows();
+  }
+  return s;
+}
+
+// A paged cache's history, replayed alike on caches of different storage: sequences made new or
+// forked from an earlier one (`from`) once it holds `at` positions, grown in chunks interleaved at
+// random, and one (victim >= 0) freed once it is complete and its forks are made.
+struct PagedPlan {
+  struct Step {
+    int op;  // 0 add_sequence, 1 fork(from), 2 append rows [row0, row0 + n), 3 free
+    Index seq, from, row0, n;
+  };
+  std::vector<Step> steps;
+  std::vector<Index> length, parent, at;  // per sequence (the victim's included)
+  Index victim = -1, pages = 0;
+};
+
+PagedPlan plan_paged(Rng& r, const Config& c) {
+  PagedPlan p;
+  p.length = c.lk;
+  if (r.coin(0.3)) {  // a sequence made, grown and freed among the others: its pages are reused
+    p.victim = r.pick(0, c.B);
+    p.length.insert(p.length.begin() + p.victim, r.pick(1, 100));
+  }
+  const Index n = Index(p.length.size());
+  std::vector<Index> start(std::size_t(n), 0);
+  p.parent.assign(std::size_t(n), -1);
+  p.at.assign(std::size_t(n), 0);
+  for (Index b = 1; b < n; ++b) {
+    const Index j = r.pick(0, b - 1), most = std::min(p.length[std::size_t(j)], p.length[std::size_t(b)]);
+    if (r.coin(0.4) && start[std::size_t(j)] <= most) {
+      p.parent[std::size_t(b)] = j;
+      // The whole parent (or its page boundary) sometimes, else any point.
+      p.at[std::size_t(b)] = start[std::size_t(b)] = r.coin(0.2) ? most : r.pick(start[std::size_t(j)], most);
+    }
+  }
+  std::vector<Index> cur(std::size_t(n), 0);
+  std::vector<char> made(std::size_t(n), 0);
+  bool freed = false;
+  const auto fork_ready = [&](auto&& self, Index j) -> void {  // the forks of j at its current size
+    for (Index b = j + 1; b < n; ++b)
+      if (!made[std::size_t(b)] && p.parent[std::size_t(b)] == j && p.at[std::size_t(b)] == cur[std::size_t(j)]) {
+        p.steps.push_back({1, b, j, 0, 0});
+        made[std::size_t(b)] = 1, cur[std::size_t(b)] = p.at[std::size_t(b)];
+        self(self, b);
+      }
+  };
+  for (;;) {
+    std::vector<Index> ready;
+    for (Index b = 0; b < n; ++b)
+      if (made[std::size_t(b)] ? cur[std::size_t(b)] < p.length[std::size_t(b)] : p.parent[std::size_t(b)] < 0)
+        ready.push_back(b);
+    if (ready.empty()) break;
+    const Index b = ready[std::size_t(r.pick(0, Index(ready.size()) - 1))];
+    if (!made[std::size_t(b)]) {
+      p.steps.push_back({0, b, -1, 0, 0});
+      made[std::size_t(b)] = 1;
+    } else {
+      Index rows = std::min(p.length[std::size_t(b)] - cur[std::size_t(b)], r.pick(1, c.chunk));
+      for (Index f = b + 1; f < n; ++f)  // stop at the next fork point
+        if (!made[std::size_t(f)] && p.parent[std::size_t(f)] == b && p.at[std::size_t(f)] > cur[std::size_t(b)])
+          rows = std::min(rows, p.at[std::size_t(f)] - cur[std::size_t(b)]);
+      p.steps.push_back({2, b, -1, cur[std::size_t(b)], rows});
+      cur[std::size_t(b)] += rows;
+    }
+    fork_ready(fork_ready, b);
+    if (p.victim >= 0 && !freed && made[std::size_t(p.victim)] &&
+        cur[std::size_t(p.victim)] == p.length[std::size_t(p.victim)]) {
+      bool forks_made = true;
+      for (Index f = 0; f < n; ++f)
+        forks_made = forks_made && (made[std::size_t(f)] || p.parent[std::size_t(f)] != p.victim);
+      if (forks_made) p.steps.push_back({3, p.victim, -1, 0, 0}), freed = true;
+    }
+  }
+  // Every sequence holds ceil(size / page_size) pages at any time, shared or not: their sum at the
+  // end bounds the pages in use (a copy on write takes a page only for a sequence that then holds it).
+  for (const Index len : p.length) p.pages += (len + c.page_size - 1) / c.page_size;
+  p.pages += r.pick(0, 2);
+  return p;
+}
+
+// Replays the plan on `cache`; returns each sequence's id (the victim's is dead).
+template <class T>
+std::vector<Index> build_paged(attn::PagedKVCache<T>& cache, const PagedPlan& p, const std::vector<Mat<T>>& ks,
+                               const std::vector<Mat<T>>& vs) {
+  std::vector<Index> id(p.length.size(), -1);
+  for (const PagedPlan::Step& s : p.steps) {
+    const std::size_t b = std::size_t(s.seq);
+    if (s.op == 0) id[b] = cache.add_sequence();
+    if (s.op == 1) id[b] = cache.fork(id[std::size_t(s.from)]);
+    if (s.op == 2) cache.append(id[b], ks[b].middleRows(s.row0, s.n), vs[b].middleRows(s.row0, s.n));
+    if (s.op == 3) cache.free(id[b]);
+  }
+  return id;
+}
+
+// x rounded to storage type s (bf16 or fp16), so that storing it loses nothing.
+template <class T>
+void round_to_storage(Mat<T>& x, attn::KVStorage s) {
+  for (Index i = 0; i < x.size(); ++i)
+    x.data()[i] = s == attn::KVStorage::BFloat16 ? T(float(Eigen::bfloat16(float(x.data()[i]))))
+                                                 : T(float(Eigen::half(float(x.data()[i]))));
+}
+
+// [out | lse^T]: one matrix, so that with_threads compares both.
+template <class T>
+Mat<T> joined(const Mat<T>& out, const Mat<T>& lse) {
+  Mat<T> j(out.rows(), out.cols() + lse.rows());
+  j << out, lse.transpose();
+  return j;
+}
+
+template <class T>
+Outcome run_serving(const Config& c) {
+  Outcome o;
+  Rng r(c.seed ^ 0x9e3779b97f4a7c15ull);
+  const Index B = c.B, H = c.H, Hkv = c.Hkv, d = c.d, dv = c.dv;
+  const bool paged = c.serve == 2;
+  const PagedPlan plan = paged ? plan_paged(r, c) : PagedPlan{};
+  // Per sequence (the paged cache's victim included): queries, keys and values; a fork's first
+  // `at` rows are its parent's.
+  std::vector<Index> lq = c.lq, lk = c.lk;
+  if (plan.victim >= 0) lq.insert(lq.begin() + plan.victim, 0), lk = plan.length;
+  const std::size_t n = lq.size();
+  std::vector<Mat<T>> qs(n), ks(n), vs(n);
+  for (std::size_t b = 0; b < n; ++b) {
+    qs[b] = random_matrix<T>(r, lq[b], H * d, c.q_amp);
+    ks[b] = random_matrix<T>(r, lk[b], Hkv * d, c.k_amp);
+    vs[b] = random_matrix<T>(r, lk[b], Hkv * dv, 1.0);
+    if (paged && c.storage != attn::KVStorage::Native && c.storage != attn::KVStorage::Int8)
+      round_to_storage(ks[b], c.storage), round_to_storage(vs[b], c.storage);
+    if (paged && plan.parent[b] >= 0) {
+      const std::size_t from = std::size_t(plan.parent[b]);
+      ks[b].topRows(plan.at[b]) = ks[from].topRows(plan.at[b]);
+      vs[b].topRows(plan.at[b]) = vs[from].topRows(plan.at[b]);
+    }
+  }
+  // The sequences of the call, in its order: all of them (packed, KVCache), or the live ones in a
+  // random order (paged).
+  std::vector<std::size_t> order;
+  for (std::size_t b = 0; b < n; ++b)
+    if (Index(b) != plan.victim) order.push_back(b);
+  if (paged) std::shuffle(order.begin(), order.end(), r.g);
+  std::vector<Mat<T>> q_call, k_call, v_call;
+  for (const std::size_t b : order) q_call.push_back(qs[b]), k_call.push_back(ks[b]), v_call.push_back(vs[b]);
+  attn::IndexVector cu_q, cu_k;
+  const Mat<T> q = stacked(q_call, H * d, &cu_q);
+  const Index total = q.rows();
+
+  const attn::GroupedQueryAttention<T> gqa = c.scale_kind == 0 ? attn::GroupedQueryAttention<T>(H, Hkv)
+                                                                : attn::GroupedQueryAttention<T>(H, Hkv, T(c.scale));
+  attn::Masks<T> m;
+  m.causal = c.causal;
+  m.window = c.window;
+  m.softcap = static_cast<T>(c.softcap);
+  m.sink_tokens = c.sink_tokens;
+  std::vector<double> slopes_d, sinks_d;
+  if (c.alibi) {
+    m.alibi_slopes = c.alibi == 1 ? attn::alibi_slopes<T>(H) : attn::Vector<T>(H);
+    if (c.alibi == 2)
+      for (Index h = 0; h < H; ++h) m.alibi_slopes[h] = static_cast<T>(r.uniform(0, 1));
+    for (Index h = 0; h < H; ++h) slopes_d.push_back(double(m.alibi_slopes[h]));
+  }
+  if (c.sinks) {
+    m.sinks.resize(H);
+    for (Index h = 0; h < H; ++h) sinks_d.push_back(double(m.sinks[h] = static_cast<T>(c.sink_amp * r.normal())));
+  }
+  if (c.bf16) m.precision = attn::Precision::BFloat16;
+  attn::CacheArgs<T> cargs;
+  static_cast<attn::Masks<T>&>(cargs) = m;
+  attn::GqaArgs<T> one_args;  // a sequence alone
+  static_cast<attn::Masks<T>&>(one_args) = m;
+  one_args.batch = 1;
+
+  // The library: the ragged call, and each sequence alone (same thread count) for (b).
+  Mat<T> out, lse;
+  bool has_lse = true;
+  std::vector<Mat<T>> alone_out, alone_lse;
+  std::optional<attn::KVCache<T>> cache;
+  std::optional<attn::PagedKVCache<T>> pool, native_pool;
+  attn::IndexVector seqs(Index(order.size()));
+  const auto take = [&](const Mat<T>& both) {
+    out = both.leftCols(H * dv);
+    lse = both.rightCols(H).transpose();
+  };
+  if (c.serve == 0) {
+    const Mat<T> k = stacked(k_call, Hkv * d, &cu_k), v = stacked(v_call, Hkv * dv);
+    const Input<T> qi(q, c.strided, r), ki(k, c.strided, r), vi(v, c.strided, r);
+    has_lse = c.call % 2 == 1;
+    take(with_threads(c, o, [&] {
+      Mat<T> res = Mat<T>::Constant(total, H * dv, T(-7)), res_lse = Mat<T>::Zero(H, total);
+      if (c.call == 0) res = gqa.forward_varlen(qi.ref(), ki.ref(), vi.ref(), cu_q, cu_k, m);
+      if (c.call == 1) {
+        attn::AttentionLse<T> both = gqa.forward_varlen_with_lse(qi.ref(), ki.ref(), vi.ref(), cu_q, cu_k, m);
+        res = both.output, res_lse = both.lse;
+      }
+      if (c.call == 2) gqa.forward_varlen_into(qi.ref(), ki.ref(), vi.ref(), cu_q, cu_k, m, res);
+      if (c.call == 3) gqa.forward_varlen_into(qi.ref(), ki.ref(), vi.ref(), cu_q, cu_k, m, res, res_lse);
+      return joined(res, res_lse);
+    }));
+    attn::set_num_threads(c.threads);
+    for (std::size_t i = 0; i < order.size(); ++i) {
+      if (q_call[i].rows() == 0) {
+        alone_out.emplace_back(), alone_lse.emplace_back();
+        continue;
+      }
+      attn::AttentionLse<T> one = gqa.forward_with_lse(q_call[i], k_call[i], v_call[i], one_args);
+      alone_out.push_back(one.output), alone_lse.push_back(one.lse);
+    }
+  } else if (c.serve == 1) {
+    // Every sequence appended in chunks, the sequences in a random interleaving.
+    cache.emplace(B, Hkv, d, c.S + r.pick(0, 5), 0, dv == d && r.coin(0.5) ? 0 : dv);
+    std::vector<Index> cur(n, 0);
+    for (;;) {
+      std::vector<std::size_t> growing;
+      for (std::size_t b = 0; b < n; ++b)
+        if (cur[b] < lk[b]) growing.push_back(b);
+      if (growing.empty()) break;
+      const std::size_t b = growing[std::size_t(r.pick(0, Index(growing.size()) - 1))];
+      const Index rows = std::min(lk[b] - cur[b], r.pick(1, c.chunk));
+      cache->append(Index(b), ks[b].middleRows(cur[b], rows), vs[b].middleRows(cur[b], rows));
+      cur[b] += rows;
+    }
+    has_lse = c.call % 2 == 1;
+    take(with_threads(c, o, [&] {
+      Mat<T> res = Mat<T>::Constant(total, H * dv, T(-7)), res_lse = Mat<T>::Zero(H, total);
+      if (c.call == 0) res = gqa.forward_varlen(q, *cache, cu_q, cargs);
+      if (c.call == 1) gqa.forward_varlen_into(q, *cache, cu_q, cargs, res, res_lse);
+      if (c.call == 2) res = gqa.forward(q, *cache, cargs);
+      if (c.call == 3) gqa.forward_into(q, *cache, -1, cargs, res, res_lse);
+      return joined(res, res_lse);
+    }));
+    attn::set_num_threads(c.threads);
+    for (std::size_t b = 0; b < n; ++b) {
+      Mat<T> one(lq[b], H * dv), one_lse(H, lq[b]);
+      if (lq[b] > 0) gqa.forward_into(qs[b], *cache, Index(b), cargs, one, one_lse);
+      alone_out.push_back(one), alone_lse.push_back(one_lse);
+    }
+  } else {
+    pool.emplace(c.storage, Hkv, d, c.page_size, plan.pages, dv == d && r.coin(0.5) ? 0 : dv);
+    const std::vector<Index> id = build_paged(*pool, plan, ks, vs);
+    for (std::size_t i = 0; i < order.size(); ++i) seqs[Index(i)] = id[order[i]];
+    has_lse = c.call >= 2;
+    const auto call = [&](const attn::PagedKVCache<T>& cache_) {
+      Mat<T> res = Mat<T>::Constant(total, H * dv, T(-7)), res_lse = Mat<T>::Zero(H, total);
+      if (c.call == 0) res = gqa.forward_varlen(q, cache_, seqs, cu_q, cargs);
+      if (c.call == 1) gqa.forward_varlen_into(q, cache_, seqs, cu_q, cargs, res);
+      if (c.call >= 2) gqa.forward_varlen_into(q, cache_, seqs, cu_q, cargs, res, res_lse);
+      return joined(res, res_lse);
+    };
+    const Mat<T> both = with_threads(c, o, [&] { return call(*pool); });
+    take(both);
+    if (c.storage == attn::KVStorage::BFloat16 || c.storage == attn::KVStorage::Float16) {
+      // K and V are bf16 (fp16) values: the same cache in Native storage gives the same bits.
+      native_pool.emplace(attn::KVStorage::Native, Hkv, d, c.page_size, plan.pages, dv);
+      const std::vector<Index> native_id = build_paged(*native_pool, plan, ks, vs);
+      if (native_id != id) o.fail("the Native twin of the paged cache gave other sequence ids");
+      attn::set_num_threads(c.threads);
+      if (!same_bits(both, call(*native_pool)))
+        o.fail(std::string(attn::storage_name(c.storage)) + " storage of representable K and V differs from Native");
+    }
+    attn::set_num_threads(c.threads);
+    for (std::size_t i = 0; i < order.size(); ++i) {
+      const std::size_t b = order[i];
+      Mat<T> one(lq[b], H * dv), one_lse(H, lq[b]);
+      if (lq[b] > 0) {
+        attn::KVCache<T> flat(c.storage, 1, Hkv, d, lk[b], 0, dv);
+        flat.append(0, ks[b], vs[b]);
+        gqa.forward_into(qs[b], flat, 0, cargs, one, one_lse);
+      }
+      alone_out.push_back(one), alone_lse.push_back(one_lse);
+    }
+  }
+  attn::set_num_threads(0);
+
+  // (b) Each sequence alone gives its rows of the ragged call, bitwise (and its lse, which the
+  // oracle checks when the ragged call gave none).
+  Mat<T> lse_alone(H, total);
+  for (std::size_t i = 0; i < order.size(); ++i) {
+    const Index L = q_call[i].rows(), row0 = cu_q[Index(i)];
+    if (L == 0) continue;
+    lse_alone.middleCols(row0, L) = alone_lse[i];
+    if (!same_bits(Mat<T>(out.middleRows(row0, L)), alone_out[i]))
+      o.fail("sequence " + std::to_string(i) + " of the call: its rows differ from a call with it alone");
+    if (has_lse && !same_bits(Mat<T>(lse.middleCols(row0, L)), alone_lse[i]))
+      o.fail("sequence " + std::to_string(i) + " of the call: its lse differs from a call with it alone");
+  }
+
+  // (a) The oracle, each sequence alone, from the unrounded K and V (int8) or the stored ones (exact).
+  const double scale = c.scale_kind == 0 ? double(T(1) / std::sqrt(T(d))) : double(T(c.scale));
+  const RaggedWant want = ragged_oracle(c, q_call, k_call, v_call, scale, slopes_d, sinks_d);
+  double vmax = 1;
+  for (const Mat<T>& v : v_call)
+    if (v.size()) vmax = std::max(vmax, double(v.cwiseAbs().maxCoeff()));
+  check_ragged(c, o, out, has_lse ? lse : lse_alone, want, vmax, scale);
+
+  // (c) The keys of one sequence split in 2 or 3 ranges, each part attended alone (without the
+  // sinks), merged, and the sinks merged last as a part with lse = sink and no value: the unsplit
+  // call to 1e-6 (float) or 1e-12 (double), relative. Not under bf16 products (each part rounds its
+  // own probabilities).
+  if (c.merge && !c.bf16) {
+    std::vector<std::size_t> fit;
+    for (std::size_t b = 0; b < n; ++b)
+      if (lq[b] > 0 && lk[b] >= 2 && Index(b) != plan.victim) fit.push_back(b);
+    if (!fit.empty()) {
+      const std::size_t b = fit[std::size_t(r.pick(0, Index(fit.size()) - 1))];
+      const Index S = lk[b], L = lq[b];
+      std::vector<Index> cuts = {0, r.pick(1, S - 1), S};
+      if (S >= 3 && r.coin(0.5)) {
+        Index j = r.pick(1, S - 1);
+        while (j == cuts[1]) j = r.pick(1, S - 1);
+        cuts.insert(cuts.begin() + (j < cuts[1] ? 1 : 2), j);
+      }
+      attn::GqaArgs<T> part_args = one_args;
+      part_args.sinks = attn::Vector<T>();
+      const double tol = std::is_same_v<T, float> ? 1e-6 : 1e-12;
+      attn::set_num_threads(c.threads);
+      const attn::AttentionLse<T> whole = gqa.forward_with_lse(qs[b], ks[b], vs[b], one_args);
+      attn::AttentionLse<T> acc;
+      for (std::size_t p = 0; p + 1 < cuts.size(); ++p) {
+        const Index j0 = cuts[p], len = cuts[p + 1] - cuts[p];
+        const attn::AttentionLse<T> part =
+            gqa.forward_with_lse(qs[b], ks[b].middleRows(j0, len), vs[b].middleRows(j0, len), part_args);
+        if (p == 0) {
+          acc = part;
+        } else {
+          attn::merge_attention_states<T>(acc.output, acc.lse, part.output, part.lse, acc.output, acc.lse);
+        }
+      }
+      if (c.sinks) {
+        const Mat<T> none = Mat<T>::Zero(L, H * dv), sink_lse = m.sinks.replicate(1, L);
+        attn::merge_attention_states<T>(acc.output, acc.lse, none, sink_lse, acc.output, acc.lse);
+      }
+      attn::set_num_threads(0);
+      std::ostringstream what;
+      what << "merge of keys split at";
+      for (const Index j : cuts) what << " " << j;
+      o.check(close(acc.output, whole.output, {tol, 0}, (what.str() + ": output").c_str()));
+      o.check(close(acc.lse, whole.lse, {tol, 0}, (what.str() + ": lse").c_str()));
+    }
+  }
+
+  // (d) A per-key mask is refused for a ragged batch, before anything is written.
+  if (c.refuse) {
+    attn::Masks<T> bad = m;
+    const int kind = int(r.pick(0, 2));
+    if (kind == 0) bad.attn_mask = attn::AttendMask(attn::BoolMatrix::Constant(1, 1, true));
+    if (kind == 1) bad.attn_bias = attn::AdditiveMask<T>(Mat<T>::Zero(1, 1));
+    if (kind == 2) bad.key_padding_mask = attn::IgnoreMask(attn::BoolMatrix::Constant(1, 1, false));
+    attn::CacheArgs<T> bad_cache;
+    static_cast<attn::Masks<T>&>(bad_cache) = bad;
+    Mat<T> sentinel = Mat<T>::Constant(total, H * dv, T(7));
+    try {
+      if (c.serve == 0) {
+        const Mat<T> k = stacked(k_call, Hkv * d), v = stacked(v_call, Hkv * dv);
+        gqa.forward_varlen_into(q, k, v, cu_q, cu_k, bad, sentinel);
+      } else if (c.serve == 1) {
+        gqa.forward_varlen_into(q, *cache, cu_q, bad_cache, sentinel);
+      } else {
+        gqa.forward_varlen_into(q, *pool, seqs, cu_q, bad_cache, sentinel);
+      }
+      o.fail("a per-key mask (kind " + std::to_string(kind) + ") was accepted for a ragged batch");
+    } catch (const attn::argument_error&) {
+    } catch (const std::exception& e) {
+      o.fail(std::string("a per-key mask was refused with other than argument_error: ") + e.what());
+    }
+    if (!(sentinel.array() == T(7)).all()) o.fail("a refused call wrote its output");
+  }
+  return o;
+}
+
 // --- the tests -------------------------------------------------------------------------------------
 
 Outcome run_case(const Config& c) {
@@ -1136,11 +1787,13 @@ Outcome run_case(const Config& c) {
       return c.dbl ? run_mha<double>(c) : run_mha<float>(c);
     case Api::Cache:
       return c.dbl ? run_cache<double>(c) : run_cache<float>(c);
+    case Api::Serving:
+      return c.dbl ? run_serving<double>(c) : run_serving<float>(c);
   }
   return {};
 }
 
-// Runs this API's share of the cases (seeds base .. base + count - 1 with seed % 4 == api), or the
+// Runs this API's share of the cases (seeds base .. base + count - 1 with seed % 5 == api), or the
 // one case ATTN_DIFF_SEED names. Reports up to 10 failures, each with its replay command.
 void run_api(Api api) {
   std::vector<std::uint64_t> seeds;
@@ -1183,5 +1836,6 @@ TEST(Differential, ScaledDotProductAttention) { run_api(Api::Sdpa); }
 TEST(Differential, GroupedQueryAttention) { run_api(Api::Gqa); }
 TEST(Differential, MultiHeadAttention) { run_api(Api::Mha); }
 TEST(Differential, GroupedQueryAttentionOverKVCache) { run_api(Api::Cache); }
+TEST(Differential, Serving) { run_api(Api::Serving); }
 
 }  // namespace

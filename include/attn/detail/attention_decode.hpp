@@ -128,7 +128,9 @@ EIGEN_STRONG_INLINE void pv_keys(Index rows, const T* p, Index ps, const S* v, I
     for (; c < dv; ++c)
       for (int r = 0; r < MR; ++r) {
         T acc = orow[r * os + c];
-        for (Index j = 0; j < n; ++j) acc += pr[r * ps + j] * to_compute<T>(v[j * vs + c]);
+        // mk::fmadd, not `acc += p * v`: g++ fused that or not by how many keys a call took, so a
+        // paged cache (runs cut at page ends) and bf16 storage of the same values gave other bits.
+        for (Index j = 0; j < n; ++j) acc = mk::fmadd(pr[r * ps + j], to_compute<T>(v[j * vs + c]), acc);
         orow[r * os + c] = acc;
       }
   };

@@ -1513,7 +1513,11 @@ void round_to_storage(Mat<T>& x, attn::KVStorage s) {
 template <class T>
 Mat<T> joined(const Mat<T>& out, const Mat<T>& lse) {
   Mat<T> j(out.rows(), out.cols() + lse.rows());
-  j << out, lse.transpose();
+  // Block by block, not `j << out, lse.transpose()`: the comma initializer offsets the data
+  // pointer of an empty block (no query rows), which UBSan reports as arithmetic on null.
+  if (j.size() == 0) return j;
+  j.leftCols(out.cols()) = out;
+  j.rightCols(lse.rows()) = lse.transpose();
   return j;
 }
 
@@ -1587,6 +1591,8 @@ Outcome run_serving(const Config& c) {
   std::optional<attn::PagedKVCache<T>> pool, native_pool;
   attn::IndexVector seqs(Index(order.size()));
   const auto take = [&](const Mat<T>& both) {
+    out.resize(both.rows(), H * dv), lse.resize(H, both.rows());
+    if (both.rows() == 0) return;  // (a block of an empty matrix offsets its null data: see joined)
     out = both.leftCols(H * dv);
     lse = both.rightCols(H).transpose();
   };

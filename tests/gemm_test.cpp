@@ -306,7 +306,12 @@ TYPED_TEST(GemmTest, StoredWeightsComputeWithTheDequantizedMatrix) {
     const Index n = c % 6 == 5 ? pick() : 1 + c % 6, in = pick(), out = pick();
     const Storage s = std::array{Storage::BFloat16, Storage::Float16, Storage::Int8}[std::size_t(c % 3)];
     const StoredCase<T> sc(n, in, out, s, gen);
-    const auto& [x, w, b, stored, wd, what] = sc;
+    // (Not a structured binding: clang 14, which builds the sanitizer tests, cannot capture one in a lambda.)
+    const attn::Matrix<T>& x = sc.x;
+    const attn::Vector<T>& b = sc.b;
+    const attn::Weight<T>& stored = sc.stored;
+    const attn::Matrix<T>& wd = sc.wd;
+    const std::string& what = sc.what;
     const T* bp = c % 2 ? b.data() : nullptr;
     attn::Matrix<T> y(n, out), want(n, out);
     const int threads = 1 + c % 3;
@@ -358,7 +363,12 @@ TYPED_TEST(GemmTest, Bf16PrecisionMultipliesTheRoundedOperands) {
     const Index n = c % 5 == 4 ? 1 + c % 4 : pick() + 4, in = pick(), out = pick();
     const Storage s = std::array{Storage::Native, Storage::BFloat16, Storage::Float16, Storage::Int8}[std::size_t(c % 4)];
     const StoredCase<T> sc(n, in, out, s, gen);
-    const auto& [x, w, b, stored, wd, what] = sc;
+    // (Not a structured binding: clang 14, which builds the sanitizer tests, cannot capture one in a lambda.)
+    const attn::Matrix<T>& x = sc.x;
+    const attn::Vector<T>& b = sc.b;
+    const attn::Weight<T>& stored = sc.stored;
+    const attn::Matrix<T>& wd = sc.wd;
+    const std::string& what = sc.what;
     const T* bp = c % 2 ? b.data() : nullptr;
     // The bound on the rounded operands (tight) and on the unrounded ones (the stated one).
     const attn::Matrix<double> xr = x.unaryExpr([](T v) { return bf16_round(v); }).template cast<double>();

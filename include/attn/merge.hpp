@@ -29,6 +29,39 @@
 
 namespace attn {
 
+namespace detail {
+
+// One row and head of the merge: parts (la, a[0, dv)) and (lb, b[0, dv)) into o[0, dv) (which
+// may be a or b); returns the merged lse. merge_attention_states and context-parallel attention
+// (attn/dist) both merge through it, so they round alike.
+template <class T>
+T merge_state(T la, const T* a, T lb, const T* b, Index dv, T* o) {
+  constexpr T kInf = std::numeric_limits<T>::infinity();
+  if (std::isnan(la) || std::isnan(lb)) {
+    std::fill(o, o + dv, std::numeric_limits<T>::quiet_NaN());
+    return std::numeric_limits<T>::quiet_NaN();
+  }
+  const T m = std::max(la, lb);
+  if (m == -kInf) {  // neither part attended a key
+    std::fill(o, o + dv, T(0));
+    return -kInf;
+  }
+  // exp(-inf - m) = 0: a masked part drops out; its out, zeros or anything, is not read.
+  const T wa = std::exp(la - m), wb = std::exp(lb - m);
+  const T sum = wa + wb;
+  const T ca = wa / sum, cb = wb / sum;
+  if (cb == T(0)) {
+    if (o != a) std::copy(a, a + dv, o);
+  } else if (ca == T(0)) {
+    if (o != b) std::copy(b, b + dv, o);
+  } else {
+    for (Index j = 0; j < dv; ++j) o[j] = ca * a[j] + cb * b[j];
+  }
+  return m + std::log(sum);
+}
+
+}  // namespace detail
+
 // out_a, out_b: [N, H*dv]; lse_a, lse_b: [H, N]  ->  out [N, H*dv], lse [H, N], sized by the
 // caller. out and lse may be out_a and lse_a (or out_b and lse_b): each element is read before
 // it is written. Throws, changing nothing, on a shape mismatch or an lse of +inf.
@@ -53,35 +86,11 @@ void merge_attention_states(const ConstMatrixRef<T>& out_a, const ConstMatrixRef
                       "an lse of +inf (lse_a or lse_b): no softmax denominator is infinite");
 
   const Index dv = E / H;
-  for (Index h = 0; h < H; ++h) {
-    for (Index n = 0; n < N; ++n) {
-      const T la = lse_a(h, n), lb = lse_b(h, n);
-      auto o = out.row(n).segment(h * dv, dv);
-      if (std::isnan(la) || std::isnan(lb)) {
-        o.setConstant(std::numeric_limits<T>::quiet_NaN());
-        lse(h, n) = std::numeric_limits<T>::quiet_NaN();
-        continue;
-      }
-      const T m = std::max(la, lb);
-      if (m == -kInf) {  // neither part attended a key
-        o.setZero();
-        lse(h, n) = -kInf;
-        continue;
-      }
-      // exp(-inf - m) = 0: a masked part drops out; its out, zeros or anything, is not read.
-      const T wa = std::exp(la - m), wb = std::exp(lb - m);
-      const T sum = wa + wb;
-      const T ca = wa / sum, cb = wb / sum;
-      if (cb == T(0)) {
-        o = out_a.row(n).segment(h * dv, dv);
-      } else if (ca == T(0)) {
-        o = out_b.row(n).segment(h * dv, dv);
-      } else {
-        for (Index j = 0; j < dv; ++j) o[j] = ca * out_a(n, h * dv + j) + cb * out_b(n, h * dv + j);
-      }
-      lse(h, n) = m + std::log(sum);
-    }
-  }
+  for (Index h = 0; h < H; ++h)
+    for (Index n = 0; n < N; ++n)
+      lse(h, n) = detail::merge_state(lse_a(h, n), out_a.data() + n * out_a.outerStride() + h * dv, lse_b(h, n),
+                                      out_b.data() + n * out_b.outerStride() + h * dv, dv,
+                                      out.data() + n * out.outerStride() + h * dv);
 }
 
 }  // namespace attn

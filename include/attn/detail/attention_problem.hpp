@@ -98,6 +98,12 @@ struct AttentionProblem {
   // BFloat16: the flash kernel's two products on bf16 operands (attn/precision.hpp); the decode
   // and blocked kernels compute in T either way.
   Precision precision = Precision::Native;
+
+  // A block of a longer sequence (context parallelism, attn/dist): when set, query i sits at
+  // position i + fixed_query_offset and key j at j whatever the causal alignment, so causal
+  // masking keeps keys j <= i + fixed_query_offset, and the window and ALiBi measure that distance.
+  bool has_fixed_offset = false;
+  Index fixed_query_offset = 0;
 };
 
 // Row j of kv head h of K (value = false) or V (true) in storage type S (the element type of
@@ -164,9 +170,11 @@ Index kv_head(const AttentionProblem<T>& p, Index h) {
 
 // Query i's absolute position is i + query_offset(p): the positions of ALiBi and the window align
 // with causal masking - top-left (offset 0) under Causal::TopLeft, otherwise bottom-right (offset
-// mask_keys - L: the last query sits at the last key, as when decoding from a KV cache).
+// mask_keys - L: the last query sits at the last key, as when decoding from a KV cache) - unless
+// the problem is a block of a longer sequence with its own offset (has_fixed_offset).
 template <class T>
 Index query_offset(const AttentionProblem<T>& p) {
+  if (p.has_fixed_offset) return p.fixed_query_offset;
   return p.causal == Causal::TopLeft ? 0 : p.mask_keys - p.L;
 }
 
@@ -193,19 +201,6 @@ KeyRange positional_keys(const AttentionProblem<T>& p, Index i) {
   return {begin, std::max(begin, end)};
 }
 
-// Whether query i may see key j under causal masking with L queries and S keys.
-inline bool causal_allows(Causal c, Index i, Index j, Index L, Index S) {
-  switch (c) {
-    case Causal::None:
-      return true;
-    case Causal::TopLeft:
-      return j <= i;
-    case Causal::BottomRight:
-      return j <= i + S - L;
-  }
-  return true;
-}
-
 // logit soft-capping: cap * tanh(x / cap), which bounds the logit to (-cap, cap) (Gemma 2).
 template <class T>
 T softcapped(T cap, T x) {
@@ -223,8 +218,8 @@ template <class T>
 T masked_capped_logit(const AttentionProblem<T>& p, Index b, Index h, Index i, Index j, T capped) {
   if (j >= p.mask_keys) return capped;
   constexpr T kMasked = -std::numeric_limits<T>::infinity();
-  if (!causal_allows(p.causal, i, j, p.L, p.mask_keys)) return kMasked;
   const Index a = i + query_offset(p);
+  if (p.causal != Causal::None && j > a) return kMasked;
   if (p.window > 0 && j >= p.sink_tokens && (a - j >= p.window || j - a >= p.window)) return kMasked;
   if (p.mask && p.mask.row(b, h, i)[j] != p.mask_attends) return kMasked;
   if (p.key_padding && p.key_padding.row(b, h, i)[j] != p.key_padding_attends) return kMasked;

@@ -232,6 +232,21 @@ class MultiHeadAttention {
     out_proj_.forward_into(module_order(heads, B), out);
   }
 
+  // Self-attention's three projections of x [N, E] at once, into qkv [N, 3E] = x in_proj_weight^T
+  // + in_proj_bias (q, k and v side by side), sized by the caller: for code that runs its own
+  // attention core between in_proj and out_proj (attn/dist's context-parallel encoder). Packed
+  // modules only (kdim == vdim == embed_dim).
+  void in_proj_into(const ConstMatrixRef<T>& x, MatrixRef<T> qkv) const {
+    const char* where = "attn::MultiHeadAttention::in_proj_into";
+    need_packed(true, "in_proj_into");
+    detail::require_dims(where, "x", x.rows(), x.cols(), -1, E_, "[N, E] = [N, ", E_, "]");
+    detail::require_dims(where, "qkv", qkv.rows(), qkv.cols(), x.rows(), 3 * E_, "[N, 3E] = ",
+                         detail::shape(x.rows(), 3 * E_));
+    detail::require_arg(qkv.outerStride() == 3 * E_, where, "qkv must be contiguous (row stride 3E = ", 3 * E_,
+                        "), got row stride ", qkv.outerStride());
+    project(x, 0, 3, qkv.data());
+  }
+
   void set_in_proj_weight(const ConstMatrixRef<T>& w) { set(in_proj_weight_, w, true, "in_proj_weight", 3 * E_, E_); }
   void set_q_proj_weight(const ConstMatrixRef<T>& w) { set(q_proj_weight_, w, false, "q_proj_weight", E_, E_); }
   void set_k_proj_weight(const ConstMatrixRef<T>& w) { set(k_proj_weight_, w, false, "k_proj_weight", E_, kdim_); }

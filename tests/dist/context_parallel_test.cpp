@@ -14,7 +14,6 @@
 #include "attn/detail/storage.hpp"
 #include "attn/dist/context_parallel.hpp"
 #include "attn/grouped_query_attention.hpp"
-#include "attn/threads.hpp"
 #include "support/test_util.hpp"
 
 namespace {
@@ -309,12 +308,3 @@ TEST(ContextParallelErrors, AMaskWithoutEveryKeyIsRefusedOnEveryRank) {
 }
 
 }  // namespace
-
-int main(int argc, char** argv) {
-  MPI_Init(&argc, &argv);
-  ::testing::InitGoogleTest(&argc, argv);
-  attn::set_num_threads(1);  // P ranks share the machine's cores
-  const int rc = RUN_ALL_TESTS();
-  MPI_Finalize();
-  return rc;
-}

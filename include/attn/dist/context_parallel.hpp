@@ -78,6 +78,8 @@ class ContextParallelAttention {
     has_scale_ = true;
   }
 
+  // The communicator the calls use: attn's duplicate of the one given.
+  MPI_Comm comm() const { return comm_.get(); }
   int rank() const { return comm_.rank(); }
   int ranks() const { return comm_.size(); }
   // The split of a sequence of seq_len positions over this communicator's ranks.
@@ -169,7 +171,7 @@ class ContextParallelAttention {
     std::vector<std::int64_t> sig(kFields, 0);
 
     // 1. This rank's own checks, agreed by every rank.
-    detail::agree(comm_, [&] {
+    detail::agree(comm_.get(), [&] {
       attn::detail::require_batch(B, where);
       attn::detail::require_shape(q.rows() % B == 0 && q.cols() > 0 && q.cols() % H_ == 0, where, "q has shape ",
                                   shape(q.rows(), q.cols()), ", expected [B*n, H*d] = [", B, "*n, ", H_, "*d]");
@@ -255,7 +257,7 @@ class ContextParallelAttention {
     std::size_t block_bytes = 0;
     for (int r = 0; r < P; ++r) block_bytes = std::max(block_bytes, detail::block_layout<T>(s, sh.local_len(r)).bytes);
     std::vector<unsigned char> blocks[2];
-    detail::agree(comm_, [&] {
+    detail::agree(comm_.get(), [&] {
       blocks[0].resize(block_bytes);
       if (P > 1) blocks[1].resize(block_bytes);
       if (out_owned) out_owned->resize(B * n, H_ * dv);
@@ -279,7 +281,7 @@ class ContextParallelAttention {
     detail::pack_block<T>(s, k, v, args.key_padding_mask.empty() ? nullptr : args.key_padding_mask.data(),
                           blocks[0].data());
     std::optional<detail::RingAccumulator<T>> acc;
-    detail::agree(comm_, [&] { acc.emplace(sh, me, s, m, q, out, lse); });  // its scratch may not fit
+    detail::agree(comm_.get(), [&] { acc.emplace(sh, me, s, m, q, out, lse); });  // its scratch may not fit
     std::vector<MPI_Request> reqs;
     int cur = 0;
     for (int step = 0; step < P; ++step) {

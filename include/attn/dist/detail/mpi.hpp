@@ -67,7 +67,10 @@ struct RankError {
 // same error - the lowest failing rank's kind and message, with that rank named - instead of some
 // ranks waiting forever for messages the failed ones will never send. Collective.
 template <class F>
-void agree(const Comm& comm, F&& f) {
+void agree(MPI_Comm comm, F&& f) {
+  int rank = 0, size = 1;
+  MPI_Comm_rank(comm, &rank);
+  MPI_Comm_size(comm, &size);
   RankError e;
   try {
     f();
@@ -80,14 +83,14 @@ void agree(const Comm& comm, F&& f) {
   } catch (const std::exception& x) {
     e = {4, x.what()};
   }
-  int first = e.kind ? comm.rank() : INT_MAX;
-  MPI_Allreduce(MPI_IN_PLACE, &first, 1, MPI_INT, MPI_MIN, comm.get());
+  int first = e.kind ? rank : INT_MAX;
+  MPI_Allreduce(MPI_IN_PLACE, &first, 1, MPI_INT, MPI_MIN, comm);
   if (first == INT_MAX) return;
   int header[2] = {e.kind, int(e.message.size())};
-  MPI_Bcast(header, 2, MPI_INT, first, comm.get());
+  MPI_Bcast(header, 2, MPI_INT, first, comm);
   e.message.resize(std::size_t(header[1]));
-  MPI_Bcast(e.message.data(), header[1], MPI_CHAR, first, comm.get());
-  throw_error(header[0], e.message + " [on rank " + std::to_string(first) + " of " + std::to_string(comm.size()) +
+  MPI_Bcast(e.message.data(), header[1], MPI_CHAR, first, comm);
+  throw_error(header[0], e.message + " [on rank " + std::to_string(first) + " of " + std::to_string(size) +
                              "; every rank throws this error]");
 }
 

@@ -2,13 +2,14 @@
 # tools/deps.sh - install the Debian packages attn needs, if any are missing.
 #
 #   tools/deps.sh build   compiler, CMake, Eigen: enough to use the headers and build the examples
-#   tools/deps.sh test    + GoogleTest, nlohmann-json, Google Benchmark and Python (tools/test.sh builds
-#                           the benchmarks too, so that they always compile)
+#   tools/deps.sh test    + GoogleTest, nlohmann-json, Google Benchmark, Python and Open MPI (tools/test.sh
+#                           builds the benchmarks too, so that they always compile; attn/dist's tests
+#                           run under mpirun)
 #   tools/deps.sh bench   + Google Benchmark and Python (tools/run.sh prints the results table)
 #   tools/deps.sh torch   + libtorch, OpenBLAS (libtorch's BLAS at its best) and matplotlib:
 #                           only tools/bench_torch.sh asks for it; the tests never need libtorch
-#   tools/deps.sh lint    + clang-tidy (14 on Debian 12), cppcheck and nlohmann-json (attn/io/ is
-#                           linted too): tools/lint.sh
+#   tools/deps.sh lint    + clang-tidy (14 on Debian 12), cppcheck, nlohmann-json and Open MPI's headers
+#                           (attn/io/ and attn/dist/ are linted too): tools/lint.sh
 #   tools/deps.sh fuzz    + clang 14 with its compiler-rt (libFuzzer, ASan, UBSan) and nlohmann-json:
 #                           tools/fuzz.sh
 #
@@ -22,13 +23,14 @@ usage() {
 }
 
 build_pkgs=(cmake g++ make libeigen3-dev)
-test_pkgs=("${build_pkgs[@]}" googletest libgtest-dev nlohmann-json3-dev libbenchmark-dev python3)
+test_pkgs=("${build_pkgs[@]}" googletest libgtest-dev nlohmann-json3-dev libbenchmark-dev python3 libopenmpi-dev
+  openmpi-bin)
 bench_pkgs=("${build_pkgs[@]}" libbenchmark-dev python3)
 # Debian's libtorch calls whatever libblas.so.3 the alternatives system points at: the reference
 # BLAS unless an optimised one is installed. OpenBLAS's OpenMP build shares libtorch's libgomp
 # threads instead of starting a second pool on the same cores.
 torch_pkgs=("${bench_pkgs[@]}" libtorch-dev libopenblas0-openmp python3-matplotlib)
-lint_pkgs=("${build_pkgs[@]}" nlohmann-json3-dev clang-tidy cppcheck)
+lint_pkgs=("${build_pkgs[@]}" nlohmann-json3-dev clang-tidy cppcheck libopenmpi-dev)
 fuzz_pkgs=("${build_pkgs[@]}" nlohmann-json3-dev clang-14 libclang-rt-14-dev)
 
 [[ $# -gt 0 ]] || usage

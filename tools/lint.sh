@@ -39,6 +39,8 @@ eigen=${EIGEN3_INCLUDE_DIR:-/usr/include/eigen3}
 # of the micro-kernels are the ones analysed; asserts stay on (the analyzer trusts them).
 flags=(-std=c++17 -Iinclude -isystem "$eigen" -pthread)
 [[ $(uname -m) == x86_64 ]] && flags+=(-mavx2 -mfma)
+# attn/dist/ includes mpi.h: MPI's include directories, as its compiler wrapper reports them.
+for dir in $(mpicxx --showme:incdirs); do flags+=(-isystem "$dir"); done
 tu=tools/lint_tu.cpp
 status=0
 

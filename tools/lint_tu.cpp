@@ -9,6 +9,8 @@
 #include <attn/detail/gemm.hpp>
 #include <attn/detail/parallel.hpp>
 #include <attn/detail/scratch.hpp>
+#include <attn/dist/context_parallel.hpp>
+#include <attn/dist/encoder.hpp>
 #include <attn/instantiate.hpp>
 #include <attn/io/checkpoint.hpp>
 #include <attn/io/safetensors.hpp>
@@ -17,6 +19,7 @@
 #include <attn/models/load.hpp>
 
 #include <string>
+#include <vector>
 
 // Every member of the public class templates (and the detail ones with members of their own):
 // the modules through attn/instantiate.hpp (detail/module_instances.hpp lists them), the rest here.
@@ -26,7 +29,10 @@
   template class attn::detail::Scratch<T>;  \
   template class attn::io::Tensor<T>;       \
   template class attn::io::StateDict<T>;    \
-  template class attn::models::BertModel<T>;
+  template class attn::models::BertModel<T>;                   \
+  template class attn::dist::ContextParallelAttention<T>;      \
+  template class attn::dist::ContextParallelEncoder<T>;        \
+  template class attn::dist::detail::RingAccumulator<T>;
 ATTN_LINT_CLASSES(float)
 ATTN_LINT_CLASSES(double)
 #undef ATTN_LINT_CLASSES
@@ -112,6 +118,13 @@ void functions(const attn::io::SafeTensors& st, attn::MatrixRef<T> x) {
   (void)paged.fork(seq);
   (void)gqa.forward_varlen(x, paged, cu.head(1), cu);
   paged.free(seq);
+  // attn/dist's MPI-free parts (the classes above cover the rest).
+  const attn::dist::Sharding sh(4, 2, attn::dist::Layout::ZigZag);
+  (void)sh.unshard<T>({sh.shard<T>(x, 1, 0), sh.shard<T>(x, 1, 1)}, 1);
+  (void)sh.shard_columns<T>(x, 0);
+  const attn::dist::detail::RingShape rs{1, 1, 1, 1, 1, attn::Storage::Int8, false};
+  std::vector<unsigned char> block(attn::dist::detail::block_layout<T>(rs, 2).bytes);
+  attn::dist::detail::pack_block<T>(rs, x, x, nullptr, block.data());
 }
 
 template void functions<float>(const attn::io::SafeTensors&, attn::MatrixRef<float>);

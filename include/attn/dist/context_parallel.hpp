@@ -156,7 +156,7 @@ class ContextParallelAttention {
   }
   static std::int64_t bits_of(T x) {
     double y = double(x);
-    std::int64_t b;
+    std::int64_t b = 0;
     std::memcpy(&b, &y, sizeof b);
     return b;
   }
@@ -294,7 +294,12 @@ class ContextParallelAttention {
         detail::post_send(comm_, blocks[cur].data(), detail::block_layout<T>(s, sh.local_len(src)).bytes,
                           (me + 1) % P, reqs);
       }
-      acc->attend(blocks[cur].data(), src);
+      // MPI moves a large message only while a rank is inside an MPI call (on most transports):
+      // testing between block pairs lets the next block travel during this one's compute.
+      acc->attend(blocks[cur].data(), src, [&] {
+        int done = 0;
+        if (!reqs.empty()) MPI_Testall(int(reqs.size()), reqs.data(), &done, MPI_STATUSES_IGNORE);
+      });
       if (!reqs.empty()) MPI_Waitall(int(reqs.size()), reqs.data(), MPI_STATUSES_IGNORE);
       cur = 1 - cur;
     }
@@ -302,8 +307,8 @@ class ContextParallelAttention {
   }
 
   detail::Comm comm_;
-  Index H_, Hkv_;
-  Storage storage_;
+  Index H_ = 0, Hkv_ = 0;
+  Storage storage_ = Storage::Native;
   T scale_ = T(0);  // when has_scale_ (a plain T and a flag: see ScaledDotProductAttention)
   bool has_scale_ = false;
   Precision precision_ = Precision::Native;

@@ -56,7 +56,7 @@ class ContextParallelEncoder {
     Matrix<T> t(N, E), u(N, E), qkv(N, 3 * E), heads(N, E);
     for (Index i = 0; i < encoder_.num_layers(); ++i) {
       const TransformerEncoderLayer<T>& layer = encoder_.layer(i);
-      const auto attend = [&](const Matrix<T>& in, Matrix<T>& y) {
+      const auto attend = [&](const Matrix<T>& in, MatrixRef<T> y) {
         const MultiHeadAttention<T>& mha = layer.self_attn();
         mha.in_proj_into(in, qkv);
         ContextArgs<T> a = args;

@@ -14,6 +14,7 @@
 //   attn::Matrix<float> out = sh.unshard<float>(outs, /*batch=*/1);        // every rank's, in rank order
 #pragma once
 
+#include <cstddef>
 #include <string>
 #include <vector>
 
@@ -54,8 +55,8 @@ class Sharding {
     if (layout_ == Layout::Contiguous) {
       s.push_back(chunk(rank, P_, 0));
     } else {
-      s.push_back(chunk(rank, 2 * P_, 0));
-      s.push_back(chunk(2 * P_ - 1 - rank, 2 * P_, s[0].length));
+      s.push_back(chunk(rank, Index(2) * P_, 0));
+      s.push_back(chunk(Index(2) * P_ - 1 - rank, Index(2) * P_, s[0].length));
     }
     return s;
   }
@@ -91,14 +92,14 @@ class Sharding {
     attn::detail::require_batch(batch, where);
     const Index C = parts[0].cols();
     for (int r = 0; r < P_; ++r)
-      attn::detail::require_dims(where, "parts[r]", parts[r].rows(), parts[r].cols(), batch * local_len(r), C,
+      attn::detail::require_dims(where, "parts[r]", parts[std::size_t(r)].rows(), parts[std::size_t(r)].cols(), batch * local_len(r), C,
                            "[batch*local_len(r), C] = ", attn::detail::shape(batch * local_len(r), C), " for r = ", r);
     Matrix<T> x(batch * L_, C);
     for (int r = 0; r < P_; ++r) {
       const Index n = local_len(r);
       for (Index b = 0; b < batch; ++b)
         for (const Segment& s : segments(r))
-          if (s.length > 0) x.middleRows(b * L_ + s.start, s.length) = parts[r].middleRows(b * n + s.local, s.length);
+          if (s.length > 0) x.middleRows(b * L_ + s.start, s.length) = parts[std::size_t(r)].middleRows(b * n + s.local, s.length);
     }
     return x;
   }

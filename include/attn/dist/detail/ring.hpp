@@ -76,7 +76,7 @@ void pack_block(const RingShape& s, const ConstMatrixRef<T>& k, const ConstMatri
           if (s.storage == Storage::Int8) ks[at] = sk, vs[at] = sv;
         }
   });
-  if (s.key_padding) std::memcpy(buf + lay.key_padding, kp, std::size_t(s.batch * n));
+  if (s.key_padding && s.batch * n > 0) std::memcpy(buf + lay.key_padding, kp, std::size_t(s.batch * n));
 }
 
 // The score options every block pair shares, with the masks over the rank's own query rows.
@@ -101,8 +101,7 @@ class RingAccumulator {
  public:
   RingAccumulator(const Sharding& sh, int rank, const RingShape& s, const RingMasks<T>& m, const ConstMatrixRef<T>& q,
                   MatrixRef<T> out, MatrixRef<T> lse)
-      : sh_(sh), s_(s), m_(m), q_(q), out_(out), lse_(lse), mine_(sh.segments(rank)) {
-    n_ = sh.local_len(rank);
+      : sh_(sh), s_(s), m_(m), q_(q), out_(out), lse_(lse), mine_(sh.segments(rank)), n_(sh.local_len(rank)) {
     for (auto& part : part_out_) part.resize(s.batch * n_, s.heads * s.dv);
     for (auto& part : part_lse_) part.resize(s.heads, s.batch * n_);
     out_.setZero();
@@ -111,8 +110,10 @@ class RingAccumulator {
     pairs_.reserve(4);
   }
 
-  // Attends the block of rank src (block_layout(s, local_len(src)) bytes at block) and merges it.
-  void attend(const unsigned char* block, int src) {
+  // Attends the block of rank src (block_layout(s, local_len(src)) bytes at block) and merges it,
+  // calling between() after each block pair (the MPI driver lets its messages progress there).
+  template <class Between>
+  void attend(const unsigned char* block, int src, Between&& between) {
     const std::vector<Segment> theirs = sh_.segments(src);
     const Index ns = sh_.local_len(src);
     const BlockLayout lay = block_layout<T>(s_, ns);
@@ -125,9 +126,14 @@ class RingAccumulator {
         problems_.push_back(problem(qs, ks, ns, lay, block, Index(ki)));
         pairs_.push_back({qs, Index(ki)});
       }
-    if (problems_.empty()) return;
-    attn::detail::attention(problems_.data(), Index(problems_.size()));
+    for (std::size_t i = 0; i < problems_.size(); ++i) {
+      attn::detail::attention(problems_[i]);
+      between();
+    }
     for (const Pair& pr : pairs_) merge(pr.q, part_out_[pr.part], part_lse_[pr.part]);
+  }
+  void attend(const unsigned char* block, int src) {
+    attend(block, src, [] {});
   }
 
   // After the last block: the sinks join every row's denominator once (a part of lse sinks[h]
@@ -144,7 +150,7 @@ class RingAccumulator {
  private:
   struct Pair {
     Segment q;
-    Index part;
+    Index part = 0;
   };
 
   // Whether causal masking or the window removes every key of ks from every query of qs (the
@@ -214,12 +220,11 @@ class RingAccumulator {
       view.head_stride = rows == n_ ? 0 : n_ * L;
       view.batch_stride = rows == n_ ? 0 : H * n_ * L;
     };
-    const Masks<T>& mk = *m_.masks;
-    if (!mk.attn_mask.empty()) {
-      bind(mk.attn_mask.data(), mk.attn_mask.rows(), p.mask);
-      p.mask_attends = mk.attn_mask.attend_value();
+    if (m_.masks && !m_.masks->attn_mask.empty()) {
+      bind(m_.masks->attn_mask.data(), m_.masks->attn_mask.rows(), p.mask);
+      p.mask_attends = m_.masks->attn_mask.attend_value();
     }
-    if (!mk.attn_bias.empty()) bind(mk.attn_bias.data(), mk.attn_bias.rows(), p.bias);
+    if (m_.masks && !m_.masks->attn_bias.empty()) bind(m_.masks->attn_bias.data(), m_.masks->attn_bias.rows(), p.bias);
     return p;
   }
 

@@ -11,8 +11,9 @@
 //   tokens/s      L / time
 //   peak_MiB      the largest rank's peak resident memory during the run, above what it held before
 //                 (VmHWM after resetting it through /proc/self/clear_refs; its inputs included)
-//   model_MiB     what the estimate "1/P of the single process plus two K/V slices" gives: the
-//                 rank's q, k, v and out (n rows), two travelling blocks and the merge's scratch
+//   model_MiB     "1/P of the single process plus two K/V slices" and the merge's scratch: the
+//                 rank's q, k, v and out (n rows each), two travelling K/V blocks (2n rows each) and
+//                 one block pair's output (the longest segment's rows)
 //   sent_MiB      the bytes each rank sends (the blocks of P - 1 ranks; the largest rank's)
 //   step_ms       time / P: one ring step, the time a block's transfer has to hide behind
 // Shapes: one head of d = 64, fp32, causal (the 128k run is ~1 min on one core of a Zen 3).
@@ -95,11 +96,13 @@ void BM_ContextParallel(benchmark::State& state) {
     state.SetIterationTime(seconds);
   }
   const int P = cp.ranks();
-  Index n_max = 0;
-  for (int r = 0; r < P; ++r) n_max = std::max(n_max, sh.local_len(r));
+  Index n_max = 0, seg_max = 0;
+  for (int r = 0; r < P; ++r) {
+    n_max = std::max(n_max, sh.local_len(r));
+    for (const attn::dist::Segment& g : sh.segments(r)) seg_max = std::max(seg_max, g.length);
+  }
   const double row = double(kHeads * kDim * sizeof(float)) / double(1 << 20);
-  // q, k, v, out and the merge's two partial outputs (n rows each), two blocks (K and V: 2 rows).
-  state.counters["model_MiB"] = double(n_max) * row * (4 + 2 + 2 * 2);
+  state.counters["model_MiB"] = (double(n_max) * (4 + 2 * 2) + double(seg_max)) * row;
   state.counters["peak_MiB"] = peak;
   state.counters["sent_MiB"] = max_over_ranks(double(cp.bytes_sent(sh, 1, kDim, kDim)) / double(1 << 20));
   state.counters["tokens/s"] = double(L) / seconds;

@@ -33,6 +33,11 @@ struct RingShape {
   bool key_padding = false;
 };
 
+// A block is stored as cache lines, so that its parts (at multiples of 64 bytes) are aligned.
+struct alignas(64) CacheLine {
+  unsigned char bytes[64];
+};
+
 // Byte offsets of a block's parts for a rank with n rows per sequence.
 struct BlockLayout {
   std::size_t k = 0, v = 0, k_scale = 0, v_scale = 0, key_padding = 0, bytes = 0;
@@ -102,12 +107,14 @@ class RingAccumulator {
   RingAccumulator(const Sharding& sh, int rank, const RingShape& s, const RingMasks<T>& m, const ConstMatrixRef<T>& q,
                   MatrixRef<T> out, MatrixRef<T> lse)
       : sh_(sh), s_(s), m_(m), q_(q), out_(out), lse_(lse), mine_(sh.segments(rank)), n_(sh.local_len(rank)) {
-    for (auto& part : part_out_) part.resize(s.batch * n_, s.heads * s.dv);
-    for (auto& part : part_lse_) part.resize(s.heads, s.batch * n_);
+    // One block pair's result at a time: [B*m, H*dv] and [H, B*m], m the longest segment any rank
+    // holds (half the rank's rows under ZigZag).
+    for (int r = 0; r < sh.ranks(); ++r)
+      for (const Segment& g : sh.segments(r)) m_rows_ = std::max(m_rows_, g.length);
+    part_out_.resize(s.batch * m_rows_, s.heads * s.dv);
+    part_lse_.resize(s.heads, s.batch * m_rows_);
     out_.setZero();
     lse_.setConstant(-std::numeric_limits<T>::infinity());
-    problems_.reserve(4);
-    pairs_.reserve(4);
   }
 
   // Attends the block of rank src (block_layout(s, local_len(src)) bytes at block) and merges it,
@@ -117,20 +124,15 @@ class RingAccumulator {
     const std::vector<Segment> theirs = sh_.segments(src);
     const Index ns = sh_.local_len(src);
     const BlockLayout lay = block_layout<T>(s_, ns);
-    problems_.clear();
-    pairs_.clear();
-    for (std::size_t ki = 0; ki < theirs.size(); ++ki)
+    // Block pairs one at a time, each merged before the next: the order (their segments, then
+    // mine) is fixed, and one pair's scratch serves them all.
+    for (const Segment& ks : theirs)
       for (const Segment& qs : mine_) {
-        const Segment& ks = theirs[ki];
         if (qs.length == 0 || ks.length == 0 || skipped(qs, ks)) continue;
-        problems_.push_back(problem(qs, ks, ns, lay, block, Index(ki)));
-        pairs_.push_back({qs, Index(ki)});
+        attn::detail::attention(problem(qs, ks, ns, lay, block));
+        between();
+        merge(qs);
       }
-    for (std::size_t i = 0; i < problems_.size(); ++i) {
-      attn::detail::attention(problems_[i]);
-      between();
-    }
-    for (const Pair& pr : pairs_) merge(pr.q, part_out_[pr.part], part_lse_[pr.part]);
   }
   void attend(const unsigned char* block, int src) {
     attend(block, src, [] {});
@@ -148,11 +150,6 @@ class RingAccumulator {
   }
 
  private:
-  struct Pair {
-    Segment q;
-    Index part = 0;
-  };
-
   // Whether causal masking or the window removes every key of ks from every query of qs (the
   // kernels would mask them all; skipping saves the call). Sink tokens in ks keep it.
   bool skipped(const Segment& qs, const Segment& ks) const {
@@ -166,7 +163,7 @@ class RingAccumulator {
   }
 
   attn::detail::AttentionProblem<T> problem(const Segment& qs, const Segment& ks, Index ns, const BlockLayout& lay,
-                                            const unsigned char* block, Index part) {
+                                            const unsigned char* block) {
     const Index B = s_.batch, H = s_.heads, Hkv = s_.kv_heads, d = s_.d, dv = s_.dv, L = sh_.seq_len();
     attn::detail::AttentionProblem<T> p;
     p.batch = B;
@@ -181,8 +178,8 @@ class RingAccumulator {
     const Index qst = q_.outerStride();
     p.q = {q_.data() + qs.local * qst, n_ * qst, d, qst};
     const Index E = H * dv;
-    p.out = {part_out_[part].data() + qs.local * E, n_ * E, dv, E};
-    p.lse = {part_lse_[part].data() + qs.local, n_, B * n_, 1};
+    p.out = {part_out_.data(), m_rows_ * E, dv, E};
+    p.lse = {part_lse_.data(), m_rows_, B * m_rows_, 1};
 
     // K and V: [B, H_kv, ns, d], from row ks.local of each head.
     p.k = {nullptr, Hkv * ns * d, ns * d, d};
@@ -228,15 +225,15 @@ class RingAccumulator {
     return p;
   }
 
-  // Merges the part's rows of qs into the running result.
-  void merge(const Segment& qs, const Matrix<T>& part_out, const Matrix<T>& part_lse) {
+  // Merges the block pair's result (qs's rows, in the scratch) into the running result.
+  void merge(const Segment& qs) {
     const Index dv = s_.dv;
     for (Index h = 0; h < s_.heads; ++h)
       for (Index b = 0; b < s_.batch; ++b)
         for (Index i = 0; i < qs.length; ++i) {
-          const Index r = b * n_ + qs.local + i;
-          lse_(h, r) = attn::detail::merge_state(lse_(h, r), &out_(r, h * dv), part_lse(h, r), &part_out(r, h * dv), dv,
-                                             &out_(r, h * dv));
+          const Index r = b * n_ + qs.local + i, pr = b * m_rows_ + i;
+          lse_(h, r) = attn::detail::merge_state(lse_(h, r), &out_(r, h * dv), part_lse_(h, pr), &part_out_(pr, h * dv),
+                                                 dv, &out_(r, h * dv));
         }
   }
 
@@ -247,9 +244,8 @@ class RingAccumulator {
   MatrixRef<T> out_, lse_;
   std::vector<Segment> mine_;
   Index n_ = 0;
-  Matrix<T> part_out_[2], part_lse_[2];
-  std::vector<attn::detail::AttentionProblem<T>> problems_;
-  std::vector<Pair> pairs_;
+  Index m_rows_ = 0;
+  Matrix<T> part_out_, part_lse_;
 };
 
 }  // namespace attn::dist::detail

@@ -265,6 +265,8 @@ class ContextParallelAttention {
       if (out_owned) out_owned->resize(B * n, H_ * dv);
       if (lse_owned) lse_owned->resize(H_, B * n);
     });
+    unsigned char* const bufs[2] = {reinterpret_cast<unsigned char*>(blocks[0].data()),
+                                    reinterpret_cast<unsigned char*>(blocks[1].data())};
     MatrixRef<T> out = out_owned ? MatrixRef<T>(*out_owned) : *out_ref;
     MatrixRef<T> lse = lse_owned ? MatrixRef<T>(*lse_owned) : *lse_ref;
 
@@ -281,7 +283,7 @@ class ContextParallelAttention {
     m.scale = has_scale_ ? scale_ : T(1) / std::sqrt(static_cast<T>(d));
 
     detail::pack_block<T>(s, k, v, args.key_padding_mask.empty() ? nullptr : args.key_padding_mask.data(),
-                          bytes_of(blocks[0]));
+                          bufs[0]);
     std::optional<detail::RingAccumulator<T>> acc;
     detail::agree(comm_.get(), [&] { acc.emplace(sh, me, s, m, q, out, lse); });  // its scratch may not fit
     std::vector<MPI_Request> reqs;
@@ -291,14 +293,14 @@ class ContextParallelAttention {
       reqs.clear();
       if (step + 1 < P) {
         const int next_src = (src - 1 + P) % P;
-        detail::post_recv(comm_, bytes_of(blocks[1 - cur]), detail::block_layout<T>(s, sh.local_len(next_src)).bytes,
+        detail::post_recv(comm_, bufs[1 - cur], detail::block_layout<T>(s, sh.local_len(next_src)).bytes,
                           (me - 1 + P) % P, reqs);
-        detail::post_send(comm_, bytes_of(blocks[cur]), detail::block_layout<T>(s, sh.local_len(src)).bytes,
+        detail::post_send(comm_, bufs[cur], detail::block_layout<T>(s, sh.local_len(src)).bytes,
                           (me + 1) % P, reqs);
       }
       // MPI moves a large message only while a rank is inside an MPI call (on most transports):
       // testing between block pairs lets the next block travel during this one's compute.
-      acc->attend(bytes_of(blocks[cur]), src, [&] {
+      acc->attend(bufs[cur], src, [&] {
         int done = 0;
         if (!reqs.empty()) MPI_Testall(int(reqs.size()), reqs.data(), &done, MPI_STATUSES_IGNORE);
       });
@@ -307,8 +309,6 @@ class ContextParallelAttention {
     }
     acc->finish();
   }
-
-  static unsigned char* bytes_of(std::vector<detail::CacheLine>& v) { return v.empty() ? nullptr : v[0].bytes; }
 
   detail::Comm comm_;
   Index H_ = 0, Hkv_ = 0;

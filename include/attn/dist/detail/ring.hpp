@@ -14,6 +14,7 @@
 #include <cstddef>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "attn/detail/attention.hpp"
@@ -34,9 +35,7 @@ struct RingShape {
 };
 
 // A block is stored as cache lines, so that its parts (at multiples of 64 bytes) are aligned.
-struct alignas(64) CacheLine {
-  unsigned char bytes[64];
-};
+using CacheLine = std::aligned_storage_t<64, 64>;
 
 // Byte offsets of a block's parts for a rank with n rows per sequence.
 struct BlockLayout {

@@ -22,12 +22,12 @@
 
 #include <cstdio>
 #include <fstream>
-#include <random>
 #include <string>
 
 #include "attn/dist/context_parallel.hpp"
 #include "attn/grouped_query_attention.hpp"
 #include "attn/threads.hpp"
+#include "bench_common.hpp"
 
 #if defined(__GLIBC__)
 #include <malloc.h>
@@ -57,12 +57,10 @@ double reset_peak() {
   return status_mib("VmRSS");
 }
 
+// Inputs in [-1, 1], as every attn benchmark's (bench_common.hpp), one seed per rank and tensor.
 Matrix<float> random_rows(Index rows, Index cols, unsigned seed) {
-  std::mt19937 g(seed);
-  std::uniform_real_distribution<float> u(-1.f, 1.f);
-  Matrix<float> m(rows, cols);
-  for (Index i = 0; i < m.size(); ++i) m.data()[i] = u(g);
-  return m;
+  attn::Generator gen(seed);
+  return attn_bench::random_matrix<float>(rows, cols, gen);
 }
 
 double max_over_ranks(double x) {

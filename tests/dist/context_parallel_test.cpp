@@ -11,9 +11,9 @@
 #include <string>
 #include <vector>
 
-#include "attn/detail/storage.hpp"
 #include "attn/dist/context_parallel.hpp"
 #include "attn/grouped_query_attention.hpp"
+#include "support/stored_kv.hpp"
 #include "support/test_util.hpp"
 
 namespace {
@@ -78,20 +78,7 @@ void expect_equal_to_single_process(const Problem<T>& pb, Layout layout, Storage
   if (pb.bias.size()) a.attn_bias = attn::AdditiveMask<T>(sh.shard<T>(pb.bias, pb.B * pb.H, r));
 
   // The reference reads K and V as they travel: rounded to the storage type.
-  Matrix<T> k = pb.k, v = pb.v;
-  attn::detail::with_storage<T>(storage, [&](auto tag) {
-    using S = typename decltype(tag)::type;
-    for (Matrix<T>* m : {&k, &v}) {
-      const Index w = m->cols() / pb.Hkv;
-      std::vector<S> tmp(static_cast<std::size_t>(w));
-      for (Index row = 0; row < m->rows(); ++row)
-        for (Index h = 0; h < pb.Hkv; ++h) {
-          T* x = &(*m)(row, h * w);
-          const T s = attn::detail::store_row<S>(x, w, tmp.data());
-          attn::detail::dequantize(tmp.data(), w, s, x);
-        }
-    }
-  });
+  const Matrix<T> k = attn_test::stored_as(pb.k, pb.Hkv, storage), v = attn_test::stored_as(pb.v, pb.Hkv, storage);
   const attn::AttentionLse<T> want = attn::GroupedQueryAttention<T>(pb.H, pb.Hkv).forward_with_lse(pb.q, k, v, pb.args);
   const attn::AttentionLse<T> got =
       cp.forward_with_lse(sh.shard<T>(pb.q, pb.B, r), sh.shard<T>(pb.k, pb.B, r), sh.shard<T>(pb.v, pb.B, r), a);

@@ -34,6 +34,7 @@
 #include <utility>
 #include <vector>
 
+#include "support/stored_kv.hpp"
 #include "support/test_util.hpp"
 
 namespace {
@@ -187,29 +188,11 @@ attn::AttentionLse<T> ring(const Case<T>& c) {
   return result;
 }
 
-// x [rows, heads*w] with each head's row stored as storage st stores it and read back: what the
-// kernels see of K or V that travelled in st (store_row per row and kv head, as pack_block).
-template <class T>
-Matrix<T> stored_as(const Matrix<T>& x, Index heads, Storage st) {
-  const Index w = x.cols() / heads;
-  Matrix<T> y(x.rows(), x.cols());
-  attn::detail::with_storage<T>(st, [&](auto tag) {
-    using S = typename decltype(tag)::type;
-    std::vector<S> buf(static_cast<std::size_t>(w));
-    for (Index r = 0; r < x.rows(); ++r)
-      for (Index h = 0; h < heads; ++h) {
-        const T sc = attn::detail::store_row<S>(x.data() + r * x.cols() + h * w, w, buf.data());
-        attn::detail::dequantize(buf.data(), w, sc, y.data() + r * y.cols() + h * w);
-      }
-  });
-  return y;
-}
-
 // GroupedQueryAttention over the whole sequence, K and V as the ring's storage keeps them.
 template <class T>
 attn::AttentionLse<T> whole(const Case<T>& c) {
   const attn::GroupedQueryAttention<T> gqa(c.H, c.Hkv);
-  return gqa.forward_with_lse(c.q, stored_as(c.k, c.Hkv, c.storage), stored_as(c.v, c.Hkv, c.storage), c.args);
+  return gqa.forward_with_lse(c.q, attn_test::stored_as(c.k, c.Hkv, c.storage), attn_test::stored_as(c.v, c.Hkv, c.storage), c.args);
 }
 
 // max |a - e|, non-finite entries matched exactly (-inf and -inf agree; anything else: inf).
@@ -620,7 +603,7 @@ TYPED_TEST(RingTest, Bf16PrecisionWithinTheBoundOfGqa) {
     for (Index r = 0; r < c.q.rows(); ++r)
       for (Index h = 0; h < c.H; ++h) l1 = std::max(l1, c.q.row(r).segment(h * c.d, c.d).cwiseAbs().sum());
     const T scale_l1 = l1 / std::sqrt(static_cast<T>(c.d));
-    const Matrix<T> ks = stored_as(c.k, c.Hkv, c.storage), vs = stored_as(c.v, c.Hkv, c.storage);
+    const Matrix<T> ks = attn_test::stored_as(c.k, c.Hkv, c.storage), vs = attn_test::stored_as(c.v, c.Hkv, c.storage);
     const T max_k = ks.cwiseAbs().maxCoeff(), max_v = vs.cwiseAbs().maxCoeff();
     const double bound = 2.0 * double(attn::bf16_attention_error_bound<T>(scale_l1, max_k, max_v, c.L, c.d));
     const T u = attn::storage_unit_roundoff<T>(Storage::BFloat16), eps = std::numeric_limits<T>::epsilon() / 2;

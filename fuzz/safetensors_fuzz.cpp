@@ -1,13 +1,14 @@
 // fuzz/safetensors_fuzz.cpp - libFuzzer target: the bytes are a safetensors file.
 //
-// attn/io/safetensors.hpp promises that every malformed file is an attn::format_error and that
-// no file reads out of bounds or allocates more than its size. So the input is opened with
-// SafeTensors::from_bytes (the parser open() uses) and every tensor is read every way the API
-// offers: info, raw bytes, matrix<float> and <double>, vector, map, tensor, mask, state_dict. Each
-// either returns a result consistent with the others or throws format_error; anything else - a
-// crash, another exception, a sanitizer report, a leak, a result that disagrees - aborts. A file
-// that opens with only float tensors is also written back with save_safetensors (as F64, which
-// holds every float dtype exactly) and reread: the same names, shapes, metadata and bits.
+// attn/io/safetensors.hpp promises that every malformed file is an attn::format_error, that no
+// file reads out of bounds, and that reading a header allocates at most 5 times the file's size
+// (plus 1 MiB). So the input is opened with SafeTensors::from_bytes (the parser open() uses) and
+// every tensor is read every way the API offers: info, raw bytes, matrix<float> and <double>,
+// vector, map, tensor, mask, state_dict. Each either returns a result consistent with the others
+// or throws format_error; anything else - a crash, another exception, a sanitizer report, a leak,
+// a result that disagrees, a header with a NUL byte that opened - aborts. A file that opens with
+// only float tensors is also written back with save_safetensors (as F64, which holds every float
+// dtype exactly) and reread, mapped and read into memory: the same names, shapes, metadata, bits.
 //
 // Built by tools/fuzz.sh with libFuzzer (clang, fuzz/CMakeLists.txt), and by the normal test
 // suite as safetensors_fuzz_replay, which runs the seeds in fuzz/corpus/safetensors_fuzz/.
@@ -137,6 +138,7 @@ void round_trip(const SafeTensors& st) {
       std::filesystem::temp_directory_path() / ("attn_safetensors_fuzz_" + std::to_string(::getpid()) + ".safetensors");
   attn::io::save_safetensors(path, sd, st.metadata());
   const SafeTensors back = SafeTensors::open(path);
+  const SafeTensors read = SafeTensors::open(path, attn::io::FileAccess::Read);
   std::error_code ignored;
   std::filesystem::remove(path, ignored);
 
@@ -148,6 +150,9 @@ void round_trip(const SafeTensors& st) {
     require(t.dtype == DType::F64 && t.shape == st.info(name).shape, name, "the round trip changed the shape");
     const attn::Matrix<double> a = st.matrix<double>(name), b = back.matrix<double>(name);
     require(same_values(a.data(), b.data(), a.size()), name, "the round trip changed the values");
+    const attn::Matrix<double> r = read.matrix<double>(name);
+    require(read.info(name).shape == t.shape && same_values(r.data(), b.data(), b.size()), name,
+            "FileAccess::Read reads other values than Map");
   }
 }
 
@@ -156,6 +161,11 @@ void round_trip(const SafeTensors& st) {
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   try {
     const SafeTensors st = SafeTensors::from_bytes(data, size, "fuzz input");
+    // A file that opens has a header of JSON to its last byte: no NUL (nlohmann's parser stops at
+    // one, so "{...}\0<garbage>" once opened).
+    std::uint64_t header = 0;
+    for (int b = 7; b >= 0; --b) header = (header << 8) | data[b];
+    if (std::memchr(data + 8, 0, static_cast<std::size_t>(header))) fail("a file whose header holds a NUL byte opened");
     bool all_float = true;
     for (const std::string& name : st.names()) {
       if (!st.contains(name)) fail("names() lists \"" + name + "\", which contains() denies");

@@ -56,17 +56,7 @@ using fp16 = Eigen::half;
 template <class T>
 using Mat = attn::Matrix<T>;
 
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-[[maybe_unused]] constexpr bool kSanitized = true;
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer) || __has_feature(undefined_behavior_sanitizer)
-[[maybe_unused]] constexpr bool kSanitized = true;
-#else
-[[maybe_unused]] constexpr bool kSanitized = false;
-#endif
-#else
-[[maybe_unused]] constexpr bool kSanitized = false;
-#endif
+[[maybe_unused]] constexpr bool kSanitized = attn_test::kSanitized;
 #if defined(__OPTIMIZE__) && defined(NDEBUG)
 constexpr bool kOptimized = !kSanitized;  // the attention cases: 30 per (storage, path, T), else 6
 #else

@@ -9,6 +9,7 @@
 // script names them), never by attn. Tolerance: attn_test::tolerance<T>() (1e-5 float, 1e-10
 // double) relative to the expected tensor's scale; greedy continuations token for token.
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 
 #include <cmath>
 #include <filesystem>
@@ -201,6 +202,33 @@ TEST_F(Checkpoints, NoConfigNoWeights) {
   std::ofstream(dir_ / "empty" / "config.json") << "{not json";
   EXPECT_TRUE(attn_test::throws_with<attn::format_error>([&] { attn::io::Checkpoint::open(dir_ / "empty"); },
                                                          {"config.json", "not valid JSON"}));
+}
+
+// A FIFO where config.json or a shard should be is refused before anything reads it (it would
+// block forever waiting for a writer); a NUL in config.json is invalid JSON. FileAccess::Read holds
+// every shard in memory, and the model loads from it the same.
+TEST_F(Checkpoints, FifosAreRefusedAndShardsCanBeRead) {
+  const fs::path d = copy("llama3");
+  const auto read = attn::io::Checkpoint::open(d, attn::io::FileAccess::Read);
+  for (const auto& shard : read.shards()) EXPECT_FALSE(shard.mapped());
+  EXPECT_EQ(read.matrix<float>("model.norm.weight"), attn::io::Checkpoint::open(d).matrix<float>("model.norm.weight"));
+  const auto lm = attn::models::load_causal_lm<float>(read);
+  EXPECT_EQ(lm.forward({1, 2, 3}),
+            attn::models::load_causal_lm<float>(attn::io::Checkpoint::open(d)).forward({1, 2, 3}));
+
+  const fs::path shard = d / "model-00002-of-00002.safetensors";
+  fs::remove(shard);
+  ASSERT_EQ(::mkfifo(shard.c_str(), 0600), 0);
+  EXPECT_TRUE(attn_test::throws_with<attn::format_error>([&] { attn::io::Checkpoint::open(d); },
+                                                         {"model-00002-of-00002.safetensors", "FIFO"}));
+  fs::remove(d / "config.json");
+  ASSERT_EQ(::mkfifo((d / "config.json").c_str(), 0600), 0);
+  EXPECT_TRUE(attn_test::throws_with<attn::format_error>(
+      [&] { attn::io::Checkpoint::open(d); }, {"config.json", "is a FIFO (named pipe), not a regular file"}));
+  fs::remove(d / "config.json");
+  std::ofstream(d / "config.json", std::ios::binary) << std::string("{\"model_type\": \"llama\"}\0x", 25);
+  EXPECT_TRUE(attn_test::throws_with<attn::format_error>(
+      [&] { attn::io::Checkpoint::open(d); }, {"config.json is not valid JSON: it holds a NUL byte at offset 23"}));
 }
 
 // An unexpected tensor fails a strict load, naming it; strict = false reports it.

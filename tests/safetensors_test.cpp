@@ -6,6 +6,7 @@
 #include "attn/io/safetensors.hpp"
 
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 
 #include <algorithm>
 #include <cmath>
@@ -26,6 +27,7 @@ namespace {
 namespace fs = std::filesystem;
 using attn::Index;
 using attn::io::DType;
+using attn::io::FileAccess;
 using attn::io::SafeTensors;
 using attn::io::StateDict;
 using attn::io::Tensor;
@@ -308,6 +310,48 @@ TEST_F(SafeTensorsTest, AcceptsWhatTheFormatAllows) {
 
 TEST_F(SafeTensorsTest, RejectsAMissingFile) { expect_open_error(path("absent.safetensors"), {"cannot open"}); }
 
+// Anything but a regular file is refused before it is opened for reading: a FIFO with no
+// writer would block open() forever (it did, before the check moved ahead of open()).
+TEST_F(SafeTensorsTest, RefusesAFifoADirectoryAndADeviceWithoutBlocking) {
+  const fs::path fifo = path("pipe.safetensors");
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  expect_open_error(fifo, {"is a FIFO (named pipe), not a regular file"});
+  for (const FileAccess access : {FileAccess::Map, FileAccess::Read}) {
+    EXPECT_THROW((void)SafeTensors::open(fifo, access), attn::format_error);
+    EXPECT_THROW((void)SafeTensors::open(path(""), access), attn::format_error);  // the directory
+  }
+  expect_open_error(path(""), {"is a directory, not a regular file"});
+  expect_open_error("/dev/null", {"is a character device, not a regular file"});
+  // A symbolic link to a regular file is one.
+  const fs::path target = write(padded(R"({"x":{"dtype":"F64","shape":[1],"data_offsets":[0,8]}})"), doubles({4}));
+  fs::create_symlink(target, path("link.safetensors"));
+  EXPECT_EQ(SafeTensors::open(path("link.safetensors")).matrix<double>("x")(0, 0), 4.0);
+}
+
+// FileAccess::Read holds the file in memory: another process truncating or rewriting it in place
+// afterwards changes nothing (mapped, the truncation would be a SIGBUS on the next read, and the
+// rewrite would show through map()).
+TEST_F(SafeTensorsTest, AFileReadIntoMemoryOutlivesItsTruncation) {
+  const std::string header = padded(R"({"w":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]}})");
+  const fs::path p = write(header, floats({1, 2, 3, 4}));
+  const SafeTensors st = SafeTensors::open(p, FileAccess::Read);
+  EXPECT_FALSE(st.mapped());
+  const Eigen::Map<const attn::Matrix<float>> view = st.map<float>("w");  // views the copy
+  fs::resize_file(p, 0);
+  EXPECT_EQ(st.matrix<float>("w"), (attn::Matrix<float>(2, 2) << 1, 2, 3, 4).finished());
+  EXPECT_EQ(view(1, 1), 4.0f);
+  {  // rewritten in place: other values at the same offsets
+    std::ofstream out(p, std::ios::binary | std::ios::trunc);
+    out << frame(header, floats({9, 9, 9, 9}));
+  }
+  EXPECT_EQ(view(0, 0), 1.0f);
+  EXPECT_EQ(st.tensor<float>("w").matrix()(1, 0), 3.0f);
+  // Map is the default where the build maps files.
+  EXPECT_EQ(SafeTensors::open(p).mapped(), ATTN_IO_MMAP == 1);
+  EXPECT_EQ(SafeTensors::open(p, FileAccess::Map).mapped(), ATTN_IO_MMAP == 1);
+  EXPECT_FALSE(SafeTensors::open(p, FileAccess::Read).mapped());
+}
+
 TEST_F(SafeTensorsTest, RejectsAFileShorterThanTheLength) {
   expect_open_error(write_raw(""), {"is 0 bytes long, shorter than the 8-byte header length"});
   expect_open_error(write_raw("1234567"), {"is 7 bytes long"});
@@ -376,6 +420,24 @@ TEST_F(SafeTensorsTest, RejectsInvalidJson) {
   expect_open_error(write("", ""), {"header is not valid JSON"});
   expect_open_error(write("{\"\xff\":1}", ""), {"header is not valid JSON"});  // not UTF-8
   expect_open_error(write(R"({"a":1} // comment)", ""), {"header is not valid JSON"});
+}
+
+// The header is JSON to its last byte, as Python's json.loads and the reference reader require:
+// a NUL ended nlohmann's input early, so "{...}\0<garbage>" opened and the rest was ignored.
+// Spaces, tabs and newlines after the object are JSON's whitespace (the writer pads with spaces).
+TEST_F(SafeTensorsTest, RejectsANulByteOrGarbageAfterTheHeader) {
+  const std::string entry = R"({"x":{"dtype":"F64","shape":[1],"data_offsets":[0,8]}})";
+  const std::string d = doubles({1});
+  using namespace std::string_literals;
+  expect_open_error(write(entry + "\0garbage"s, d),
+                    {"header is not valid JSON: it holds a NUL byte at offset 54 of its 62 bytes"});
+  expect_open_error(write(entry + "\0\0\0\0\0\0"s, d), {"NUL byte at offset 54"});
+  expect_open_error(write(R"({"x":{"dtype":"F64")" + "\0"s + R"(,"shape":[1],"data_offsets":[0,8]}})", d),
+                    {"NUL byte at offset 19"});
+  expect_open_error(write(entry + " x", d), {"header is not valid JSON", "syntax error"});
+  expect_open_error(write(entry + "{}", d), {"header is not valid JSON"});
+  expect_open_error(write(entry + entry, d), {"header is not valid JSON"});
+  EXPECT_EQ(SafeTensors::open(write(entry + " \t\r\n  ", d)).matrix<double>("x")(0, 0), 1.0);
 }
 
 TEST_F(SafeTensorsTest, RejectsJsonThatIsNotAnObject) {

@@ -14,9 +14,11 @@ attention_fuzz/    inputs in fuzz/attention_fuzz.cpp's byte layout, which the fu
                    and 2 threads, shapes large enough that the kernels split work over threads,
                    and calls that must be refused.
 
-Deterministic: the same bytes on every run, so the corpus is regenerated, not merged. Inputs
+Deterministic: the same bytes on every run, so these seeds are regenerated, not merged. Inputs
 named regress_* reproduce fixed bugs: those below are rewritten, and any other (a crash file from
-tools/fuzz.sh, renamed) is kept as it is.
+tools/fuzz.sh, renamed) is kept as it is; so are the inputs a campaign added (tools/fuzz.sh
+--campaign, files named by their SHA-1). The other targets (checkpoint_fuzz, serving_fuzz,
+dist_fuzz) have only campaign-grown corpora.
 """
 
 import json
@@ -100,6 +102,15 @@ def safetensors_corpus():
     # SafeTensorsTest.RejectsDeepNestingWithoutOverflowingTheStack).
     c["regress_deep_nesting"] = safetensors([], header=json.dumps(
         {"a": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0], "note": []}}).replace("[]", "[" * 80 + "]" * 80))
+    # Valid JSON followed by a NUL and garbage: nlohmann stopped at the NUL and the file opened
+    # (issue 18); trailing garbage without one; both are format_errors now, as in Python's json.
+    one = json.dumps({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}})
+    c["regress_nul_after_header"] = safetensors([], header=one + "\0garbage") + f32(1)
+    c["regress_trailing_garbage"] = safetensors([], header=one + " x") + f32(1)
+    # Many empty tensors (the issue's 1.5 million, scaled down): a header cheap per byte to write
+    # and costly per byte to hold.
+    c["many_empty_tensors"] = safetensors([], header="{" + ",".join(
+        '"t%d":{"dtype":"F32","shape":[0],"data_offsets":[0,0]}' % i for i in range(2000)) + "}")
     return c
 
 
@@ -265,10 +276,15 @@ def attention_corpus():
     return c
 
 
+def grown(name):
+    """An input a fuzzing campaign added (tools/fuzz.sh --campaign): libFuzzer names them by SHA-1."""
+    return len(name) == 40 and all(ch in "0123456789abcdef" for ch in name)
+
+
 def write(directory, corpus):
     os.makedirs(directory, exist_ok=True)
-    for name in os.listdir(directory):  # regenerate, keeping the regression inputs
-        if not name.startswith("regress_"):
+    for name in os.listdir(directory):  # regenerate, keeping the regression and campaign inputs
+        if not name.startswith("regress_") and not grown(name):
             os.remove(os.path.join(directory, name))
     for name, data in sorted(corpus.items()):
         with open(os.path.join(directory, name), "wb") as f:

@@ -15,6 +15,20 @@
 
 namespace attn_test {
 
+// Whether this build runs under a sanitizer (ASan, UBSan or TSan, g++ or clang): the randomized
+// tests run fewer cases there, for time.
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+constexpr bool kSanitized = true;
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer) || __has_feature(undefined_behavior_sanitizer)
+constexpr bool kSanitized = true;
+#else
+constexpr bool kSanitized = false;
+#endif
+#else
+constexpr bool kSanitized = false;
+#endif
+
 using Scalars = ::testing::Types<float, double>;
 
 // Typed tests are named by their scalar: Suite/float.Test, Suite/double.Test. Use as

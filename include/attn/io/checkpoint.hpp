@@ -11,9 +11,10 @@
 //   model.safetensors.index.json         {"metadata": {...}, "weight_map": {name: shard file}}
 //   model-00001-of-0000N.safetensors     the shards the index names
 // open() also takes a single .safetensors file (no config: config() is an empty object). Every
-// shard is memory-mapped (attn/io/safetensors.hpp); a tensor the model keeps as stored (a bf16
-// weight kept in bf16, an F32 one in float) is a view of the mapping, so loading reads only the
-// bytes it converts and a model's memory is what it touches.
+// shard is memory-mapped (attn/io/safetensors.hpp), or read into memory with FileAccess::Read; a
+// tensor the model keeps as stored (a bf16 weight kept in bf16, an F32 one in float) is a view of
+// the shard's bytes, so loading a mapped checkpoint reads only the bytes it converts and a model's
+// memory is what it touches.
 //
 // Errors are attn::format_error naming the file: no config.json, no weights, an index that is not
 // JSON or has no weight_map, a shard it names that is missing or lies outside the directory, a
@@ -25,13 +26,12 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <optional>
-#include <sstream>
 #include <string>
 #include <unordered_map>
 #include <utility>
@@ -51,8 +51,11 @@ class Checkpoint {
  public:
   // A checkpoint directory (config.json, then model.safetensors.index.json and its shards, or
   // model.safetensors), or one .safetensors file.
-  static Checkpoint open(const std::filesystem::path& path) {
+  // `access`: how each shard is read (attn/io/safetensors.hpp, FileAccess: Map by default; Read
+  // for files that other processes may change). config.json and the index are always read.
+  static Checkpoint open(const std::filesystem::path& path, FileAccess access = FileAccess::Map) {
     Checkpoint c(path.string());
+    c.access_ = access;
     if (!std::filesystem::is_directory(path)) {
       if (!std::filesystem::exists(path)) c.fail("does not exist");
       c.config_ = nlohmann::json::object();
@@ -160,21 +163,25 @@ class Checkpoint {
 
   [[noreturn]] void fail(const std::string& what) const { throw format_error("checkpoint " + path_ + ": " + what); }
 
+  // A JSON file of the directory; a FIFO or anything but a regular file is refused before it is
+  // read (detail::FileBytes), and a NUL byte is invalid JSON here too.
   nlohmann::json read_json(const std::filesystem::path& file) const {
-    std::ifstream in(file, std::ios::binary);
-    if (!in) fail("cannot read " + file.filename().string());
-    std::stringstream text;
-    text << in.rdbuf();
+    const std::string name = file.filename().string();
+    const detail::FileBytes bytes(file.string(), FileAccess::Read, "checkpoint " + path_ + ": " + name);
+    const char* text = reinterpret_cast<const char*>(bytes.data());
+    if (const void* nul = std::memchr(text, 0, bytes.size()))
+      fail(attn::detail::concat(name, " is not valid JSON: it holds a NUL byte at offset ",
+                                static_cast<const char*>(nul) - text));
     try {
-      return nlohmann::json::parse(text.str());
+      return nlohmann::json::parse(text, text + bytes.size());
     } catch (const nlohmann::json::exception& e) {
-      fail(file.filename().string() + " is not valid JSON: " + e.what());
+      fail(name + " is not valid JSON: " + e.what());
     }
   }
 
   void add_shard(const std::filesystem::path& file, const std::map<std::string, std::string>* listed) {
     const std::size_t i = shards_.size();
-    shards_.push_back(SafeTensors::open(file));
+    shards_.push_back(SafeTensors::open(file, access_));
     const std::string base = file.filename().string();
     for (const std::string& name : shards_[i].names()) {
       if (listed) {
@@ -218,6 +225,7 @@ class Checkpoint {
   }
 
   std::string path_;
+  FileAccess access_ = FileAccess::Map;
   nlohmann::json config_;
   std::vector<SafeTensors> shards_;
   std::vector<std::string> names_;

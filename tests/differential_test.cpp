@@ -98,17 +98,7 @@ using Mat = attn::Matrix<T>;
 
 // --- seeds and counts ------------------------------------------------------------------------------
 
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-constexpr bool kSanitized = true;
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer) || __has_feature(undefined_behavior_sanitizer)
-constexpr bool kSanitized = true;
-#else
-constexpr bool kSanitized = false;
-#endif
-#else
-constexpr bool kSanitized = false;
-#endif
+constexpr bool kSanitized = attn_test::kSanitized;
 #if defined(__OPTIMIZE__) && defined(NDEBUG)
 constexpr bool kOptimized = true;
 #else
@@ -192,7 +182,7 @@ struct Config {
   // masks
   int mask_kind = 0;  // 0 none, 1 [L, S], 2 [B*H*L, S]
   bool mask_attend = true;
-  int mask_store = 0;  // 0 owned copy, 1 view of a matrix, 2 raw buffer
+  int mask_store = 0;  // 0 copy of a matrix, 1 attn::view of it, 2 attn::view of its raw buffer
   double mask_density = 0.8;
   int bias_kind = 0;  // 0 none, 1 [L, S], 2 [B*H*L, S]
   double bias_amp = 1;
@@ -771,8 +761,9 @@ struct MaskSet {
       for (Index i = 0; i < bias.size(); ++i)
         bias.data()[i] =
             r.coin(0.1) ? -std::numeric_limits<T>::infinity() : static_cast<T>(c.bias_amp * r.normal());
-      m.attn_bias = c.mask_store == 2 ? attn::AdditiveMask<T>(bias.data(), bias.rows(), bias.cols())
-                                      : attn::AdditiveMask<T>(bias);
+      m.attn_bias = c.mask_store == 2   ? attn::AdditiveMask<T>(attn::view(bias.data(), bias.rows(), bias.cols()))
+                    : c.mask_store == 1 ? attn::AdditiveMask<T>(attn::view(bias))
+                                        : attn::AdditiveMask<T>(bias);
     }
     if (c.padding) {
       padding.resize(B, S);
@@ -805,12 +796,12 @@ struct MaskSet {
     if (padding.size() && padding(b, j) != padding_attend) return false;
     return true;
   }
-  // An owned copy, a view of `mask`, or a view of its raw buffer.
+  // A copy of `mask`, an attn::view of it, or an attn::view of its raw buffer.
   template <class M>
   M make_mask(int store) const {
-    if (store == 0) return M(attn::BoolMatrix(mask));
-    if (store == 1) return M(mask);
-    return M(mask.data(), mask.rows(), mask.cols());
+    if (store == 0) return M(mask);
+    if (store == 1) return M(attn::view(mask));
+    return M(attn::view(mask.data(), mask.rows(), mask.cols()));
   }
   double bias_at(Index b, Index h, Index i, Index j) const {
     return bias.size() ? double(bias(bias.rows() == L ? i : (b * H + h) * L + i, j)) : 0.0;

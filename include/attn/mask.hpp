@@ -9,6 +9,11 @@
 //   m.key_padding_mask = attn::IgnoreMask(pad);  // true = ignore this key (nn.MultiheadAttention)
 //   m.attn_mask = attn::AttendMask(allowed);     // true = may attend (F.scaled_dot_product_attention)
 //   m.causal = attn::Causal::BottomRight;        // alignment is always spelled out
+//
+// A mask copies its elements (a temporary it takes over), so it stays valid whatever happens to
+// the matrix it was built from; attn::view(m) makes one that reads m in place instead, for masks
+// too large to copy per call, and m must then outlive it:
+//   m.attn_mask = attn::AttendMask(attn::view(allowed));   // no copy: `allowed` must stay alive
 #pragma once
 
 #include <cmath>
@@ -29,16 +34,47 @@ namespace attn {
 // The two agree when L == S.
 enum class Causal { None, TopLeft, BottomRight };
 
+// A view of mask elements that the caller keeps alive: attn::view(m) for a row-major matrix,
+// attn::view(data, rows, cols) for a contiguous row-major buffer (a torch or numpy tensor). For a
+// mask too large to copy on every call; the caller must keep the elements alive, unchanged, for
+// as long as the mask is used. Every other way of building a mask copies the elements (or takes a
+// temporary over), so no mask can outlive what it reads unless it was asked to view.
+template <class Scalar>
+class MaskView {
+ public:
+  MaskView(const Scalar* data, Index rows, Index cols) : data_(data), rows_(rows), cols_(cols) {}
+  const Scalar* data() const { return data_; }
+  Index rows() const { return rows_; }
+  Index cols() const { return cols_; }
+
+ private:
+  const Scalar* data_;
+  Index rows_, cols_;
+};
+
+template <class Scalar>
+MaskView<Scalar> view(const Matrix<Scalar>& m) {
+  return MaskView<Scalar>(m.data(), m.rows(), m.cols());
+}
+// A temporary is gone at the end of the statement: build the mask from it instead (the mask takes
+// it over), e.g. attn::IgnoreMask(pad.array() == 0).
+template <class Scalar>
+MaskView<Scalar> view(const Matrix<Scalar>&& m) = delete;
+template <class Scalar>
+MaskView<Scalar> view(const Scalar* data, Index rows, Index cols) {
+  return MaskView<Scalar>(data, rows, cols);
+}
+
 namespace detail {
 
-// The elements of a mask: a view over the caller's row-major buffer, or a copy this object keeps
-// alive (shared between copies, so a mask may be copied freely).
+// The elements of a mask: a copy this object keeps alive (shared between copies, so a mask may be
+// copied freely), or, only when built from an attn::view, the caller's row-major buffer.
 template <class Scalar>
 class MaskData {
  public:
   MaskData() = default;
-  // Views m: m must outlive every call that uses the mask.
-  explicit MaskData(const Matrix<Scalar>& m) : data_(m.data()), rows_(m.rows()), cols_(m.cols()), present_(true) {}
+  // Copies m.
+  explicit MaskData(const Matrix<Scalar>& m) : MaskData(Matrix<Scalar>(m)) {}
   // Takes m over.
   explicit MaskData(Matrix<Scalar>&& m)
       : owned_(std::make_shared<const Matrix<Scalar>>(std::move(m))),
@@ -49,11 +85,16 @@ class MaskData {
   // Evaluates any other Eigen expression into an owned copy (column-major matrices, comparisons).
   template <class Derived>
   explicit MaskData(const Eigen::DenseBase<Derived>& expr) : MaskData(Matrix<Scalar>(expr)) {}
-  // Views a contiguous row-major buffer of rows x cols elements (a torch or numpy tensor).
-  MaskData(const Scalar* data, Index rows, Index cols) : data_(data), rows_(rows), cols_(cols), present_(true) {
-    require_shape(rows >= 0 && cols >= 0, "attn mask", "negative shape ", shape(rows, cols));
-    checked_mul("attn mask", "rows * cols", rows, cols);
-    require_arg(data != nullptr || rows == 0 || cols == 0, "attn mask", "null data for shape ", shape(rows, cols));
+  // Copies a contiguous row-major buffer of rows x cols elements.
+  MaskData(const Scalar* data, Index rows, Index cols) : MaskData(attn::view(data, rows, cols)) {
+    owned_ = std::make_shared<const Matrix<Scalar>>(Eigen::Map<const Matrix<Scalar>>(data_, rows_, cols_));
+    data_ = owned_->data();
+  }
+  // Views the caller's elements (attn::view).
+  explicit MaskData(const MaskView<Scalar>& v) : data_(v.data()), rows_(v.rows()), cols_(v.cols()), present_(true) {
+    require_shape(rows_ >= 0 && cols_ >= 0, "attn mask", "negative shape ", shape(rows_, cols_));
+    checked_mul("attn mask", "rows * cols", rows_, cols_);
+    require_arg(data_ != nullptr || rows_ == 0 || cols_ == 0, "attn mask", "null data for shape ", shape(rows_, cols_));
   }
 
   bool present() const { return present_; }
@@ -62,6 +103,8 @@ class MaskData {
   // Row-major with rows packed: element (r, c) is data()[r * cols() + c].
   const Scalar* data() const { return data_; }
   Scalar operator()(Index r, Index c) const { return data_[r * cols_ + c]; }
+  // Whether the elements are this mask's own (false: an attn::view of the caller's).
+  bool owns_data() const { return owned_ != nullptr || !present_; }
 
  private:
   std::shared_ptr<const Matrix<Scalar>> owned_;
@@ -85,6 +128,8 @@ class BoolMask {
   // Whether query row r may attend key column c.
   bool attends(Index r, Index c) const { return data_(r, c) == attend_value_; }
   const bool* data() const { return data_.data(); }
+  // Whether the mask holds its own elements (false only when built from an attn::view).
+  bool owns_data() const { return data_.owns_data(); }
 
  protected:
   BoolMask(detail::MaskData<bool> data, bool attend_value) : data_(std::move(data)), attend_value_(attend_value) {}
@@ -94,10 +139,13 @@ class BoolMask {
   bool attend_value_ = true;
 };
 
+// Built from a matrix, an Eigen expression or a buffer, a mask holds a copy of the elements (a
+// temporary it takes over); from attn::view(...), it reads the caller's, which must outlive it.
 template <bool TrueMeansAttend>
 class PolarMask : public BoolMask {
  public:
   explicit PolarMask(const BoolMatrix& m) : BoolMask(detail::MaskData<bool>(m), TrueMeansAttend) {}
+  explicit PolarMask(const MaskView<bool>& v) : BoolMask(detail::MaskData<bool>(v), TrueMeansAttend) {}
   explicit PolarMask(BoolMatrix&& m) : BoolMask(detail::MaskData<bool>(std::move(m)), TrueMeansAttend) {}
   template <class Derived>
   explicit PolarMask(const Eigen::DenseBase<Derived>& expr) : BoolMask(detail::MaskData<bool>(expr), TrueMeansAttend) {}
@@ -111,7 +159,7 @@ using AttendMask = PolarMask<true>;
 using IgnoreMask = PolarMask<false>;
 
 // Added to the scaled logits before the softmax; -inf masks a key out, finite values bias it.
-// (PyTorch's float attn_mask.)
+// (PyTorch's float attn_mask.) Copies its elements, or views them when built from attn::view.
 template <class T>
 class AdditiveMask {
   ATTN_CHECK_SCALAR(T);
@@ -123,12 +171,15 @@ class AdditiveMask {
   template <class Derived>
   explicit AdditiveMask(const Eigen::DenseBase<Derived>& expr) : data_(expr) {}
   AdditiveMask(const T* data, Index rows, Index cols) : data_(data, rows, cols) {}
+  explicit AdditiveMask(const MaskView<T>& v) : data_(v) {}  // reads the caller's elements
 
   bool empty() const { return !data_.present(); }
   Index rows() const { return data_.rows(); }
   Index cols() const { return data_.cols(); }
   T operator()(Index r, Index c) const { return data_(r, c); }
   const T* data() const { return data_.data(); }
+  // Whether the mask holds its own elements (false only when built from an attn::view).
+  bool owns_data() const { return data_.owns_data(); }
 
  private:
   detail::MaskData<T> data_;

@@ -14,6 +14,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <string>
 #include <vector>
 
@@ -229,6 +230,46 @@ TEST_F(Checkpoints, FifosAreRefusedAndShardsCanBeRead) {
   std::ofstream(d / "config.json", std::ios::binary) << std::string("{\"model_type\": \"llama\"}\0x", 25);
   EXPECT_TRUE(attn_test::throws_with<attn::format_error>(
       [&] { attn::io::Checkpoint::open(d); }, {"config.json is not valid JSON: it holds a NUL byte at offset 23"}));
+}
+
+// Found by checkpoint_fuzz: a config's layer count built a list of every layer's tensors before
+// any was checked (2^31 - 1 layers: gigabytes, then std::bad_alloc); a loop of symbolic links
+// or a shard name too long for the file system escaped as std::filesystem's exception; a config
+// nested 30,000 levels deep overflowed the stack in nlohmann's recursive destructor and dump();
+// an empty config.json passed a null pointer to memchr. Each is a format_error now.
+TEST_F(Checkpoints, HostileConfigsAndNamesAreFormatErrors) {
+  const fs::path d = copy("llama3");
+  const auto load = [&] { (void)attn::models::load_causal_lm<float>(d); };
+  const auto config_with = [&](const std::string& key, const std::string& value) {
+    nlohmann::json config = attn::io::Checkpoint::open(hf("llama3")).config();
+    config[key] = 0;  // a placeholder, replaced by `value` as text
+    std::string text = config.dump();
+    const std::string slot = "\"" + key + "\":0";
+    text.replace(text.find(slot), slot.size(), "\"" + key + "\":" + value);
+    std::ofstream(d / "config.json", std::ios::binary | std::ios::trunc) << text;
+  };
+  config_with("num_hidden_layers", "2147483647");
+  EXPECT_TRUE(attn_test::throws_with<attn::format_error>(
+      load, {"\"num_hidden_layers\" is 2147483647, but the checkpoint holds only", "tensors"}));
+  config_with("vocab_size", std::string(30000, '[') + std::string(30000, ']'));
+  EXPECT_TRUE(
+      attn_test::throws_with<attn::format_error>(load, {"config.json nests arrays and objects deeper than 64"}));
+  std::ofstream(d / "config.json", std::ios::trunc).flush();
+  EXPECT_TRUE(attn_test::throws_with<attn::format_error>(load, {"config.json is not valid JSON"}));
+
+  fs::remove(d / "config.json");
+  fs::create_symlink("config.json", d / "config.json");  // a loop of one link
+  EXPECT_TRUE(attn_test::throws_with<attn::format_error>(load, {"config.json cannot be read"}));
+
+  const fs::path e = copy("roberta");
+  std::ifstream in(e / "model.safetensors.index.json");
+  std::string index((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const std::string shard = "model-00002-of-00002.safetensors";
+  for (std::size_t at = index.find(shard); at != std::string::npos; at = index.find(shard))
+    index.replace(at, shard.size(), std::string(300, 'x') + ".safetensors");
+  std::ofstream(e / "model.safetensors.index.json", std::ios::trunc) << index;
+  EXPECT_TRUE(attn_test::throws_with<attn::format_error>([&] { attn::io::Checkpoint::open(e); },
+                                                         {"cannot be read", "File name too long"}));
 }
 
 // An unexpected tensor fails a strict load, naming it; strict = false reports it.

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <limits>
 #include <nlohmann/json.hpp>
@@ -34,6 +35,15 @@ class HfConfig {
     return static_cast<Index>(v.get<std::int64_t>());
   }
   Index count(const char* key, Index fallback) const { return has(key) ? count(key) : fallback; }
+  // A layer count: a count no larger than the checkpoint's number of tensors (every layer has
+  // several), checked before a list of each layer's tensors is built for it.
+  Index layers(const char* key, std::size_t tensors) const {
+    const Index n = count(key);
+    if (static_cast<std::uint64_t>(n) > tensors)
+      fail(std::string("\"") + key + "\" is " + std::to_string(n) + ", but the checkpoint holds only " +
+           std::to_string(tensors) + " tensors (every layer has several)");
+    return n;
+  }
   // An integer that may be negative or zero (a token id).
   Index integer(const char* key, Index fallback) const {
     if (!has(key)) return fallback;

@@ -33,6 +33,7 @@
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
+#include <system_error>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -56,23 +57,26 @@ class Checkpoint {
   static Checkpoint open(const std::filesystem::path& path, FileAccess access = FileAccess::Map) {
     Checkpoint c(path.string());
     c.access_ = access;
-    if (!std::filesystem::is_directory(path)) {
-      if (!std::filesystem::exists(path)) c.fail("does not exist");
+    std::error_code ec;
+    const bool directory = std::filesystem::is_directory(path, ec);
+    if (ec && ec != std::errc::no_such_file_or_directory) c.fail("cannot be read: " + ec.message());
+    if (!directory) {
+      if (!c.exists(path)) c.fail("does not exist");
       c.config_ = nlohmann::json::object();
       c.add_shard(path, nullptr);
       return c;
     }
     const std::filesystem::path config_file = path / "config.json", index = path / "model.safetensors.index.json",
                                 single = path / "model.safetensors";
-    if (!std::filesystem::exists(config_file))
+    if (!c.exists(config_file))
       c.fail(
           "has no config.json (a Hugging Face checkpoint directory has one; open a .safetensors file alone by "
           "its path)");
     c.config_ = c.read_json(config_file);
     if (!c.config_.is_object()) c.fail("config.json is not a JSON object");
-    if (std::filesystem::exists(index)) {
+    if (c.exists(index)) {
       c.open_shards(path, index);
-    } else if (std::filesystem::exists(single)) {
+    } else if (c.exists(single)) {
       c.add_shard(single, nullptr);
     } else {
       c.fail(
@@ -163,18 +167,35 @@ class Checkpoint {
 
   [[noreturn]] void fail(const std::string& what) const { throw format_error("checkpoint " + path_ + ": " + what); }
 
-  // A JSON file of the directory; a FIFO or anything but a regular file is refused before it is
-  // read (detail::FileBytes), and a NUL byte is invalid JSON here too.
+  // Whether p exists; a failure to tell (a loop of symbolic links, a name too long for the file
+  // system) is a format_error, not std::filesystem's exception.
+  bool exists(const std::filesystem::path& p) const {
+    std::error_code ec;
+    const bool there = std::filesystem::exists(p, ec);
+    if (ec) fail(p.filename().string() + " cannot be read: " + ec.message());
+    return there;
+  }
+
+  // A JSON file of the directory, with the checks a safetensors header gets: anything but a
+  // regular file is refused before it is read (detail::FileBytes), a NUL byte is invalid JSON,
+  // and nesting past detail::max_header_depth is refused before a document is built (nlohmann
+  // destroys and prints documents recursively: 30,000 levels overflowed the stack).
   nlohmann::json read_json(const std::filesystem::path& file) const {
     const std::string name = file.filename().string();
     const detail::FileBytes bytes(file.string(), FileAccess::Read, "checkpoint " + path_ + ": " + name);
     const char* text = reinterpret_cast<const char*>(bytes.data());
-    if (const void* nul = std::memchr(text, 0, bytes.size()))
+    const std::size_t size = bytes.size();
+    if (const void* nul = size ? std::memchr(text, 0, size) : nullptr)
       fail(attn::detail::concat(name, " is not valid JSON: it holds a NUL byte at offset ",
                                 static_cast<const char*>(nul) - text));
+    detail::HeaderScan scan;
+    const bool valid = nlohmann::json::sax_parse(text, text + size, &scan);
+    if (scan.too_deep)
+      fail(attn::detail::concat(name, " nests arrays and objects deeper than ", detail::max_header_depth, " levels"));
+    if (!valid) fail(name + " is not valid JSON: " + scan.error);
     try {
-      return nlohmann::json::parse(text, text + bytes.size());
-    } catch (const nlohmann::json::exception& e) {
+      return nlohmann::json::parse(text, text + size);
+    } catch (const nlohmann::json::exception& e) {  // not after the scan, but never unchecked
       fail(name + " is not valid JSON: " + e.what());
     }
   }
@@ -216,7 +237,7 @@ class Checkpoint {
     }
     std::sort(files.begin(), files.end());  // model-00001-of-N, model-00002-of-N, ...
     for (const std::string& f : files) {
-      if (!std::filesystem::exists(dir / f)) fail("shard " + f + " named by model.safetensors.index.json is missing");
+      if (!exists(dir / f)) fail("shard " + f + " named by model.safetensors.index.json is missing");
       add_shard(dir / f, &listed);
     }
     for (const auto& [name, file] : listed)

@@ -181,7 +181,7 @@ struct BertConfig {
       j.fail("model_type \"" + c.model_type + "\" is not of the BERT family (bert, roberta, xlm-roberta)");
     c.vocab_size = j.count("vocab_size");
     c.hidden_size = j.count("hidden_size");
-    c.num_layers = j.count("num_hidden_layers");
+    c.num_layers = j.layers("num_hidden_layers", ckpt.names().size());
     c.num_heads = j.count("num_attention_heads");
     if (c.hidden_size % c.num_heads != 0) j.fail("hidden_size is not divisible by num_attention_heads");
     c.intermediate_size = j.count("intermediate_size");

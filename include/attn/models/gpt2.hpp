@@ -52,7 +52,7 @@ struct Gpt2Config {
     if (type != "gpt2") j.fail("model_type \"" + type + "\" is not gpt2");
     c.vocab_size = j.count("vocab_size");
     c.n_embd = j.count("n_embd");
-    c.n_layer = j.count("n_layer");
+    c.n_layer = j.layers("n_layer", ckpt.names().size());
     c.n_head = j.count("n_head");
     if (c.n_embd % c.n_head != 0) j.fail("n_embd is not divisible by n_head");
     c.n_positions = j.count("n_positions");

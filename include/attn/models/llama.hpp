@@ -59,7 +59,7 @@ struct LlamaConfig {
     c.vocab_size = j.count("vocab_size");
     c.hidden_size = j.count("hidden_size");
     c.intermediate_size = j.count("intermediate_size");
-    c.num_layers = j.count("num_hidden_layers");
+    c.num_layers = j.layers("num_hidden_layers", ckpt.names().size());
     c.num_heads = j.count("num_attention_heads");
     c.num_kv_heads = j.count("num_key_value_heads", c.num_heads);
     if (c.num_heads % c.num_kv_heads != 0)

@@ -7,6 +7,7 @@
 #include <attn/decoder_attention.hpp>
 #include <attn/kv_storage.hpp>
 #include <attn/threads.hpp>
+#include <limits>
 #include <vector>
 
 #include "support/test_util.hpp"
@@ -49,7 +50,8 @@ TEST(DecoderAttention, EqualsItsPartsComposed) {
 
   // Every head's probabilities are those of the core on the same rotated q and k: [H*L, L], rows
   // (h, l), causal (row l is zero past column l), each row summing to 1.
-  const attn::AttentionResult<float> core = attn::GroupedQueryAttention<float>(6, 2).forward_with_weights(q, k, v, args);
+  const attn::AttentionResult<float> core =
+      attn::GroupedQueryAttention<float>(6, 2).forward_with_weights(q, k, v, args);
   const attn::AttentionResult<float> r = block.forward_with_weights(x, 1);
   EXPECT_TRUE(matrices_near(r.output, want, 1e-6));
   ASSERT_EQ(r.weights.rows(), 6 * L);
@@ -86,9 +88,9 @@ struct Case {
   const char* name;
   Index E, H;
   DecoderAttentionOptions opt;
-  Index capacity;                  // of the cache: a ring when opt.window > 0 (unless full)
-  bool full_cache_with_window;     // window over a full cache instead of a ring
-  std::vector<Index> chunks;       // prefill, then steps (repeated)
+  Index capacity;               // of the cache: a ring when opt.window > 0 (unless full)
+  bool full_cache_with_window;  // window over a full cache instead of a ring
+  std::vector<Index> chunks;    // prefill, then steps (repeated)
   Index L;
 };
 
@@ -135,10 +137,9 @@ TEST(DecoderAttention, DecodingThroughTheCacheEqualsTheWholeForward) {
       DecoderAttention<float> block(c.E, c.H, c.opt, gen);
       const Matrix<float> x = random(c.L, c.E, ++seed);
       const Matrix<float> whole = block.forward(x, 1);
-      attn::KVCache<float> cache =
-          c.full_cache_with_window
-              ? attn::KVCache<float>(1, block.num_kv_heads(), block.head_dim(), c.capacity)
-              : block.make_cache(1, c.capacity);
+      attn::KVCache<float> cache = c.full_cache_with_window
+                                       ? attn::KVCache<float>(1, block.num_kv_heads(), block.head_dim(), c.capacity)
+                                       : block.make_cache(1, c.capacity);
       Index t = 0;
       for (std::size_t i = 0; t < c.L; i = (i + 1 < c.chunks.size() ? i + 1 : std::min<std::size_t>(1, i))) {
         const Index n = std::min(c.chunks[i], c.L - t);
@@ -218,6 +219,14 @@ TEST(DecoderAttention, AFailedCallLeavesTheCacheAsItWas) {
   EXPECT_EQ(ring.size(0), 0);
   attn::KVCache<float> other_window(1, 2, 4, 6, 5);
   EXPECT_THROW(windowed.forward(random(1, 16, 3), other_window, 0), attn::argument_error);
+
+  // Found by serving_fuzz: a prompt that goes in chunks, whose last row's key an int8 cache cannot
+  // hold (inf), was refused only when that chunk was appended, after the first chunk went in.
+  attn::KVCache<float> int8_ring = windowed.make_cache(1, 6, attn::KVStorage::Int8);  // chunks of 3
+  Matrix<float> x = random(4, 16, 4);
+  x.row(3).setConstant(std::numeric_limits<float>::infinity());
+  EXPECT_THROW(windowed.forward(x, int8_ring, 0), attn::argument_error);
+  EXPECT_EQ(int8_ring.size(0), 0);
 }
 
 // make_cache(batch, capacity, storage): a block decoding against a bf16, fp16 or int8 cache does
@@ -290,7 +299,7 @@ TEST(DecoderAttention, AStepAgainstACompressedCacheEqualsTheCoreOnTheSameCache) 
 
 TEST(DecoderAttention, RejectsBadOptions) {
   EXPECT_THROW(DecoderAttention<float>(16, 4, options(3)), attn::shape_error);  // 3 does not divide 4
-  EXPECT_THROW(DecoderAttention<float>(18, 4), attn::shape_error);             // 18 / 4, no head_dim
+  EXPECT_THROW(DecoderAttention<float>(18, 4), attn::shape_error);              // 18 / 4, no head_dim
   EXPECT_NO_THROW(DecoderAttention<float>(18, 4, options(0, 6)));
   DecoderAttentionOptions o;
   o.window = -1;

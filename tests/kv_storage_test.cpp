@@ -303,10 +303,14 @@ double nearest_even(double x) {
     const std::size_t hi = std::size_t(std::upper_bound(g.pos.begin(), g.pos.end(), a) - g.pos.begin());
     const std::size_t lo = hi - 1;
     const double mid = (g.pos[lo] + g.pos[hi]) / 2;  // exact: one bit more than S has
-    if (a == g.pos[lo]) r = a;
-    else if (a < mid) r = g.pos[lo];
-    else if (a > mid) r = g.pos[hi];
-    else r = g.pos_bits[lo] % 2 == 0 ? g.pos[lo] : g.pos[hi];
+    if (a == g.pos[lo])
+      r = a;
+    else if (a < mid)
+      r = g.pos[lo];
+    else if (a > mid)
+      r = g.pos[hi];
+    else
+      r = g.pos_bits[lo] % 2 == 0 ? g.pos[lo] : g.pos[hi];
   }
   return std::signbit(x) ? -r : r;
 }
@@ -411,6 +415,31 @@ TYPED_TEST(QuantizeRow, ByHand) {
   const T one = T(-0.3);
   EXPECT_EQ(quantize_row(&one, 1, q), T(0.3) / T(127));
   EXPECT_EQ(q[0], -127);
+}
+
+// Found by serving_fuzz: at the top of T's range, s = max / 127 rounded up, and 127 * s rounded
+// past the largest finite T, so the row's largest value read back as inf. s now steps down once:
+// every q * s is finite and within half a step (s / 2) of x.
+TYPED_TEST(QuantizeRow, TheLargestFiniteValueStaysFinite) {
+  using T = TypeParam;
+  const T big = std::numeric_limits<T>::max();
+  const T x[3] = {big, -big, big / T(3)};
+  std::int8_t q[3];
+  const T s = quantize_row(x, 3, q);
+  EXPECT_EQ(std::vector<int>(q, q + 3), (std::vector<int>{127, -127, 42}));
+  for (int c = 0; c < 3; ++c) {
+    const T back = T(q[c]) * s;
+    EXPECT_TRUE(std::isfinite(back)) << c;
+    EXPECT_LE(std::abs(double(back) - double(x[c])), double(s) / 2 + double(big) * 1e-15) << c;
+  }
+  // Through a cache: what attention reads back is finite.
+  attn::KVCache<T> cache(attn::KVStorage::Int8, 1, 1, 3, 2);
+  attn::Matrix<T> row(1, 3);
+  row << big, -big, T(1);
+  cache.append(0, row, row);
+  const attn::Matrix<T> keys = cache.keys(0, 0);
+  EXPECT_TRUE(keys.allFinite());
+  EXPECT_EQ(keys(0, 0), T(127) * s);
 }
 
 // Rows of subnormals: s = max/127 is rounded to the subnormal grid (steps of t = denorm_min), and
@@ -576,7 +605,8 @@ TYPED_TEST(KVStorageCacheTyped, KeysAndValuesAreTheStoredValuesByHand) {
     EXPECT_EQ(Mat<T>(c.keys(0, 1)), attn_test::mat<T>({{3.96875, -1, 0.0625, 0}}));
     // Head 1's values (-4, 1, 0, 3): s = 4/127, q = (-127, 32, 0, 95): back s * q in T.
     const T s = T(4) / T(127);
-    EXPECT_EQ(Mat<T>(c.values(0, 1)), (attn_test::mat<T>({{double(s * T(-127)), double(s * T(32)), 0, double(s * T(95))}})));
+    EXPECT_EQ(Mat<T>(c.values(0, 1)),
+              (attn_test::mat<T>({{double(s * T(-127)), double(s * T(32)), 0, double(s * T(95))}})));
     // Head 0's keys: whatever quantize_row gives, times its scale.
     const std::vector<T> want = stored(KVStorage::Int8, k.data(), 4);
     EXPECT_EQ(Mat<T>(c.keys(0, 0)), (Eigen::Map<const Mat<T>>(want.data(), 1, 4)));
@@ -689,15 +719,15 @@ TEST(KVStorageCache, AppendRefusesWhatTheStorageCannotHoldAndChangesNothing) {
       unchanged();
       k(1, 4) = 1;
       v(2, 0) = -inf;
-      EXPECT_TRUE(attn_test::throws_with<attn::argument_error>([&] { cache.append(0, k, v); },
-                                                               {"value(2, 0) = -inf", "int8"}));
+      EXPECT_TRUE(
+          attn_test::throws_with<attn::argument_error>([&] { cache.append(0, k, v); }, {"value(2, 0) = -inf", "int8"}));
       unchanged();
       v(2, 0) = inf;
       EXPECT_THROW(cache.append(1, k, v), attn::argument_error);
     } else {
       v(0, 1) = 70000;
-      EXPECT_TRUE(attn_test::throws_with<attn::argument_error>([&] { cache.append(0, k, v); },
-                                                               {"attn::KVCache::append: ", "value(0, 1) = 70000", "fp16"}));
+      EXPECT_TRUE(attn_test::throws_with<attn::argument_error>(
+          [&] { cache.append(0, k, v); }, {"attn::KVCache::append: ", "value(0, 1) = 70000", "fp16"}));
       unchanged();
       v(0, 1) = 2;
       k(2, 5) = -65520;  // the first value that rounds to -inf
@@ -965,7 +995,7 @@ template <class T>
 void run_case(const Config& c, bool representable) {
   SCOPED_TRACE(c.describe() + (representable ? " representable K, V" : " random K, V") +
                (std::is_same_v<T, float> ? " float" : " double"));
-  constexpr double tol = attn_test::tolerance<T>();           // float 1e-5, double 1e-10
+  constexpr double tol = attn_test::tolerance<T>();  // float 1e-5, double 1e-10
   const double same_tol = std::is_same_v<T, float> ? 1e-6 : 1e-12;
   Rng r(c.seed * 2 + (representable ? 1 : 0));
 
@@ -1080,12 +1110,12 @@ void run_case(const Config& c, bool representable) {
       for (Index l = 0; l < c.L; ++l) {
         const Index row = b * c.L + l;
         const double q_l1 = q.block(row, h * c.d, 1, c.d).template cast<double>().cwiseAbs().sum();
-        const double allowed = attn::kv_storage_error_bound<double>(c.storage, scale * q_l1, max_k, max_v) +
-                               tol * std::max(1.0, max_v);
-        const double err = (out.block(row, h * c.dv, 1, c.dv).template cast<double>() -
-                            exact.block(row, h * c.dv, 1, c.dv))
-                               .cwiseAbs()
-                               .maxCoeff();
+        const double allowed =
+            attn::kv_storage_error_bound<double>(c.storage, scale * q_l1, max_k, max_v) + tol * std::max(1.0, max_v);
+        const double err =
+            (out.block(row, h * c.dv, 1, c.dv).template cast<double>() - exact.block(row, h * c.dv, 1, c.dv))
+                .cwiseAbs()
+                .maxCoeff();
         double& worst = worst_ratio[int(c.storage)];
         worst = std::max(worst, err / allowed);
         ASSERT_LE(err, allowed) << "(b) sequence " << b << ", head " << h << ", query " << l

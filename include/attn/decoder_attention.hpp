@@ -35,16 +35,16 @@
 namespace attn {
 
 struct DecoderAttentionOptions {
-  Index num_kv_heads = 0;       // 0: num_heads (multi-head); 1: multi-query; must divide num_heads
-  Index head_dim = 0;           // 0: embed_dim / num_heads
-  bool qkv_bias = false;        // q/k/v_proj biases (Qwen 2: true; Llama, Mistral: false)
-  bool o_bias = false;          // o_proj bias
+  Index num_kv_heads = 0;             // 0: num_heads (multi-head); 1: multi-query; must divide num_heads
+  Index head_dim = 0;                 // 0: embed_dim / num_heads
+  bool qkv_bias = false;              // q/k/v_proj biases (Qwen 2: true; Llama, Mistral: false)
+  bool o_bias = false;                // o_proj bias
   std::optional<Rope> rope = Rope{};  // rotary embeddings (NeoX style, base 10000); nullopt: none
-  Index max_positions = 4096;   // positions the RoPE table covers
-  Index window = 0;             // > 0: sliding-window attention over the last `window` positions
-  double softcap = 0;           // > 0: logit soft-capping (Gemma 2: 50)
-  bool alibi = false;           // ALiBi with the standard slopes (attn::alibi_slopes)
-  double scale = 0;             // 0: 1 / sqrt(head_dim) (Gemma: query_pre_attn_scalar^-0.5)
+  Index max_positions = 4096;         // positions the RoPE table covers
+  Index window = 0;                   // > 0: sliding-window attention over the last `window` positions
+  double softcap = 0;                 // > 0: logit soft-capping (Gemma 2: 50)
+  bool alibi = false;                 // ALiBi with the standard slopes (attn::alibi_slopes)
+  double scale = 0;                   // 0: 1 / sqrt(head_dim) (Gemma: query_pre_attn_scalar^-0.5)
 };
 
 template <class T>
@@ -207,8 +207,8 @@ class DecoderAttention {
     const char* where = "attn::DecoderAttention";
     detail::require_shape(E > 0 && H > 0, where, "embed_dim = ", E, " and num_heads = ", H, " must be positive");
     if (opt.num_kv_heads == 0) opt.num_kv_heads = H;
-    detail::require_shape(opt.num_kv_heads > 0 && H % opt.num_kv_heads == 0, where,
-                          "num_kv_heads = ", opt.num_kv_heads, " must be positive and divide num_heads = ", H);
+    detail::require_shape(opt.num_kv_heads > 0 && H % opt.num_kv_heads == 0, where, "num_kv_heads = ", opt.num_kv_heads,
+                          " must be positive and divide num_heads = ", H);
     if (opt.head_dim == 0) {
       detail::require_shape(E % H == 0, where, "embed_dim = ", E, " is not divisible by num_heads = ", H,
                             "; set head_dim");
@@ -304,8 +304,8 @@ class DecoderAttention {
   Matrix<T> run_cached(const ConstMatrixRef<T>& x, KVCache<T>& cache, Index b0, Index B, Matrix<T>* weights,
                        const char* where) const {
     // Every check that could fail comes before the cache is touched.
-    detail::require_arg(b0 >= 0 && b0 + B <= cache.batch(), where, "sequence ", b0, " is outside the cache's batch [0, ",
-                        cache.batch(), ")");
+    detail::require_arg(b0 >= 0 && b0 + B <= cache.batch(), where, "sequence ", b0,
+                        " is outside the cache's batch [0, ", cache.batch(), ")");
     check_cache(cache, where);
     const Index L = check_x(x, B, where), n = cache.size(b0);
     for (Index b = b0 + 1; b < b0 + B; ++b)
@@ -326,6 +326,10 @@ class DecoderAttention {
 
     Matrix<T> q = q_proj_.forward(x), k = k_proj_.forward(x), v = v_proj_.forward(x);
     rotate(q, k, B, n);
+    // The storage's check of every row before the first chunk goes in (each append checks only its
+    // own chunk, and a refused later chunk would leave the earlier ones in the cache).
+    detail::check_storable<T>(cache.storage(), k, where, "key", "cache");
+    detail::check_storable<T>(cache.storage(), v, where, "value", "cache");
     CacheArgs<T> args;  // causal, bottom-right
     set_options(args);
     if (chunked) {

@@ -78,13 +78,16 @@ S round_to(T x) {
   }
 }
 
-// Row x[0, n) as int8: q = round(x / s) (to nearest even), s = max|x| / 127, so max|x| is +-127
-// and every |q| <= 127. Returns s (0 for a row of zeros, whose q are 0). x must be finite.
+// Row x[0, n) as int8: q = round(x / s) (to nearest even), s = max|x| / 127 (one step less where
+// 127 * s would overflow), so max|x| is +-127 and every |q| <= 127. Returns s (0 for a row of zeros, whose q are 0). x must be finite.
 template <class T>
 T quantize_row(const T* x, Index n, std::int8_t* q) {
   T max_abs = 0;
   for (Index c = 0; c < n; ++c) max_abs = std::max(max_abs, std::abs(x[c]));
-  const T s = max_abs / T(127);
+  T s = max_abs / T(127);
+  // At the top of T's range 127 * s can round past the largest finite T, and the row's largest
+  // value would read back as inf: step s down until it does not (once is enough).
+  while (!std::isfinite(T(127) * s)) s = std::nextafter(s, T(0));
   if (s == T(0)) {
     std::fill(q, q + n, std::int8_t(0));
     return T(0);
@@ -100,15 +103,14 @@ T quantize_row(const T* x, Index n, std::int8_t* q) {
 template <class T>
 void check_storable(Storage s, const ConstMatrixRef<T>& x, const char* where, const char* name, const char* holder) {
   if (s != Storage::Int8 && s != Storage::Float16) return;
-  const bool fine =
-      s == Storage::Int8 ? x.allFinite() : !((x.array().abs() >= T(65520)) && x.array().isFinite()).any();
+  const bool fine = s == Storage::Int8 ? x.allFinite() : !((x.array().abs() >= T(65520)) && x.array().isFinite()).any();
   if (fine) return;  // one vectorized pass; the loop below names the first bad element
   for (Index r = 0; r < x.rows(); ++r)
     for (Index c = 0; c < x.cols(); ++c) {
       const T a = x(r, c);
       if (s == Storage::Int8)
-        require_arg(std::isfinite(a), where, name, "(", r, ", ", c, ") = ", a, " cannot be stored in an int8 ",
-                    holder, " (its row's scale needs finite values)");
+        require_arg(std::isfinite(a), where, name, "(", r, ", ", c, ") = ", a, " cannot be stored in an int8 ", holder,
+                    " (its row's scale needs finite values)");
       else
         require_arg(!(std::abs(a) >= T(65520)) || !std::isfinite(a), where, name, "(", r, ", ", c, ") = ", a,
                     " is beyond fp16's range (|x| < 65520): use BFloat16 or Native storage for this ", holder);

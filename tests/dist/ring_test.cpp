@@ -647,3 +647,22 @@ TYPED_TEST(RingTest, SameInputsSameBits) {
 }
 
 }  // namespace
+
+namespace {
+
+// Found by dist_fuzz: shard_columns of a [0, L] matrix offset its null data pointer (UBSan:
+// "applying non-zero offset to null pointer"). Each rank gets a [0, local_len] matrix.
+TEST(ShardingTest, ShardColumnsOfNoRows) {
+  // Four chunks [0, 1) [1, 2) [2, 3) [3, 5): rank 0 holds chunks 0 and 3 (3 keys), rank 1 1 and 2.
+  const Sharding sh(5, 2, attn::dist::Layout::ZigZag);
+  EXPECT_EQ(sh.local_len(0), 3);
+  EXPECT_EQ(sh.local_len(1), 2);
+  const attn::BoolMatrix none(0, 5);
+  for (int r = 0; r < 2; ++r) {
+    const attn::BoolMatrix part = sh.shard_columns<bool>(none, r);
+    EXPECT_EQ(part.rows(), 0);
+    EXPECT_EQ(part.cols(), sh.local_len(r));
+  }
+}
+
+}  // namespace

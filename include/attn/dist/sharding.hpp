@@ -111,6 +111,7 @@ class Sharding {
     check_rank(rank, where);
     attn::detail::require_dims(where, "x", x.rows(), x.cols(), -1, L_, "[rows, L] = [rows, ", L_, "]");
     Matrix<T> y(x.rows(), local_len(rank));
+    if (y.size() == 0) return y;  // no rows: x's data may be null, and no column is offset into it
     for (const Segment& s : segments(rank))
       if (s.length > 0) y.middleCols(s.local, s.length) = x.middleCols(s.start, s.length);
     return y;

@@ -3,7 +3,9 @@
 //   attn::set_num_threads(2);   // every later call uses 2 threads; 0 = one per hardware thread
 //
 // Results do not depend on the thread count: work is split into fixed tasks that each own their
-// output rows, so 1 and N threads give bitwise identical numbers.
+// output rows, so 1 and N threads give bitwise identical numbers. set_num_threads may be called
+// at any time, from any thread, also while other threads run attn's calls (the setting is a
+// relaxed atomic): each parallel step uses the count in effect when it starts.
 #pragma once
 
 #include <algorithm>

@@ -110,18 +110,18 @@ struct AttentionProblem {
 // p.kv_storage): through the batch stride, or the page table when paged.
 template <class S, class T>
 const S* stored_row(const AttentionProblem<T>& p, bool value, Index b, Index h, Index j) {
-  const Strided<const T>& view = value ? p.v : p.k;
+  const Strided<const T>& kv = value ? p.v : p.k;
   const S* base = nullptr;
   if constexpr (std::is_same_v<S, T>) {
     ATTN_ASSERT(p.kv_storage == KVStorage::Native);
-    base = view.data;
+    base = kv.data;
   } else {
     base = static_cast<const S*>(value ? p.v_stored : p.k_stored);
   }
   if (p.page_table)
-    return base + p.page_table[j / p.page_size] * (value ? p.v_page_stride : p.k_page_stride) + h * view.head_stride +
-           (j % p.page_size) * view.row_stride;
-  return base + b * view.batch_stride + h * view.head_stride + j * view.row_stride;
+    return base + p.page_table[j / p.page_size] * (value ? p.v_page_stride : p.k_page_stride) + h * kv.head_stride +
+           (j % p.page_size) * kv.row_stride;
+  return base + b * kv.batch_stride + h * kv.head_stride + j * kv.row_stride;
 }
 
 // The int8 scale of row j of kv head h of K or V (1 without scales).

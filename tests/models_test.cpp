@@ -261,6 +261,22 @@ TEST_F(Checkpoints, HostileConfigsAndNamesAreFormatErrors) {
   fs::create_symlink("config.json", d / "config.json");  // a loop of one link
   EXPECT_TRUE(attn_test::throws_with<attn::format_error>(load, {"config.json cannot be read"}));
 
+  // Found by checkpoint_fuzz's campaign: a null model_type reached json::value() in load_bert,
+  // whose type_error escaped. Null reads as absent ("bert"), as every other field.
+  // The prefix comes from the config only when no embedding tensor names it: 64 other tensors.
+  {
+    const fs::path f = dir_ / "null_type";
+    fs::create_directories(f);
+    nlohmann::json config = attn::io::Checkpoint::open(hf("roberta")).config();
+    config["model_type"] = nullptr;
+    std::ofstream(f / "config.json") << config.dump();
+    attn::io::StateDict<float> others;
+    for (int i = 0; i < 64; ++i)
+      others.set("x" + std::to_string(i), attn::io::Tensor<float>({1}, attn::Matrix<float>::Zero(1, 1)));
+    attn::io::save_safetensors(f / "model.safetensors", others);
+    EXPECT_TRUE(attn_test::throws_with<attn::format_error>(
+        [&] { (void)attn::models::load_bert<float>(attn::io::Checkpoint::open(f)); }, {"bert.embeddings"}));
+  }
   const fs::path e = copy("roberta");
   std::ifstream in(e / "model.safetensors.index.json");
   std::string index((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());

@@ -208,7 +208,10 @@ namespace detail {
 inline std::string bert_prefix(const io::Checkpoint& ckpt) {
   for (const char* p : {"bert.", "roberta.", ""})
     if (ckpt.contains(std::string(p) + "embeddings.word_embeddings.weight")) return p;
-  return ckpt.config().value("model_type", std::string("bert")) == "bert" ? "bert." : "roberta.";
+  // As BertConfig reads it: absent or null is "bert", anything but a string a format_error (json's
+  // value() threw its type_error on a null, found by checkpoint_fuzz).
+  const attn::detail::HfConfig j(ckpt.config(), "checkpoint " + ckpt.path() + ": config.json");
+  return j.text("model_type", "bert") == "bert" ? "bert." : "roberta.";
 }
 
 inline std::vector<io::ExpectedTensor> bert_tensors(const BertConfig& c, const std::string& p, bool pooler) {
@@ -291,12 +294,13 @@ BertModel<T> load_bert(const io::Checkpoint& ckpt, const LoadOptions& opt = {}) 
   if (s != Storage::Native) encoder.set_weight_storage(s);
   std::optional<Linear<T>> pool;
   if (pooler)
-    pool.emplace(ckpt.weight<T>(p + "pooler.dense.weight", opt.storage, opt.map_weights), ckpt.vector<T>(p + "pooler.dense.bias"));
-  return BertModel<T>(Embedding<T>(ckpt.weight<T>(p + "embeddings.word_embeddings.weight", std::nullopt, opt.map_weights)),
-                      Embedding<T>(ckpt.weight<T>(p + "embeddings.position_embeddings.weight", std::nullopt, opt.map_weights)),
-                      Embedding<T>(ckpt.weight<T>(p + "embeddings.token_type_embeddings.weight", std::nullopt, opt.map_weights)),
-                      norm(p + "embeddings.LayerNorm"), std::move(encoder), std::move(pool),
-                      c.roberta() ? c.pad_token_id : -1);
+    pool.emplace(ckpt.weight<T>(p + "pooler.dense.weight", opt.storage, opt.map_weights),
+                 ckpt.vector<T>(p + "pooler.dense.bias"));
+  return BertModel<T>(
+      Embedding<T>(ckpt.weight<T>(p + "embeddings.word_embeddings.weight", std::nullopt, opt.map_weights)),
+      Embedding<T>(ckpt.weight<T>(p + "embeddings.position_embeddings.weight", std::nullopt, opt.map_weights)),
+      Embedding<T>(ckpt.weight<T>(p + "embeddings.token_type_embeddings.weight", std::nullopt, opt.map_weights)),
+      norm(p + "embeddings.LayerNorm"), std::move(encoder), std::move(pool), c.roberta() ? c.pad_token_id : -1);
 }
 
 }  // namespace attn::models

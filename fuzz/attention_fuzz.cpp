@@ -2,20 +2,35 @@
 //
 // The first byte chooses the class (ScaledDotProductAttention, MultiHeadAttention,
 // GroupedQueryAttention), the scalar type and the thread count; the next ones the options, the
-// shapes (0..40 each, fewer heads; consistent with each other unless a bit says otherwise) and
-// every mask and score option (bool attn_mask of either polarity, [L, S] or [B*H*L, S]; float
-// attn_bias; key padding; causal either way; window; softcap; ALiBi). The remaining bytes are
-// the values of the inputs, weights and biases, a byte each: (b - 116) / 16 for b < 232, else one
-// of the 24 special values of special() (NaN, +-inf, +-max, subnormals, 1e30, exp's overflow
-// points, ...).
+// shapes (consistent with each other unless a bit says otherwise; the ranges below) and every mask
+// and score option (bool attn_mask of either polarity, [L, S] or [B*H*L, S]; float attn_bias; key
+// padding; causal either way; window; softcap; ALiBi). The remaining bytes are the values of the
+// inputs, weights and biases, a byte each: (b - 116) / 16 for b < 232, else one of the 24 special
+// values of special() (NaN, +-inf, +-max, subnormals, 1e30, exp's overflow points, ...).
 // Past the end of the input every choice reads 0 and every value comes from a fixed pseudo-random
 // stream (the plain range only), so that an input of a few bytes can still give large shapes
-// their values (the kernels split work over threads only above ~8 MFLOP).
+// their values.
+//
+// Two builds of this file read the same bytes (a shape byte is taken modulo one more than its
+// range, so a seed whose shapes fit both ranges means the same in both); only the ranges differ:
+//   - attention_fuzz (the default): small shapes, thousands of inputs a second. L and S 0..20;
+//     d and dv (SDPA, GQA) 0..40; MHA's E, kdim and vdim 0..24; batch 0..3; heads 0..8 (MHA and
+//     GQA). Still past every kernel's tile sizes (decode kernel L <= 4, flash kernel beyond;
+//     16-key panels and decode key blocks; 6-row score tiles; 32-float dot and P.V steps), but
+//     far below the ~16 MFLOP at which the kernels split work over threads: every call runs on one
+//     thread, and the second call below checks that a repeated call (reusing the per-thread
+//     scratch of the first) returns the same bits.
+//   - attention_fuzz_large (ATTN_FUZZ_LARGE=1): L, S, d, dv, E, kdim and vdim 0..40; MHA batch
+//     0..40 and heads 0..8; GQA batch 0..8 and heads 0..32 (GQA work capped at 1.6e7
+//     multiply-adds); widths of their own 0..160. Shapes big enough that the flash, decode and GEMM
+//     kernels split work over two threads, so the second call checks 1 against 2 threads; tens of
+//     inputs a second (the offline campaign).
 //
 // Each call either throws attn::shape_error or attn::argument_error (attn/error.hpp: the answer to
 // bad arguments) or returns, and then:
 //   - the output has the documented shape;
-//   - the same call on the other thread count (1 or 2) returns the same bits (attn/threads.hpp);
+//   - the same call on the other thread count (1 or 2) returns the same bits (attn/threads.hpp;
+//     in the small build both calls run on one thread: see above);
 //   - when every input, weight, scale, slope and bias is finite (an additive mask may hold -inf)
 //     and no intermediate can overflow (the bounds in Bounds), every output is finite and every
 //     attention weight is in [0, 1], each row summing to 1, or to 0 when all its keys are masked;
@@ -50,124 +65,39 @@
 #include <utility>
 #include <vector>
 
+#include "fuzz_input.hpp"
+
 namespace {
 
 using attn::Index;
+using attn_fuzz::Input;
 template <class T>
 using Matrix = attn::Matrix<T>;
+
+// The largest value each kind of dimension takes: a shape byte is read modulo one more (Input::dim).
+// ATTN_FUZZ_LARGE: big enough that the kernels split work over threads; else small enough for
+// thousands of inputs a second, yet past every kernel's tile sizes (16 keys per panel and per
+// decode key block, 6 query rows per score tile, 32-float P.V and dot-product steps, ...).
+#if ATTN_FUZZ_LARGE
+constexpr int kSeq = 40;    // L and S; an odd-shaped mask's sides, ALiBi's slope count
+constexpr int kFeat = 40;   // SDPA's and GQA's d and dv (per head); SDPA's key width, out's width
+constexpr int kEmbed = 40;  // MHA's E, kdim and vdim, a misfit parameter's sides, out's width
+constexpr int kRows = 160;  // MHA's key rows and out's rows; GQA's key, value and out widths and out's rows
+constexpr int kMhaBatch = 40, kGqaBatch = 8;
+constexpr int kMhaHeads = 8, kGqaHeads = 32;
+#else
+constexpr int kSeq = 20;
+constexpr int kFeat = 40;
+constexpr int kEmbed = 24;
+constexpr int kRows = 64;
+constexpr int kMhaBatch = 3, kGqaBatch = 3;
+constexpr int kMhaHeads = 8, kGqaHeads = 8;
+#endif
 
 [[noreturn]] void fail(const std::string& what) {
   std::fprintf(stderr, "attention_fuzz: %s\n", what.c_str());
   std::abort();
 }
-
-// The values a byte of 232 or more stands for: the edges of floating point.
-template <class T>
-T special(int i) {
-  using Lim = std::numeric_limits<T>;
-  switch (i) {
-    case 0:
-      return T(0);
-    case 1:
-      return -T(0);
-    case 2:
-      return Lim::quiet_NaN();
-    case 3:
-      return Lim::infinity();
-    case 4:
-      return -Lim::infinity();
-    case 5:
-      return Lim::max();
-    case 6:
-      return Lim::lowest();
-    case 7:
-      return Lim::denorm_min();
-    case 8:
-      return -Lim::denorm_min();
-    case 9:
-      return Lim::min() / 2;  // subnormal
-    case 10:
-      return Lim::min();
-    case 11:
-      return Lim::epsilon();
-    case 12:
-      return T(1e30);
-    case 13:
-      return T(-1e30);
-    case 14:
-      return T(1e15);
-    case 15:
-      return T(-1e15);
-    case 16:
-      return T(88.5);  // exp overflows in float just above 88.72
-    case 17:
-      return T(-104);  // exp underflows to 0 in float
-    case 18:
-      return T(710);  // exp overflows in double
-    case 19:
-      return T(1e-20);
-    case 20:
-      return T(1e6);
-    case 21:
-      return T(-1e6);
-    case 22:
-      return std::sqrt(Lim::max());  // a product of two overflows
-    default:
-      return -std::sqrt(Lim::max());
-  }
-}
-
-// The input as a stream of bytes. Past its end, a choice (a shape, a flag) reads 0, and a value
-// or a mask bit comes from a fixed pseudo-random stream (values in the plain range only).
-class Input {
- public:
-  Input(const std::uint8_t* data, std::size_t size) : data_(data), size_(size), state_(0x9e3779b97f4a7c15ull ^ size) {}
-
-  std::uint8_t byte() { return pos_ < size_ ? data_[pos_++] : 0; }
-  Index dim(int max) { return byte() % (max + 1); }
-
-  template <class T>
-  T value() {
-    if (pos_ >= size_) return static_cast<T>(static_cast<int>(stream() % 232) - 116) / T(16);
-    const int b = data_[pos_++];
-    if (b >= 232) return special<T>(b - 232);
-    return static_cast<T>(b - 116) / T(16);
-  }
-  template <class T>
-  Matrix<T> matrix(Index rows, Index cols) {
-    Matrix<T> m(rows, cols);
-    for (Index i = 0; i < m.size(); ++i) m.data()[i] = value<T>();
-    return m;
-  }
-  template <class T>
-  attn::Vector<T> vector(Index n) {
-    attn::Vector<T> v(n);
-    for (Index i = 0; i < n; ++i) v[i] = value<T>();
-    return v;
-  }
-  attn::BoolMatrix bools(Index rows, Index cols) {
-    attn::BoolMatrix m(rows, cols);
-    std::uint8_t bits = 0;
-    for (Index i = 0; i < m.size(); ++i) {
-      if (i % 8 == 0) bits = pos_ < size_ ? data_[pos_++] : stream();
-      m.data()[i] = ((bits >> (i % 8)) & 1) != 0;
-    }
-    return m;
-  }
-
- private:
-  std::uint8_t stream() {
-    state_ ^= state_ << 13;  // xorshift64
-    state_ ^= state_ >> 7;
-    state_ ^= state_ << 17;
-    return static_cast<std::uint8_t>(state_ >> 56);
-  }
-
-  const std::uint8_t* data_;
-  std::size_t size_;
-  std::size_t pos_ = 0;
-  std::uint64_t state_;
-};
 
 // The largest magnitude among some values, and whether all are finite (an additive mask's -inf,
 // "masked out", counts as finite where allowed).
@@ -231,7 +161,7 @@ MaskInput<T> read_masks(Input& in, Index B, Index H, Index L, Index S) {
     } else if (s % 8 < 7) {
       rows = B * H * L, cols = S;
     } else {
-      rows = in.dim(40), cols = in.dim(40);
+      rows = in.dim(kSeq), cols = in.dim(kSeq);
     }
     return (s & 8) != 0;
   };
@@ -253,7 +183,7 @@ MaskInput<T> read_masks(Input& in, Index B, Index H, Index L, Index S) {
   }
   if (which & 4) {
     const std::uint8_t s = in.byte();
-    const Index rows = s % 8 < 7 ? B : in.dim(40), cols = s % 8 < 7 ? S : in.dim(40);
+    const Index rows = s % 8 < 7 ? B : in.dim(kSeq), cols = s % 8 < 7 ? S : in.dim(kSeq);
     attn::BoolMatrix bits = in.bools(rows, cols);
     if (s & 8)
       m.key_padding_mask = attn::AttendMask(std::move(bits));
@@ -266,7 +196,7 @@ MaskInput<T> read_masks(Input& in, Index B, Index H, Index L, Index S) {
   r.softcap.add(static_cast<double>(m.softcap));
   if (which & 128) {
     const std::uint8_t s = in.byte();
-    m.alibi_slopes = in.vector<T>(s % 8 < 7 ? H : in.dim(40));
+    m.alibi_slopes = in.vector<T>(s % 8 < 7 ? H : in.dim(kSeq));
     r.slopes.add(m.alibi_slopes);
   }
   return r;
@@ -396,15 +326,15 @@ attn::AttentionResult<T> on_both_thread_counts(int threads, F&& f) {
 template <class T>
 void fuzz_sdpa(Input& in, int threads) {
   const std::uint8_t mode = in.byte();
-  const Index L = in.dim(40), S = in.dim(40), d = in.dim(40), dv = in.dim(40);
-  const Index k_cols = (mode & 8) ? in.dim(40) : d, v_rows = (mode & 16) ? in.dim(40) : S;
+  const Index L = in.dim(kSeq), S = in.dim(kSeq), d = in.dim(kFeat), dv = in.dim(kFeat);
+  const Index k_cols = (mode & 8) ? in.dim(kFeat) : d, v_rows = (mode & 16) ? in.dim(kSeq) : S;
   const T scale = (mode & 1) ? in.value<T>() : T(0);
   const attn::ScaledDotProductAttention<T> sdpa =
       (mode & 1) ? attn::ScaledDotProductAttention<T>(scale) : attn::ScaledDotProductAttention<T>();
   const Matrix<T> q = in.matrix<T>(L, d), k = in.matrix<T>(S, k_cols), v = in.matrix<T>(v_rows, dv);
   const MaskInput<T> mi = read_masks<T>(in, 1, 1, L, S);
   const int call = (mode >> 1) & 3;
-  const Index out_rows = (mode & 32) ? in.dim(40) : L, out_cols = (mode & 32) ? in.dim(40) : dv;
+  const Index out_rows = (mode & 32) ? in.dim(kSeq) : L, out_cols = (mode & 32) ? in.dim(kFeat) : dv;
 
   const auto run = [&]() {
     attn::AttentionResult<T> r;
@@ -454,14 +384,14 @@ void fuzz_mha(Input& in, int threads) {
   o.add_bias_kv = opts & 2;
   o.add_zero_attn = opts & 4;
   o.batch_first = opts & 8;
-  const Index E = in.dim(40), H = in.dim(8);
-  if (opts & 16) o.kdim = in.dim(40);
-  if (opts & 32) o.vdim = in.dim(40);
-  const Index B = in.dim(40), L = in.dim(40);
+  const Index E = in.dim(kEmbed), H = in.dim(kMhaHeads);
+  if (opts & 16) o.kdim = in.dim(kEmbed);
+  if (opts & 32) o.vdim = in.dim(kEmbed);
+  const Index B = in.dim(kMhaBatch), L = in.dim(kSeq);
   const int inputs = opts >> 6;
-  const Index S = inputs == 0 ? L : in.dim(40);
-  const Index kv_rows = (mode & 32) ? in.dim(160) : B * S;
-  const Index bad_rows = (mode & 16) ? in.dim(40) : 0, bad_cols = (mode & 16) ? in.dim(40) : 0;
+  const Index S = inputs == 0 ? L : in.dim(kSeq);
+  const Index kv_rows = (mode & 32) ? in.dim(kRows) : B * S;
+  const Index bad_rows = (mode & 16) ? in.dim(kEmbed) : 0, bad_cols = (mode & 16) ? in.dim(kEmbed) : 0;
   const int bad_param = (mode & 16) ? in.byte() % 4 : -1;
 
   attn::MultiHeadAttention<T> mha(E, H, o);
@@ -515,7 +445,7 @@ void fuzz_mha(Input& in, int threads) {
   args.need_weights = mode & 1;
   args.average_attn_weights = mode & 2;
   const bool into = mode & 4;
-  const Index out_rows = (mode & 8) ? in.dim(160) : B * L, out_cols = (mode & 8) ? in.dim(40) : E;
+  const Index out_rows = (mode & 8) ? in.dim(kRows) : B * L, out_cols = (mode & 8) ? in.dim(kEmbed) : E;
 
   const auto run = [&](const attn::MhaArgs<T>& a) {
     attn::AttentionResult<T> r;
@@ -582,7 +512,7 @@ void fuzz_mha(Input& in, int threads) {
 template <class T>
 void fuzz_gqa(Input& in, int threads) {
   const std::uint8_t mode = in.byte();
-  const Index H = in.dim(32);
+  const Index H = in.dim(kGqaHeads);
   Index Hkv = in.byte();
   if ((mode & 32) || H == 0) {
     Hkv %= 9;
@@ -595,16 +525,16 @@ void fuzz_gqa(Input& in, int threads) {
   const T scale = (mode & 1) ? in.value<T>() : T(0);
   const attn::GroupedQueryAttention<T> gqa =
       (mode & 1) ? attn::GroupedQueryAttention<T>(H, Hkv, scale) : attn::GroupedQueryAttention<T>(H, Hkv);
-  const Index B = in.dim(8), L = in.dim(40), S = in.dim(40), d = in.dim(40), dv = in.dim(40);
+  const Index B = in.dim(kGqaBatch), L = in.dim(kSeq), S = in.dim(kSeq), d = in.dim(kFeat), dv = in.dim(kFeat);
   // The work, B*H*L*S*(d + dv) multiply-adds, is capped so that an input runs in milliseconds.
   if (double(B) * double(H) * double(L) * double(S) * double(d + dv) > 1.6e7) return;
-  const Index k_cols = (mode & 8) ? in.dim(160) : Hkv * d, v_cols = (mode & 16) ? in.dim(160) : Hkv * dv;
+  const Index k_cols = (mode & 8) ? in.dim(kRows) : Hkv * d, v_cols = (mode & 16) ? in.dim(kRows) : Hkv * dv;
   const Matrix<T> q = in.matrix<T>(B * L, H * d), k = in.matrix<T>(B * S, k_cols), v = in.matrix<T>(B * S, v_cols);
   attn::GqaArgs<T> args;
   const MaskInput<T> mi = read_masks<T>(in, B, H, L, S);
   static_cast<attn::Masks<T>&>(args) = mi.masks;
   args.batch = B;
-  const Index out_rows = (mode & 4) ? in.dim(160) : B * L, out_cols = (mode & 4) ? in.dim(160) : H * dv;
+  const Index out_rows = (mode & 4) ? in.dim(kRows) : B * L, out_cols = (mode & 4) ? in.dim(kRows) : H * dv;
 
   const attn::AttentionResult<T> r = on_both_thread_counts<T>(threads, [&] {
     attn::AttentionResult<T> res;

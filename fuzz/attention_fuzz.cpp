@@ -70,7 +70,9 @@
 namespace {
 
 using attn::Index;
+using attn_fuzz::Extent;
 using attn_fuzz::Input;
+using attn_fuzz::kLimit;
 template <class T>
 using Matrix = attn::Matrix<T>;
 
@@ -98,27 +100,6 @@ constexpr int kMhaHeads = 8, kGqaHeads = 8;
   std::fprintf(stderr, "attention_fuzz: %s\n", what.c_str());
   std::abort();
 }
-
-// The largest magnitude among some values, and whether all are finite (an additive mask's -inf,
-// "masked out", counts as finite where allowed).
-struct Extent {
-  double max = 0;
-  bool finite = true;
-
-  Extent& add(double x, bool minus_inf_allowed = false) {
-    if (std::isfinite(x))
-      max = std::max(max, std::abs(x));
-    else if (!(minus_inf_allowed && x < 0 && std::isinf(x)))
-      finite = false;
-    return *this;
-  }
-  template <class Derived>
-  Extent& add(const Eigen::DenseBase<Derived>& m, bool minus_inf_allowed = false) {
-    for (Index i = 0; i < m.rows(); ++i)
-      for (Index j = 0; j < m.cols(); ++j) add(static_cast<double>(m(i, j)), minus_inf_allowed);
-    return *this;
-  }
-};
 
 // The masks and score options, read from the input for B sequences, H heads, L queries, S keys.
 template <class T>
@@ -201,11 +182,6 @@ MaskInput<T> read_masks(Input& in, Index B, Index H, Index L, Index S) {
   }
   return r;
 }
-
-// What no intermediate may reach for the finiteness promise to hold: a sixteenth of the largest
-// finite T (a sum of terms each below it, over any order, stays finite).
-template <class T>
-constexpr double kLimit = static_cast<double>(std::numeric_limits<T>::max()) / 16;
 
 // Rounding slack in a row of probabilities (their sum, each one's distance from [0, 1]).
 template <class T>

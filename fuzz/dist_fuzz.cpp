@@ -107,7 +107,9 @@ using attn::Storage;
 using attn::dist::Layout;
 using attn::dist::Segment;
 using attn::dist::Sharding;
+using attn_fuzz::Extent;
 using attn_fuzz::Input;
+using attn_fuzz::kLimit;
 template <class T>
 using Matrix = attn::Matrix<T>;
 namespace ring = attn::dist::detail;
@@ -561,29 +563,6 @@ attn::AttentionLse<T> simulate(const Case<T>& c, const Sharding& sh, const Matri
     if (!same_bits(sh.shard<T>(lse_t, c.B, r), lse_rows[std::size_t(r)])) fail("shard(unshard(lse rows)) differs");
   return result;
 }
-
-// The largest magnitude among some values, and whether all are finite (-inf allowed where said).
-struct Extent {
-  double max = 0;
-  bool finite = true;
-  Extent& add(double x, bool minus_inf_allowed = false) {
-    if (std::isfinite(x))
-      max = std::max(max, std::abs(x));
-    else if (!(minus_inf_allowed && x < 0 && std::isinf(x)))
-      finite = false;
-    return *this;
-  }
-  template <class Derived>
-  Extent& add(const Eigen::DenseBase<Derived>& m, bool minus_inf_allowed = false) {
-    for (Index i = 0; i < m.rows(); ++i)
-      for (Index j = 0; j < m.cols(); ++j) add(static_cast<double>(m(i, j)), minus_inf_allowed);
-    return *this;
-  }
-};
-
-// What no intermediate may reach for the comparison to hold: a sixteenth of the largest finite T.
-template <class T>
-constexpr double kLimit = static_cast<double>(std::numeric_limits<T>::max()) / 16;
 
 template <class T>
 constexpr double kTol = std::is_same_v<T, float> ? 1e-5 : 1e-12;

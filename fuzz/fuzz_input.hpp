@@ -8,6 +8,7 @@
 // so that an input of a few bytes can still give large shapes their values.
 #pragma once
 
+#include <algorithm>
 #include <attn/types.hpp>
 #include <cmath>
 #include <cstddef>
@@ -133,5 +134,31 @@ class Input {
   std::size_t pos_ = 0;
   std::uint64_t state_;
 };
+
+// The largest magnitude among some values, and whether all are finite (an additive mask's -inf,
+// "masked out", counts as finite where allowed).
+struct Extent {
+  double max = 0;
+  bool finite = true;
+
+  Extent& add(double x, bool minus_inf_allowed = false) {
+    if (std::isfinite(x))
+      max = std::max(max, std::abs(x));
+    else if (!(minus_inf_allowed && x < 0 && std::isinf(x)))
+      finite = false;
+    return *this;
+  }
+  template <class Derived>
+  Extent& add(const Eigen::DenseBase<Derived>& m, bool minus_inf_allowed = false) {
+    for (Index i = 0; i < m.rows(); ++i)
+      for (Index j = 0; j < m.cols(); ++j) add(static_cast<double>(m(i, j)), minus_inf_allowed);
+    return *this;
+  }
+};
+
+// What no intermediate may reach for the finiteness and comparison checks: a sixteenth of the
+// largest finite T (a sum of terms each below it, in any order, stays finite).
+template <class T>
+constexpr double kLimit = static_cast<double>(std::numeric_limits<T>::max()) / 16;
 
 }  // namespace attn_fuzz

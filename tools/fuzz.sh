@@ -3,8 +3,9 @@
 # for a bounded time; exits non-zero on any crash, leak, sanitizer report, timeout or broken
 # promise (fuzz/*.cpp say what each target checks).
 #
-#   tools/fuzz.sh                          20 s per CI target, from the committed corpora (CI)
-#   tools/fuzz.sh 600                      10 minutes per CI target
+#   tools/fuzz.sh                          20 s per fast target (all but attention_fuzz_large), from
+#                                          the committed corpora: a smoke run
+#   tools/fuzz.sh 600                      10 minutes per fast target
 #   tools/fuzz.sh 60 attention_fuzz        one target
 #   tools/fuzz.sh --campaign               30 minutes per target, every target (attention_fuzz_large
 #                                          too), then merges what each found into fuzz/corpus/
@@ -12,7 +13,7 @@
 #
 # The corpora are committed: fuzz/corpus/<target>/ holds the seeds (tools/gen_fuzz_corpus.py
 # writes those of safetensors_fuzz and attention_fuzz; regress_* reproduce fixed bugs) and the
-# inputs earlier campaigns kept (named by their SHA-1). A CI run starts from them and only reads
+# inputs earlier campaigns kept (named by their SHA-1). A short run starts from them and only reads
 # them: what it finds goes to a temporary working corpus, deleted afterwards. A campaign runs the
 # targets two at a time (one per core), then keeps, of what it found, only the inputs that reach
 # code the corpus does not (libFuzzer's -merge=1), so the corpus grows by what is new; commit
@@ -42,9 +43,9 @@ if [[ $# -gt 0 && $1 =~ ^[0-9]+$ ]]; then
   shift
 fi
 targets=("$@")
-ci_targets=(safetensors_fuzz checkpoint_fuzz attention_fuzz serving_fuzz dist_fuzz)
+fast_targets=(safetensors_fuzz checkpoint_fuzz attention_fuzz serving_fuzz dist_fuzz)
 if [[ ${#targets[@]} -eq 0 ]]; then
-  targets=("${ci_targets[@]}")
+  targets=("${fast_targets[@]}")
   [[ $campaign -eq 0 ]] || targets+=(attention_fuzz_large)
 fi
 

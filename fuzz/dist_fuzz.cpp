@@ -690,9 +690,12 @@ void fuzz_ring(Input& in, Storage storage, Layout layout) {
     return;
 
   // Rows with every key masked: as the reference, lse -inf and zeros - when no logit can overflow.
-  // (With q at DBL_MAX, the first 30-minute campaign saw a fully masked row's lse NaN from the
-  // ring's 4-row block pairs, which the decode kernel runs, where the single call's flash kernel
-  // gives -inf: an overflowing q.k of a masked key reaches the decode kernel's lse. Open.)
+  // (Before that, the reference's lse -inf does not mean every key is masked: with q at DBL_MAX and
+  // k_0 = (0.125, -3.375, 4.3125, -6, 4), regress_masked_row_overflowing_q, the single call's flash
+  // kernel sums q.k_0 by fused multiply-adds, reaches -inf and stays there - the exact logit,
+  // -2.2 DBL_MAX, rounds to -inf too - while the ring's 4-row block pairs run the decode kernel,
+  // whose AVX2 lanes hold +inf and -inf products and sum to NaN. An overflowing dot product has no
+  // one answer; README's Semantics table says so.)
   constexpr T inf = std::numeric_limits<T>::infinity();
   for (Index h = 0; h < H; ++h)
     for (Index r = 0; r < B * L; ++r)

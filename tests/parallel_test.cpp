@@ -19,28 +19,14 @@
 #include <thread>
 #include <vector>
 
+#include "support/test_util.hpp"
+
 #if defined(__unix__) || defined(__APPLE__)
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <csignal>
 #define ATTN_TEST_HAS_FORK 1
-#endif
-
-// g++ names its sanitizers with __SANITIZE_*__ macros; clang 14 only through __has_feature.
-#if defined(__SANITIZE_THREAD__)
-#define ATTN_TEST_TSAN 1
-#elif defined(__has_feature)
-#if __has_feature(thread_sanitizer)
-#define ATTN_TEST_TSAN 1
-#endif
-#endif
-#if defined(__SANITIZE_ADDRESS__)
-#define ATTN_TEST_ASAN 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define ATTN_TEST_ASAN 1
-#endif
 #endif
 
 namespace {
@@ -250,16 +236,14 @@ void expect_child_exits(Child child) {
 // A child forked while the pool has workers inherits none of them: exiting does not wait for
 // them, and a call in the child runs on threads of its own.
 TEST(ParallelTasks, ForkedChild) {
-#ifdef ATTN_TEST_ASAN
   // LeakSanitizer's exit-time check stops the world with ptrace, which in a child forked from a
-  // threaded process can hang: CI saw a 30 s hang once in many runs. The Release build runs this.
-  GTEST_SKIP() << "AddressSanitizer's leak check can hang in a forked child of a threaded process";
-#endif
+  // threaded process can hang: CI saw 30 s hangs, twice. The Release build runs this.
+  if (attn_test::kAddressSanitizer)
+    GTEST_SKIP() << "AddressSanitizer's leak check can hang in a forked child of a threaded process";
   check_call(10, 3, 3);  // the pool has workers now
   expect_child_exits([] { return true; });
-#ifdef ATTN_TEST_TSAN
-  GTEST_SKIP() << "ThreadSanitizer does not support starting threads in a forked child";
-#else
+  if (attn_test::kThreadSanitizer)
+    GTEST_SKIP() << "ThreadSanitizer does not support starting threads in a forked child";
   expect_child_exits([] {
     std::atomic<int> sum{0};
     parallel_tasks(10, 3, [&](Index first, Index step) {
@@ -267,7 +251,6 @@ TEST(ParallelTasks, ForkedChild) {
     });
     return sum.load() == 45;
   });
-#endif
 }
 #endif
 

@@ -15,19 +15,30 @@
 
 namespace attn_test {
 
-// Whether this build runs under a sanitizer (ASan, UBSan or TSan, g++ or clang): the randomized
-// tests run fewer cases there, for time.
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-constexpr bool kSanitized = true;
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer) || __has_feature(undefined_behavior_sanitizer)
-constexpr bool kSanitized = true;
+// Which sanitizers this build runs under. g++ names ASan and TSan with __SANITIZE_*__ macros (and
+// UBSan not at all); clang 14 defines none of those and answers only __has_feature.
+#if defined(__has_feature)
+#define ATTN_TEST_HAS_FEATURE(x) __has_feature(x)
 #else
-constexpr bool kSanitized = false;
+#define ATTN_TEST_HAS_FEATURE(x) 0
 #endif
+#if defined(__SANITIZE_ADDRESS__) || ATTN_TEST_HAS_FEATURE(address_sanitizer)
+inline constexpr bool kAddressSanitizer = true;
 #else
-constexpr bool kSanitized = false;
+inline constexpr bool kAddressSanitizer = false;
 #endif
+#if defined(__SANITIZE_THREAD__) || ATTN_TEST_HAS_FEATURE(thread_sanitizer)
+inline constexpr bool kThreadSanitizer = true;
+#else
+inline constexpr bool kThreadSanitizer = false;
+#endif
+#if ATTN_TEST_HAS_FEATURE(undefined_behavior_sanitizer)
+inline constexpr bool kUndefinedSanitizer = true;
+#else
+inline constexpr bool kUndefinedSanitizer = false;
+#endif
+// Any of them: the randomized tests run fewer cases there, for time.
+inline constexpr bool kSanitized = kAddressSanitizer || kThreadSanitizer || kUndefinedSanitizer;
 
 using Scalars = ::testing::Types<float, double>;
 
